@@ -1,0 +1,593 @@
+"""Helpers for the course "What convolutional networks learn".
+
+One module, sections in the order data flows:
+
+    data -> models -> activations and filters -> feature visualization ->
+    attribution -> confidence and embeddings -> PyTorch inversion ->
+    plotting -> widgets -> exercise checks -> command line
+
+Importing this module is cheap: it imports neither TensorFlow nor PyTorch.
+Each function imports its framework when it is called (see ``_tf()`` and
+``_torch()``), and refuses with a clear error where the known crash would hit
+(TensorFlow imported before torchvision in one process).
+
+Conventions
+-----------
+* Images are float32 batches ``(N, H, W, C)`` in [0, 1] for Keras models;
+  a single image ``(H, W, C)`` is accepted and treated as a batch of one.
+* Attribution uses pre-softmax class scores (the ``logits`` layer) by default.
+* Bad input raises ``ValueError`` / ``TypeError`` that says what was expected.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+PROJECT_DIR = Path(__file__).resolve().parent
+DATA_DIR = PROJECT_DIR / "data"
+MODELS_DIR = PROJECT_DIR / "saved_models"
+NOTEBOOKS_DIR = PROJECT_DIR / "notebooks"
+BUILD_DIR = PROJECT_DIR / "build"
+
+#: Environment variable naming a directory with ``mnist.npz`` / ``fashion_mnist.npz``
+#: (tests and CI point it at ``../shared/data``).
+DATA_ENV_VAR = "CNN_COURSE_DATA"
+
+DEFAULT_SEED = 42
+
+
+# ---------------------------------------------------------------------------
+# Frameworks: lazy imports and the TensorFlow/torchvision crash guard
+# ---------------------------------------------------------------------------
+
+class FrameworkOrderError(RuntimeError):
+    """Raised instead of the segmentation fault of importing torchvision after TensorFlow."""
+
+
+def _tf():
+    """Import and return TensorFlow (quietly), after checking the import order."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf  # noqa: WPS433 (lazy on purpose)
+
+    return tf
+
+
+def _keras():
+    _tf()
+    import keras
+
+    return keras
+
+
+def _torch():
+    """Import and return ``(torch, torchvision)``.
+
+    With the pinned versions, importing torchvision after TensorFlow crashes the
+    process (segmentation fault). Refuse with an explanation instead.
+    """
+    if "tensorflow" in sys.modules and "torchvision" not in sys.modules:
+        raise FrameworkOrderError(
+            "TensorFlow is already imported in this process, and importing torchvision "
+            "after it crashes Python (segmentation fault) with the course's pinned versions. "
+            "Restart the kernel and run the PyTorch code in a process that has not imported "
+            "TensorFlow (the VGG16 notebook uses PyTorch only), or import torch and "
+            "torchvision before TensorFlow."
+        )
+    import torch
+    import torchvision
+
+    return torch, torchvision
+
+
+# ---------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------
+
+DATASETS = ("mnist", "fashion_mnist")
+
+CLASS_NAMES = {
+    "mnist": [str(i) for i in range(10)],
+    "fashion_mnist": [
+        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+        "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    ],
+}
+
+_EXPECTED_SHAPES = {
+    "x_train": (60000, 28, 28),
+    "y_train": (60000,),
+    "x_test": (10000, 28, 28),
+    "y_test": (10000,),
+}
+
+
+class DataError(RuntimeError):
+    """A dataset could not be found, read or validated."""
+
+
+def _check_dataset_name(name):
+    if name not in DATASETS:
+        raise ValueError(
+            f"Unknown dataset {name!r}. Choose one of: {', '.join(DATASETS)}."
+        )
+
+
+def dataset_search_paths(name):
+    """Where ``load_dataset`` looks for ``<name>.npz``, in order."""
+    _check_dataset_name(name)
+    paths = []
+    env_dir = os.environ.get(DATA_ENV_VAR)
+    if env_dir:
+        paths.append(Path(env_dir).expanduser() / f"{name}.npz")
+    paths.append(DATA_DIR / f"{name}.npz")
+    return paths
+
+
+def _read_npz(path):
+    """Read and validate a dataset file in Keras' ``mnist.npz`` layout."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {key: f[key] for key in _EXPECTED_SHAPES}
+    except KeyError as err:
+        raise DataError(
+            f"{path} is not a dataset file in the expected layout: missing array {err}. "
+            f"Expected arrays {', '.join(_EXPECTED_SHAPES)}. Delete it and run "
+            "`python -m cnn_utils prefetch` to download a fresh copy."
+        ) from None
+    except Exception as err:  # zipfile.BadZipFile, EOFError, OSError, ValueError ...
+        raise DataError(
+            f"{path} is corrupt or truncated and cannot be read ({type(err).__name__}: {err}). "
+            "Delete it and run `python -m cnn_utils prefetch` to download a fresh copy."
+        ) from None
+    for key, shape in _EXPECTED_SHAPES.items():
+        arr = arrays[key]
+        if arr.shape != shape or arr.dtype != np.uint8:
+            raise DataError(
+                f"{path}: array {key} has shape {arr.shape} and dtype {arr.dtype}, "
+                f"expected {shape} uint8. Delete the file and run `python -m cnn_utils prefetch`."
+            )
+    for key in ("y_train", "y_test"):
+        if arrays[key].max() > 9:
+            raise DataError(f"{path}: labels in {key} go beyond 9; the file is not MNIST-like.")
+    return (arrays["x_train"], arrays["y_train"]), (arrays["x_test"], arrays["y_test"])
+
+
+def _download_dataset(name):
+    """Download through the Keras loader (which caches under ~/.keras/datasets)."""
+    keras = _keras()
+    loader = {"mnist": keras.datasets.mnist, "fashion_mnist": keras.datasets.fashion_mnist}[name]
+    try:
+        return loader.load_data()
+    except Exception as err:
+        searched = ", ".join(str(p) for p in dataset_search_paths(name))
+        raise DataError(
+            f"The {name} dataset is not on this machine (looked in: {searched}) and "
+            f"downloading it failed ({type(err).__name__}: {err}). Connect to the internet "
+            f"and run `python -m cnn_utils prefetch`, or set {DATA_ENV_VAR} to a folder "
+            f"holding {name}.npz."
+        ) from None
+
+
+def _raw_dataset(name):
+    _check_dataset_name(name)
+    for path in dataset_search_paths(name):
+        if path.is_file():
+            return _read_npz(path), path
+    return _download_dataset(name), "download"
+
+
+def load_dataset(name="mnist"):
+    """Load MNIST or Fashion-MNIST.
+
+    Looks in ``$CNN_COURSE_DATA``, then ``data/``, then downloads through Keras.
+
+    Returns ``(x_train, y_train), (x_test, y_test)``: images float32 in [0, 1] of
+    shape (N, 28, 28, 1), labels int64 in 0..9.
+    """
+    ((x_train, y_train), (x_test, y_test)), _ = _raw_dataset(name)
+
+    def prep(x):
+        return (x.astype(np.float32) / 255.0)[..., np.newaxis]
+
+    return (prep(x_train), y_train.astype(np.int64)), (prep(x_test), y_test.astype(np.int64))
+
+
+def train_val_split(x, y, val_fraction=0.1, seed=DEFAULT_SEED):
+    """Stratified split of a training set into (x_fit, y_fit), (x_val, y_val)."""
+    from sklearn.model_selection import train_test_split
+
+    x_fit, x_val, y_fit, y_val = train_test_split(
+        x, y, test_size=val_fraction, random_state=seed, stratify=y
+    )
+    return (x_fit, y_fit), (x_val, y_val)
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------
+
+#: Name of the layer holding pre-softmax class scores in the course's models.
+LOGITS_LAYER = "logits"
+
+
+def set_seed(seed=DEFAULT_SEED):
+    """Seed Python, NumPy and Keras/TensorFlow for repeatable runs."""
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed)
+    keras = _keras()
+    keras.utils.set_random_seed(seed)
+
+
+def build_mnist_cnn(input_shape=(28, 28, 1), num_classes=10, seed=DEFAULT_SEED):
+    """The course's small CNN as a Keras 3 functional model with named layers.
+
+    ``image -> conv1 -> pool1 -> conv2 -> pool2 -> conv3 -> flatten -> dense1
+    -> dropout -> logits (pre-softmax class scores) -> probabilities (softmax)``
+    """
+    keras = _keras()
+    from keras import layers
+
+    set_seed(seed)
+    inputs = keras.Input(shape=input_shape, name="image")
+    x = layers.Conv2D(32, 3, activation="relu", name="conv1")(inputs)          # 26x26x32
+    x = layers.MaxPooling2D(2, name="pool1")(x)                                 # 13x13x32
+    x = layers.Conv2D(64, 3, activation="relu", name="conv2")(x)               # 11x11x64
+    x = layers.MaxPooling2D(2, name="pool2")(x)                                 # 5x5x64
+    x = layers.Conv2D(64, 3, activation="relu", name="conv3")(x)               # 3x3x64
+    x = layers.Flatten(name="flatten")(x)                                       # 576
+    x = layers.Dense(128, activation="relu", name="dense1")(x)
+    x = layers.Dropout(0.5, name="dropout")(x)
+    logits = layers.Dense(num_classes, name=LOGITS_LAYER)(x)
+    outputs = layers.Softmax(name="probabilities")(logits)
+    return keras.Model(inputs, outputs, name="mnist_cnn")
+
+
+def train_model(model, x_train, y_train, epochs=4, batch_size=128, validation_data=None,
+                learning_rate=3e-3, seed=DEFAULT_SEED, verbose="auto", callbacks=None):
+    """Compile and train ``model`` with Adam and a cosine learning-rate decay.
+
+    Returns the Keras ``History``. Deterministic for a given seed on one machine.
+    """
+    keras = _keras()
+    set_seed(seed)
+    steps = epochs * int(np.ceil(len(x_train) / batch_size))
+    schedule = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=max(steps, 1))
+    model.compile(
+        optimizer=keras.optimizers.Adam(schedule),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    return model.fit(
+        x_train, y_train, epochs=epochs, batch_size=batch_size,
+        validation_data=validation_data, verbose=verbose, callbacks=callbacks,
+        shuffle=True,
+    )
+
+
+def model_path(name):
+    """Path of a shipped model, e.g. ``model_path("mnist")``."""
+    _check_dataset_name(name)
+    return MODELS_DIR / f"{name}_cnn.keras"
+
+
+def load_model(name="mnist"):
+    """Load a shipped model (``"mnist"`` or ``"fashion_mnist"``) with ``safe_mode=True``."""
+    keras = _keras()
+    path = Path(name) if str(name).endswith(".keras") else model_path(name)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"No saved model at {path}. Rebuild it with "
+            f"`python -m cnn_utils train --dataset {path.stem.replace('_cnn', '')}`."
+        )
+    try:
+        return keras.models.load_model(path, safe_mode=True)
+    except Exception as err:
+        raise DataError(
+            f"Could not load the model at {path} ({type(err).__name__}: {err}). The file may be "
+            "corrupt: rebuild it with `python -m cnn_utils train`."
+        ) from None
+
+
+def model_info(name="mnist"):
+    """The metadata recorded beside a shipped model (test accuracy, epochs, seed, ...)."""
+    path = model_path(name).with_suffix(".json")
+    return json.loads(path.read_text())
+
+
+def logits_model(model):
+    """A model from the same input to the pre-softmax class scores."""
+    keras = _keras()
+    try:
+        layer = model.get_layer(LOGITS_LAYER)
+    except ValueError:
+        raise ValueError(
+            f"The model has no layer named {LOGITS_LAYER!r} (its layers: "
+            f"{', '.join(l.name for l in model.layers)}). Build it with build_mnist_cnn()."
+        ) from None
+    return keras.Model(model.inputs, layer.output, name=f"{model.name}_logits")
+
+
+def as_image_batch(images, model=None, name="images"):
+    """Validate images and return a float32 batch (N, H, W, C).
+
+    A single image (H, W, C) becomes a batch of one; a (H, W) image of a
+    one-channel model gets its channel axis. With ``model``, the shape must match
+    the model's input.
+    """
+    if hasattr(images, "numpy"):
+        images = images.numpy()
+    try:
+        x = np.asarray(images, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be an array of numbers, got {type(images).__name__}.") from None
+    expected = None
+    if model is not None:
+        expected = tuple(model.inputs[0].shape[1:])
+    if expected is not None and x.ndim == len(expected) - 1 and expected[-1] == 1 and x.shape == expected[:-1]:
+        x = x[..., np.newaxis]
+    if expected is not None and x.ndim == len(expected):
+        x = x[np.newaxis]
+    elif expected is None and x.ndim == 3:
+        x = x[np.newaxis]
+    if x.ndim != 4:
+        raise ValueError(
+            f"{name} must be a batch (N, H, W, C) or a single image (H, W, C); got shape {x.shape}."
+        )
+    if expected is not None and any(e is not None and e != s for e, s in zip(expected, x.shape[1:])):
+        raise ValueError(
+            f"{name} have shape {x.shape[1:]} per image, but the model expects {expected}."
+        )
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"{name} contain NaN or infinite values.")
+    return x
+
+
+def predict_logits(model, images, batch_size=512):
+    """Pre-softmax class scores for a batch, as a NumPy array."""
+    x = as_image_batch(images, model)
+    return np.asarray(logits_model(model).predict(x, batch_size=batch_size, verbose=0))
+
+
+# ---------------------------------------------------------------------------
+# Activations and filters
+# ---------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------
+# Feature visualization
+# ---------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------
+# Attribution
+# ---------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------
+# Confidence and embeddings
+# ---------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------
+# PyTorch: VGG16 and feature inversion
+# ---------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------
+# Plotting
+# ---------------------------------------------------------------------------
+
+def plot_image_grid(images, titles=None, ncols=10, cmap="gray", title=None, size=1.3,
+                    title_colors=None, vmin=0.0, vmax=1.0):
+    """Show images (N, H, W[, C]) in a grid with optional per-image titles.
+
+    Returns the matplotlib Figure. ``title_colors`` colours each image's title
+    (e.g. red for a mistake).
+    """
+    import matplotlib.pyplot as plt
+
+    images = np.asarray(images)
+    if images.ndim == 4 and images.shape[-1] == 1:
+        images = images[..., 0]
+    n = len(images)
+    if n == 0:
+        raise ValueError("plot_image_grid needs at least one image.")
+    ncols = min(ncols, n)
+    nrows = int(np.ceil(n / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows + 0.4), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i >= n:
+            continue
+        ax.imshow(images[i], cmap=cmap, vmin=vmin, vmax=vmax)
+        if titles is not None:
+            color = title_colors[i] if title_colors is not None else "black"
+            ax.set_title(str(titles[i]), fontsize=8, color=color)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+
+# ---------------------------------------------------------------------------
+# Widgets
+# ---------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------
+# Exercise checks
+# ---------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------
+# Command line: train, prefetch, run the notebook series
+# ---------------------------------------------------------------------------
+
+DEFAULT_EPOCHS = {"mnist": 4, "fashion_mnist": 12}
+
+
+def train_and_save(dataset="mnist", epochs=None, seed=DEFAULT_SEED, out_dir=None, verbose="auto"):
+    """Train the course CNN on ``dataset`` and save it with its measured test accuracy.
+
+    This is the documented way to rebuild each file in ``saved_models/``.
+    Returns the metadata dict written beside the model.
+    """
+    import time
+
+    epochs = epochs or DEFAULT_EPOCHS[dataset]
+    (x_train, y_train), (x_test, y_test) = load_dataset(dataset)
+    model = build_mnist_cnn(seed=seed)
+    start = time.perf_counter()
+    train_model(model, x_train, y_train, epochs=epochs, seed=seed, verbose=verbose)
+    train_seconds = time.perf_counter() - start
+    _, test_acc = model.evaluate(x_test, y_test, batch_size=1000, verbose=0)
+    out = Path(out_dir) if out_dir else MODELS_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / model_path(dataset).name
+    model.save(path)
+    keras = _keras()
+    info = {
+        "dataset": dataset,
+        "test_accuracy": round(float(test_acc), 4),
+        "epochs": epochs,
+        "seed": seed,
+        "train_seconds": round(train_seconds, 1),
+        "keras_version": keras.__version__,
+        "command": f"python -m cnn_utils train --dataset {dataset}",
+    }
+    path.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def prefetch(datasets=DATASETS, vgg16=True):
+    """Download every dataset and weight file the course needs, ahead of a class.
+
+    Datasets are saved as ``data/<name>.npz``; VGG16 weights go to torchvision's
+    own cache. Runs the PyTorch part in a child process (see the import-order trap).
+    """
+    import subprocess
+
+    DATA_DIR.mkdir(exist_ok=True)
+    for name in datasets:
+        target = DATA_DIR / f"{name}.npz"
+        if target.is_file():
+            _read_npz(target)
+            print(f"{name}: already in {target}")
+            continue
+        (x_train, y_train), (x_test, y_test) = _download_dataset(name)
+        np.savez_compressed(target, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+        print(f"{name}: saved to {target}")
+    if vgg16:
+        code = (
+            "import torchvision; from torchvision.models import vgg16, VGG16_Weights; "
+            "vgg16(weights=VGG16_Weights.IMAGENET1K_V1); print('VGG16 ImageNet weights: cached')"
+        )
+        result = subprocess.run([sys.executable, "-c", code])
+        if result.returncode != 0:
+            raise SystemExit(
+                "Downloading the VGG16 weights failed (see above). Check the network and run "
+                "`python -m cnn_utils prefetch` again."
+            )
+
+
+def notebook_paths():
+    """The course notebooks, in teaching order."""
+    return sorted(NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
+
+
+def run_notebooks(names=None, out_dir=BUILD_DIR, parameters=None, html=True, kernel_name=None):
+    """Execute the notebook series headless, in order, each in a fresh kernel.
+
+    Writes the executed notebook and an HTML rendering of each to ``out_dir``.
+    Raises ``SystemExit`` naming the notebook and the failing cell when one errors.
+    """
+    import time
+
+    import papermill as pm
+
+    paths = notebook_paths()
+    if names:
+        paths = [p for p in paths if any(n in p.name for n in names)]
+        if not paths:
+            raise SystemExit(f"No notebook matches {names}; notebooks: "
+                             f"{', '.join(p.name for p in notebook_paths())}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    timings = []
+    for i, path in enumerate(paths, 1):
+        print(f"[{i}/{len(paths)}] {path.name}", flush=True)
+        out_path = out_dir / path.name
+        start = time.perf_counter()
+        try:
+            pm.execute_notebook(
+                str(path), str(out_path), parameters=parameters or {},
+                cwd=str(NOTEBOOKS_DIR), progress_bar=True, kernel_name=kernel_name,
+            )
+        except pm.PapermillExecutionError as err:
+            raise SystemExit(
+                f"\nFAILED: {path.name}, cell {err.exec_count} ({err.ename}: {err.evalue}).\n"
+                f"The partly executed notebook is at {out_path}."
+            ) from None
+        seconds = time.perf_counter() - start
+        timings.append((path.name, seconds))
+        if html:
+            _to_html(out_path)
+        print(f"    done in {seconds:.0f} s -> {out_path}", flush=True)
+    total = sum(s for _, s in timings)
+    print(f"All {len(timings)} notebooks ran in {total:.0f} s. Output in {out_dir}/")
+    return timings
+
+
+def _to_html(ipynb_path):
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    nb = nbformat.read(str(ipynb_path), as_version=4)
+    body, _ = HTMLExporter().from_notebook_node(nb)
+    Path(ipynb_path).with_suffix(".html").write_text(body, encoding="utf-8")
+
+
+def main(argv=None):
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m cnn_utils", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_train = sub.add_parser("train", help="train a course CNN and save it in saved_models/")
+    p_train.add_argument("--dataset", choices=DATASETS, default="mnist")
+    p_train.add_argument("--epochs", type=int, default=None)
+    p_train.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    p_pre = sub.add_parser("prefetch", help="download datasets and VGG16 weights for offline use")
+    p_pre.add_argument("--no-vgg16", action="store_true", help="skip the 528 MB VGG16 weights")
+    p_run = sub.add_parser("run", help="execute the notebook series into build/")
+    p_run.add_argument("names", nargs="*", help="only notebooks whose file name contains these")
+    p_run.add_argument("--fast", action="store_true", help="run with FAST=True (as the tests do)")
+    p_run.add_argument("--out", default=str(BUILD_DIR))
+    args = parser.parse_args(argv)
+
+    if args.command == "train":
+        info = train_and_save(args.dataset, epochs=args.epochs, seed=args.seed)
+        print(json.dumps(info, indent=2))
+    elif args.command == "prefetch":
+        prefetch(vgg16=not args.no_vgg16)
+    elif args.command == "run":
+        run_notebooks(args.names, out_dir=args.out, parameters={"FAST": True} if args.fast else None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Shared test fixtures.
+
+Import order matters with the pinned versions: importing torchvision after
+TensorFlow crashes the process (see DESIGN.md). pytest collects every test file
+into one process, so torch and torchvision are imported here first, before any
+test module can import TensorFlow.
+"""
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+try:  # torch before tensorflow, never the other way round
+    import torch  # noqa: F401
+    import torchvision  # noqa: F401
+except ImportError:  # pragma: no cover - the PyTorch tests skip themselves
+    pass
+
+SHARED_DATA = ROOT.parent / "shared" / "data"
+if "CNN_COURSE_DATA" not in os.environ and SHARED_DATA.is_dir():
+    os.environ["CNN_COURSE_DATA"] = str(SHARED_DATA)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "notebook: executes a course notebook")
+    config.addinivalue_line("markers", "slow: takes more than a few seconds")
+
+
+@pytest.fixture(scope="session")
+def mnist():
+    import cnn_utils
+
+    return cnn_utils.load_dataset("mnist")
+
+
+@pytest.fixture(scope="session")
+def mnist_model():
+    import cnn_utils
+
+    return cnn_utils.load_model("mnist")
+
+
+def run_notebook(name, tmp_path, **parameters):
+    """Execute ``notebooks/<name>`` in a fresh kernel with papermill, FAST=True.
+
+    Returns the executed notebook (nbformat node). Fails with the failing cell.
+    """
+    import papermill as pm
+    import nbformat
+
+    src = ROOT / "notebooks" / name
+    assert src.is_file(), f"missing notebook {src}"
+    out = Path(tmp_path) / name
+    params = {"FAST": True}
+    params.update(parameters)
+    pm.execute_notebook(
+        str(src), str(out), parameters=params, cwd=str(ROOT / "notebooks"),
+        progress_bar=False, kernel_name="python3",
+    )
+    return nbformat.read(str(out), as_version=4)
+
+
+def notebook_text(nb):
+    """All text output of an executed notebook (stdout and text/plain results)."""
+    parts = []
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "stream":
+                parts.append(out.get("text", ""))
+            elif "data" in out and "text/plain" in out["data"]:
+                parts.append(out["data"]["text/plain"])
+    return "\n".join(parts)
+
+
+def count_images(nb):
+    """Number of PNG figures in an executed notebook's outputs."""
+    return sum(
+        1 for cell in nb.cells for out in cell.get("outputs", [])
+        if "data" in out and "image/png" in out["data"]
+    )
+
+
+def find_number(text, label):
+    """The number printed after ``label`` (e.g. 'Test accuracy: 99.1 %')."""
+    m = re.search(re.escape(label) + r"\s*[:=]?\s*(-?[0-9.]+(?:e-?\d+)?)", text)
+    assert m, f"{label!r} not found in the notebook output"
+    return float(m.group(1))
