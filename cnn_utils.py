@@ -709,7 +709,8 @@ def feature_inversion(model, image, layer_index, iterations=200, lr=0.1, optimiz
     Returns a dict: ``image`` (the reconstruction, uint8 H x W x 3), ``tensor`` (the same,
     normalised, 1 x 3 x H x W), ``snapshots`` (uint8 images at regular steps) with their
     ``snapshot_steps``, ``loss`` and ``feature_loss`` (per step, NumPy arrays),
-    ``layer_index``, ``layer_name``, ``seconds``.
+    ``layer_index``, ``layer_name``, ``seconds`` (wall clock) and ``cpu_seconds`` (CPU
+    time of all threads).
     """
     import time
 
@@ -741,9 +742,10 @@ def feature_inversion(model, image, layer_index, iterations=200, lr=0.1, optimiz
                else torch.optim.SGD([x], lr=lr, momentum=0.9))
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=int(iterations))
         n_values = x.numel()
-        snap_every = max(1, int(iterations) // max(1, n_snapshots))
+        n_snap = max(1, min(int(n_snapshots), int(iterations)))
+        snap_at = {int(round(iterations * (k + 1) / n_snap)) for k in range(n_snap)}
         snapshots, snapshot_steps, losses, feature_losses = [], [], [], []
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         bar = tqdm(range(1, int(iterations) + 1), disable=not progress,
                    desc=f"inverting {vgg_layer_names(model)[layer_index]}")
         for step in bar:
@@ -759,14 +761,13 @@ def feature_inversion(model, image, layer_index, iterations=200, lr=0.1, optimiz
             schedule.step()
             losses.append(loss.item())
             feature_losses.append(feature_loss.item())
-            if step % snap_every == 0 or step == int(iterations):
-                if not snapshot_steps or snapshot_steps[-1] != step:
-                    snapshots.append(recreate_image(x))
-                    snapshot_steps.append(step)
+            if step in snap_at:
+                snapshots.append(recreate_image(x))
+                snapshot_steps.append(step)
             if step % 10 == 0 or step == 1:
                 bar.set_postfix(feature_loss=f"{feature_losses[-1]:.3g}")
         bar.close()
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     finally:
         for p, r in zip(model.parameters(), requires):
             p.requires_grad_(r)
@@ -778,7 +779,7 @@ def feature_inversion(model, image, layer_index, iterations=200, lr=0.1, optimiz
         "snapshots": snapshots, "snapshot_steps": snapshot_steps,
         "loss": np.array(losses), "feature_loss": np.array(feature_losses),
         "layer_index": layer_index, "layer_name": vgg_layer_names(model)[layer_index],
-        "seconds": seconds,
+        "seconds": seconds, "cpu_seconds": cpu_seconds,
     }
 
 
@@ -961,7 +962,7 @@ def plot_inversion(result, original=None, title=None):
     snaps = result["snapshots"]
     extra = 1 if original is not None else 0
     ncols = len(snaps) + extra + 1
-    fig, axes = plt.subplots(1, ncols, figsize=(1.9 * ncols + 1.5, 2.5),
+    fig, axes = plt.subplots(1, ncols, figsize=(1.6 * ncols + 1.5, 2.4),
                              gridspec_kw={"width_ratios": [1] * (ncols - 1) + [1.8]})
     if original is not None:
         axes[0].imshow(original)
