@@ -382,6 +382,307 @@ def predict_logits(model, images, batch_size=512):
 # Confidence and embeddings
 # ---------------------------------------------------------------------------
 
+# -- Confidence: softmax, entropy, likelihood --------------------------------
+
+def _as_logits(logits, name="logits"):
+    z = np.asarray(logits, dtype=np.float64)
+    if z.ndim != 2 or z.shape[1] < 2:
+        raise ValueError(f"{name} must be a 2-D array (N, num_classes) with at least 2 classes; "
+                         f"got shape {z.shape}.")
+    if not np.all(np.isfinite(z)):
+        raise ValueError(f"{name} contain NaN or infinite values.")
+    return z
+
+
+def _as_labels(labels, n, num_classes):
+    y = np.asarray(labels)
+    if y.shape != (n,):
+        raise ValueError(f"labels must have shape ({n},), one per row; got shape {y.shape}.")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise TypeError(f"labels must be integer class indices, got dtype {y.dtype}.")
+    if n and (y.min() < 0 or y.max() >= num_classes):
+        raise ValueError(f"labels must lie in 0..{num_classes - 1}; got {y.min()}..{y.max()}.")
+    return y.astype(np.int64)
+
+
+def _as_probs(probs):
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 2 or p.shape[1] < 2:
+        raise ValueError(f"probs must be a 2-D array (N, num_classes) with at least 2 classes; "
+                         f"got shape {p.shape}.")
+    if not np.all(np.isfinite(p)) or p.min() < 0:
+        raise ValueError("probs must be finite and non-negative.")
+    sums = p.sum(axis=1)
+    if len(p) and not np.allclose(sums, 1.0, atol=1e-3):
+        raise ValueError("Each row of probs must sum to 1 (softmax outputs); "
+                         f"row sums range from {sums.min():.4g} to {sums.max():.4g}. "
+                         "Did you pass logits? Use cnn_utils.softmax(logits) first.")
+    return p
+
+
+def _check_temperature(temperature):
+    if not np.isscalar(temperature) or not np.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}.")
+
+
+def softmax(logits, temperature=1.0):
+    """Class probabilities ``softmax(logits / T)`` row by row (numerically stable).
+
+    ``logits`` is (N, K) (a single row (K,) is accepted); T > 1 softens, T < 1 sharpens.
+    The arg-max is the same for every T, so accuracy does not depend on T.
+    """
+    _check_temperature(temperature)
+    z = np.asarray(logits, dtype=np.float64)
+    single = z.ndim == 1
+    z = _as_logits(z[np.newaxis] if single else z)
+    z = z / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    p = e / e.sum(axis=1, keepdims=True)
+    return p[0] if single else p
+
+
+def entropy(probs, base=None):
+    """Predictive entropy ``-sum_k p_k log p_k`` of each row of ``probs`` (N, K).
+
+    In nats by default (``base=2`` for bits). 0 for a one-hot row, ``log K`` for a
+    uniform one. Terms with p = 0 count as 0.
+    """
+    p = _as_probs(probs)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p > 0, p * np.log(p), 0.0)
+    h = -terms.sum(axis=1)
+    if base is not None:
+        h = h / np.log(base)
+    return np.maximum(h, 0.0)
+
+
+def negative_log_likelihood(logits, labels, temperature=1.0):
+    """Mean negative log-likelihood (cross-entropy, nats) of ``labels`` under softmax(logits/T)."""
+    _check_temperature(temperature)
+    z = _as_logits(logits) / temperature
+    y = _as_labels(labels, len(z), z.shape[1])
+    zmax = z.max(axis=1, keepdims=True)
+    log_norm = np.log(np.exp(z - zmax).sum(axis=1)) + zmax[:, 0]
+    return float(np.mean(log_norm - z[np.arange(len(z)), y]))
+
+
+def fit_temperature(logits, labels, bounds=(0.05, 20.0)):
+    """Temperature scaling (Guo et al., 2017): the T > 0 minimising the mean NLL.
+
+    Fit it on held-out validation logits, never on the test set you report on.
+    The NLL is convex in 1/T, so a bounded 1-D search over log T finds the
+    global minimum. Returns T as a float (T > 1: the model was over-confident).
+    """
+    from scipy.optimize import minimize_scalar
+
+    z = _as_logits(logits)
+    y = _as_labels(labels, len(z), z.shape[1])
+    if len(z) == 0:
+        raise ValueError("fit_temperature needs at least one validation example.")
+    lo, hi = bounds
+    if not 0 < lo < hi:
+        raise ValueError(f"bounds must satisfy 0 < low < high, got {bounds}.")
+    result = minimize_scalar(
+        lambda log_t: negative_log_likelihood(z, y, float(np.exp(log_t))),
+        bounds=(np.log(lo), np.log(hi)), method="bounded", options={"xatol": 1e-6},
+    )
+    return float(np.exp(result.x))
+
+
+# -- Calibration -------------------------------------------------------------
+
+def calibration_bins(probs, labels, n_bins=15):
+    """Per-bin data of a reliability diagram (Guo et al., 2017).
+
+    Each prediction's confidence (its largest probability) falls in one of
+    ``n_bins`` equal-width bins ``((m-1)/M, m/M]``. Returns a dict of arrays of
+    length ``n_bins``: ``edges`` (n_bins + 1), ``counts``, ``accuracy`` and
+    ``confidence`` (mean, NaN for an empty bin), ``gap`` = |accuracy - confidence|
+    (0 for an empty bin), ``weight`` = counts / N; and ``n`` the number of predictions.
+    """
+    if not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}.")
+    p = _as_probs(probs)
+    y = _as_labels(labels, len(p), p.shape[1])
+    if len(p) == 0:
+        raise ValueError("calibration needs at least one prediction.")
+    conf = p.max(axis=1)
+    correct = (p.argmax(axis=1) == y).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    # bin m holds (edges[m], edges[m+1]]: searchsorted(side="left") on the inner edges
+    idx = np.searchsorted(edges[1:-1], conf, side="left")
+    counts = np.bincount(idx, minlength=n_bins).astype(np.int64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        accuracy = np.bincount(idx, weights=correct, minlength=n_bins) / counts
+        confidence = np.bincount(idx, weights=conf, minlength=n_bins) / counts
+    gap = np.where(counts > 0, np.abs(accuracy - confidence), 0.0)
+    return {"edges": edges, "counts": counts, "accuracy": accuracy, "confidence": confidence,
+            "gap": gap, "weight": counts / len(p), "n": len(p)}
+
+
+def expected_calibration_error(probs, labels, n_bins=15, return_bins=False):
+    """Expected calibration error: ``sum_m |B_m|/N * |acc(B_m) - conf(B_m)|``.
+
+    Equal-width confidence bins as in Guo et al. (2017). A fraction in [0, 1]
+    (multiply by 100 for percent). With ``return_bins=True`` also returns the
+    per-bin dict of :func:`calibration_bins` (for :func:`plot_reliability_diagram`).
+    """
+    bins = calibration_bins(probs, labels, n_bins)
+    ece = float(np.sum(bins["weight"] * bins["gap"]))
+    return (ece, bins) if return_bins else ece
+
+
+def confidence_groups(probs, labels, high=0.99, low=0.9):
+    """Split predictions by confidence (largest probability) and correctness.
+
+    Returns a dict of index arrays: ``"confident correct"`` (confidence >= high,
+    right), ``"confident wrong"`` (confidence >= high, wrong; most confident first)
+    and ``"unsure correct"`` (confidence < low, right; least confident first).
+    """
+    if not 0 < low <= high <= 1:
+        raise ValueError(f"Thresholds must satisfy 0 < low <= high <= 1, got low={low}, high={high}.")
+    p = _as_probs(probs)
+    y = _as_labels(labels, len(p), p.shape[1])
+    conf = p.max(axis=1)
+    correct = p.argmax(axis=1) == y
+    order_desc = np.argsort(-conf, kind="stable")
+    order_asc = np.argsort(conf, kind="stable")
+    return {
+        "confident correct": order_desc[(conf >= high)[order_desc] & correct[order_desc]],
+        "confident wrong": order_desc[(conf >= high)[order_desc] & ~correct[order_desc]],
+        "unsure correct": order_asc[(conf < low)[order_asc] & correct[order_asc]],
+    }
+
+
+# -- Embeddings --------------------------------------------------------------
+
+#: The layer whose activations serve as the learned feature space (penultimate layer).
+FEATURE_LAYER = "dense1"
+
+
+def extract_features(model, images, layer=FEATURE_LAYER, batch_size=512):
+    """Activations of ``layer`` (default the penultimate ``dense1``) for a batch, flattened.
+
+    Returns a float32 array (N, D) (D = 128 for ``dense1`` of the course CNN).
+    Dropout is inactive at inference, so this is what the logits layer sees.
+    """
+    keras = _keras()
+    names = [l.name for l in model.layers]
+    if layer not in names:
+        raise ValueError(f"The model has no layer named {layer!r}; its layers: {', '.join(names)}.")
+    x = as_image_batch(images, model)
+    sub = keras.Model(model.inputs, model.get_layer(layer).output, name=f"{model.name}_{layer}")
+    feats = np.asarray(sub.predict(x, batch_size=batch_size, verbose=0))
+    return feats.reshape(len(x), -1).astype(np.float32)
+
+
+def _as_points(x, name):
+    a = np.asarray(x, dtype=np.float64)
+    if a.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D array (N, D), one row per point; got shape {a.shape}.")
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{name} contain NaN or infinite values.")
+    return a
+
+
+TSNE_METHODS = ("opentsne", "sklearn")
+
+
+def tsne_embedding(features, perplexity=30.0, method="opentsne", n_iter=1000, seed=DEFAULT_SEED,
+                   n_jobs=2, pca_components=None):
+    """2-D t-SNE of ``features`` (N, D); returns a float64 array (N, 2).
+
+    ``method="opentsne"`` (Policar et al.; FFT-accelerated gradients from 10,000
+    points on, Barnes-Hut below; the faster one here, see benchmarks/bench_tsne.py)
+    or ``"sklearn"`` (Barnes-Hut). Both start
+    from the PCA initialisation, with ``n_iter`` iterations in all (the first 250
+    with early exaggeration). ``pca_components`` first reduces D with PCA (the
+    usual step for raw pixels, e.g. 50).
+    """
+    x = _as_points(features, "features")
+    if method not in TSNE_METHODS:
+        raise ValueError(f"Unknown t-SNE method {method!r}; choose one of {', '.join(TSNE_METHODS)}.")
+    if not 1 <= perplexity < len(x):
+        raise ValueError(f"perplexity must be at least 1 and below the number of points ({len(x)}), "
+                         f"got {perplexity}.")
+    if n_iter <= 250:
+        raise ValueError(f"n_iter counts the 250 early-exaggeration iterations too; it must exceed 250, "
+                         f"got {n_iter}.")
+    if pca_components:
+        from sklearn.decomposition import PCA
+
+        x = PCA(n_components=pca_components, random_state=seed).fit_transform(x)
+    if method == "opentsne":
+        from openTSNE import TSNE
+
+        emb = TSNE(n_components=2, perplexity=perplexity, early_exaggeration_iter=250,
+                   n_iter=n_iter - 250, initialization="pca", negative_gradient_method="auto",
+                   n_jobs=n_jobs, random_state=seed, verbose=False).fit(x)
+        return np.asarray(emb, dtype=np.float64)
+    from sklearn.manifold import TSNE
+
+    return TSNE(n_components=2, perplexity=perplexity, max_iter=n_iter, init="pca",
+                learning_rate="auto", n_jobs=n_jobs, random_state=seed).fit_transform(x).astype(np.float64)
+
+
+def trustworthiness(features, embedding, n_neighbors=10, chunk_size=500):
+    """Trustworthiness of an embedding (Venna & Kaski), as ``sklearn.manifold.trustworthiness``.
+
+    1 when every point's ``n_neighbors`` nearest neighbours on the map are also
+    near it in the original space; unexpected map neighbours are penalised by
+    their rank in the original space. Same definition and value as scikit-learn's
+    (tested), but computed in chunks of rows: scikit-learn's builds three N x N
+    arrays (about 2.4 GB for 10,000 points); this needs ``chunk_size`` x N.
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    x = _as_points(features, "features")
+    e = _as_points(embedding, "embedding")
+    n, k = len(x), int(n_neighbors)
+    if len(e) != n:
+        raise ValueError(f"features have {n} rows but the embedding has {len(e)}; they must match.")
+    if not 1 <= k < n / 2:
+        raise ValueError(f"n_neighbors must be at least 1 and below n / 2 = {n / 2}, got {n_neighbors}.")
+    map_nb = NearestNeighbors(n_neighbors=k).fit(e).kneighbors(return_distance=False)  # (n, k)
+    sq = np.einsum("ij,ij->i", x, x)
+    penalty = 0.0
+    for start in range(0, n, chunk_size):
+        rows = np.arange(start, min(start + chunk_size, n))
+        d = sq[rows, None] - 2.0 * x[rows] @ x.T + sq[None, :]     # squared distances
+        d[np.arange(len(rows)), rows] = np.inf                      # a point is not its own neighbour
+        d_nb = np.take_along_axis(d, map_nb[rows], axis=1)          # (chunk, k)
+        # rank of j among i's neighbours in the original space: 1 + points strictly closer
+        rank = 1 + (d[:, None, :] < d_nb[:, :, None]).sum(axis=2)
+        penalty += np.clip(rank - k, 0, None).sum()
+    return float(1.0 - 2.0 / (n * k * (2.0 * n - 3.0 * k - 1.0)) * penalty)
+
+
+def knn_label_disagreement(features, labels, n_neighbors=10):
+    """For each point, how many of its nearest neighbours in feature space carry another label.
+
+    Returns a dict: ``disagreement`` (N,) the fraction of the ``n_neighbors``
+    neighbours (the point itself excluded) whose label differs; ``vote`` (N,) the
+    most common neighbour label (ties to the smaller label); ``neighbors`` (N, k)
+    their indices, nearest first. Points with disagreement > 0.5 sit inside
+    another class's cluster: outliers, mislabelled or ambiguous examples.
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    x = _as_points(features, "features")
+    y = np.asarray(labels)
+    if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer) or (len(y) and y.min() < 0):
+        raise ValueError(f"labels must be non-negative integers of shape ({len(x)},); "
+                         f"got shape {y.shape}, dtype {y.dtype}.")
+    k = int(n_neighbors)
+    if not 1 <= k < len(x):
+        raise ValueError(f"n_neighbors must be between 1 and N - 1 = {len(x) - 1}, got {n_neighbors}.")
+    nb = NearestNeighbors(n_neighbors=k).fit(x).kneighbors(return_distance=False)
+    nb_labels = y[nb]
+    counts = np.apply_along_axis(np.bincount, 1, nb_labels, minlength=int(y.max()) + 1)
+    return {"disagreement": (nb_labels != y[:, None]).mean(axis=1),
+            "vote": counts.argmax(axis=1), "neighbors": nb}
+
 
 # ---------------------------------------------------------------------------
 # PyTorch: VGG16 and feature inversion
@@ -421,6 +722,202 @@ def plot_image_grid(images, titles=None, ncols=10, cmap="gray", title=None, size
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+def plot_probability_bars(images, probs, labels, class_names=None, title=None):
+    """Each image above a bar chart of its class probabilities.
+
+    The predicted class's bar is green when right and red when wrong; the true
+    class's bar is outlined in black. Returns the Figure.
+    """
+    import matplotlib.pyplot as plt
+
+    p = _as_probs(probs)
+    y = _as_labels(labels, len(p), p.shape[1])
+    imgs = np.asarray(images)
+    if imgs.ndim == 4 and imgs.shape[-1] == 1:
+        imgs = imgs[..., 0]
+    if len(imgs) != len(p):
+        raise ValueError(f"Got {len(imgs)} images but {len(p)} rows of probabilities.")
+    k = p.shape[1]
+    names = list(class_names) if class_names is not None else [str(i) for i in range(k)]
+    n = len(p)
+    fig, axes = plt.subplots(2, n, figsize=(2.1 * n, 4.4), squeeze=False,
+                             gridspec_kw={"height_ratios": [1, 1.15]})
+    for i in range(n):
+        pred = int(p[i].argmax())
+        ok = pred == y[i]
+        axes[0, i].imshow(imgs[i], cmap="gray", vmin=0, vmax=1)
+        axes[0, i].axis("off")
+        axes[0, i].set_title(f"true {names[y[i]]}\npred {names[pred]} {'(right)' if ok else '(WRONG)'}",
+                             fontsize=8, color="green" if ok else "red")
+        colors = ["lightgray"] * k
+        colors[pred] = "tab:green" if ok else "tab:red"
+        bars = axes[1, i].bar(np.arange(k), p[i], color=colors)
+        bars[y[i]].set_edgecolor("black")
+        bars[y[i]].set_linewidth(1.5)
+        axes[1, i].set_ylim(0, 1)
+        axes[1, i].set_xticks(np.arange(k))
+        axes[1, i].set_xticklabels(names, rotation=90, fontsize=7)
+        axes[1, i].set_xlabel("class", fontsize=8)
+        if i == 0:
+            axes[1, i].set_ylabel("probability")
+        else:
+            axes[1, i].set_yticklabels([])
+        axes[1, i].set_title(f"max p = {p[i].max():.3f}", fontsize=8)
+    fig.suptitle(title or "Predicted class probabilities (black outline: true class)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_reliability_diagram(bins, titles=None, title=None):
+    """Reliability diagram(s) from :func:`calibration_bins` dicts.
+
+    ``bins`` is one dict or a list of them (e.g. before and after temperature
+    scaling), one column each: top, accuracy per confidence bin against the
+    diagonal of perfect calibration with the gap shaded and the ECE written in;
+    bottom, how many predictions fall in each bin (log scale). Returns the Figure.
+    """
+    import matplotlib.pyplot as plt
+
+    bins_list = [bins] if isinstance(bins, dict) else list(bins)
+    titles = list(titles) if titles is not None else [None] * len(bins_list)
+    if len(titles) != len(bins_list):
+        raise ValueError(f"Got {len(titles)} titles for {len(bins_list)} diagrams.")
+    n = len(bins_list)
+    fig, axes = plt.subplots(2, n, figsize=(4.6 * n, 6.2), squeeze=False, sharex=True,
+                             gridspec_kw={"height_ratios": [3, 1.2]})
+    for col, (b, t) in enumerate(zip(bins_list, titles)):
+        edges = b["edges"]
+        width = np.diff(edges)
+        left = edges[:-1]
+        has = b["counts"] > 0
+        acc = np.where(has, b["accuracy"], 0.0)
+        conf = np.where(has, b["confidence"], 0.0)
+        ax = axes[0, col]
+        ax.bar(left, acc, width=width, align="edge", color="tab:blue", edgecolor="black",
+               linewidth=0.5, label="accuracy in bin")
+        ax.bar(left[has], (conf - acc)[has], bottom=acc[has], width=width[has], align="edge",
+               color="tab:red", alpha=0.35, hatch="//", edgecolor="tab:red", linewidth=0.5,
+               label="gap to mean confidence")
+        ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+        ece = float(np.sum(b["weight"] * b["gap"]))
+        ax.text(0.04, 0.93, f"ECE = {100 * ece:.2f} %\nn = {b['n']}", transform=ax.transAxes,
+                va="top", fontsize=9, bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"})
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("accuracy")
+        ax.set_title(t or "Reliability diagram")
+        ax.legend(loc="lower right", fontsize=8)
+        axc = axes[1, col]
+        axc.bar(left, b["counts"], width=width, align="edge", color="gray", edgecolor="black",
+                linewidth=0.5)
+        if b["counts"].max() > 0:
+            axc.set_yscale("log")
+        axc.set_xlabel("confidence (largest probability)")
+        axc.set_ylabel("predictions")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_histograms(samples, xlabel, title, bins=30, range=None, log=False):
+    """Overlaid density histograms of several samples, e.g. confidence in and out of distribution.
+
+    ``samples`` maps a legend label to a 1-D array. Returns the Figure.
+    """
+    import matplotlib.pyplot as plt
+
+    if not isinstance(samples, dict) or not samples:
+        raise TypeError("samples must be a non-empty dict {label: 1-D array}.")
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    arrays = {k: np.asarray(v, dtype=np.float64).ravel() for k, v in samples.items()}
+    if range is None:
+        lo = min(a.min() for a in arrays.values())
+        hi = max(a.max() for a in arrays.values())
+        range = (lo, hi if hi > lo else lo + 1)
+    for label, a in arrays.items():
+        ax.hist(a, bins=bins, range=range, density=True, alpha=0.55, label=f"{label} (n={len(a)})",
+                log=log)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("density (log scale)" if log else "density")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def spread_out_indices(points, n, seed=DEFAULT_SEED):
+    """``n`` indices of ``points`` (N, 2) far apart from each other (greedy farthest-point)."""
+    pts = _as_points(points, "points")
+    n = min(int(n), len(pts))
+    if n <= 0:
+        return np.zeros(0, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    chosen = [int(rng.integers(len(pts)))]
+    dist = np.linalg.norm(pts - pts[chosen[0]], axis=1)
+    for _ in range(n - 1):
+        nxt = int(dist.argmax())
+        chosen.append(nxt)
+        dist = np.minimum(dist, np.linalg.norm(pts - pts[nxt], axis=1))
+    return np.array(chosen, dtype=np.int64)
+
+
+def plot_embedding(embeddings, labels, class_names=None, images=None, n_thumbnails=0,
+                   title=None, point_size=3, seed=DEFAULT_SEED, highlight=None):
+    """Scatter 2-D embeddings coloured by class, one panel per embedding.
+
+    ``embeddings`` is an (N, 2) array or a dict ``{panel title: (N, 2) array}``.
+    With ``images`` (N, H, W[, 1]) and ``n_thumbnails``, that many images, spread
+    over each map, are drawn at their points (framed in their class colour).
+    ``highlight`` (indices) circles chosen points, e.g. outliers. Returns the Figure.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
+    from matplotlib.lines import Line2D
+    from matplotlib.offsetbox import AnnotationBbox, OffsetImage
+
+    if not isinstance(embeddings, dict):
+        embeddings = {"embedding": embeddings}
+    y = np.asarray(labels)
+    num_classes = int(y.max()) + 1 if len(y) else 1
+    names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
+    if len(names) < num_classes:
+        raise ValueError(f"labels go up to {num_classes - 1} but only {len(names)} class names were given.")
+    cmap = colormaps["tab10"]
+    imgs = None
+    if images is not None:
+        imgs = np.asarray(images)
+        if imgs.ndim == 4 and imgs.shape[-1] == 1:
+            imgs = imgs[..., 0]
+    n = len(embeddings)
+    fig, axes = plt.subplots(1, n, figsize=(6.4 * n, 6.0), squeeze=False)
+    for ax, (panel, emb) in zip(axes[0], embeddings.items()):
+        e = _as_points(emb, "embedding")
+        if e.shape != (len(y), 2):
+            raise ValueError(f"embedding {panel!r} has shape {e.shape}, expected ({len(y)}, 2).")
+        ax.scatter(e[:, 0], e[:, 1], c=cmap(y % 10), s=point_size, linewidths=0, alpha=0.8)
+        if highlight is not None and len(highlight):
+            h = np.asarray(highlight)
+            ax.scatter(e[h, 0], e[h, 1], s=60, facecolors="none", edgecolors="black",
+                       linewidths=1.2, label="highlighted")
+        if imgs is not None and n_thumbnails:
+            for i in spread_out_indices(e, n_thumbnails, seed=seed):
+                box = AnnotationBbox(OffsetImage(imgs[i], cmap="gray_r", zoom=0.9), e[i],
+                                     frameon=True, pad=0.1,
+                                     bboxprops={"edgecolor": cmap(y[i] % 10), "linewidth": 1.5})
+                ax.add_artist(box)
+        ax.set_title(panel)
+        ax.set_xlabel("dimension 1")
+        ax.set_ylabel("dimension 2")
+    handles = [Line2D([], [], marker="o", linestyle="", color=cmap(c % 10), label=names[c])
+               for c in range(num_classes)]
+    fig.legend(handles=handles, loc="center right", title="class", fontsize=8, markerscale=1.2)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 0.9 if n > 1 else 0.82, 1))
     return fig
 
 
