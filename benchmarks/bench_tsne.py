@@ -44,14 +44,19 @@ def main():
     print(f"machine: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}; "
           f"perplexity {args.perplexity}, n_jobs {args.n_jobs}, 1000 iterations, PCA init")
 
+    print(f"load average before: {os.getloadavg()[0]:.1f} (other processes share the CPUs; "
+          "CPU seconds are printed too, as a load-independent measure)")
+
     times, trust = {}, {}
     for method in ("sklearn", "opentsne"):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         emb = cnn_utils.tsne_embedding(feats, perplexity=args.perplexity, method=method,
                                        n_jobs=args.n_jobs, seed=args.seed)
         times[method] = time.perf_counter() - start
+        cpu = time.process_time() - cpu_start
         trust[method] = cnn_utils.trustworthiness(feats, emb, n_neighbors=10)
-        print(f"{method:>9}: {times[method]:6.1f} s   trustworthiness(k=10) = {trust[method]:.4f}",
+        print(f"{method:>9}: {times[method]:6.1f} s wall, {cpu:6.1f} s CPU   "
+              f"trustworthiness(k=10) = {trust[method]:.4f}   load average now {os.getloadavg()[0]:.1f}",
               flush=True)
 
     ratio = times["sklearn"] / times["opentsne"]
