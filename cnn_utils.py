@@ -532,7 +532,7 @@ def plot_confusion_matrix(cm, class_names, title="Confusion matrix", normalize=F
 # Command line: train, prefetch, run the notebook series
 # ---------------------------------------------------------------------------
 
-DEFAULT_EPOCHS = {"mnist": 4, "fashion_mnist": 12}
+DEFAULT_EPOCHS = {"mnist": 4, "fashion_mnist": 15}
 
 
 def train_and_save(dataset="mnist", epochs=None, seed=DEFAULT_SEED, out_dir=None, verbose=None):
