@@ -106,13 +106,19 @@ def test_only_misclassified(app_and_data, mnist_model):
     assert app.controls["index"].max == len(x) - 1
 
 
-def test_error_in_a_callback_is_shown_in_the_app(app_and_data):
+def test_error_in_a_callback_is_shown_in_the_app(app_and_data, monkeypatch):
     app, _, _ = app_and_data
-    app.controls["layer"].value = "pool2"  # not a convolution: Grad-CAM must refuse
+
+    def broken(*args, **kwargs):
+        raise ValueError("layer 'pool2' is not what this method needs")
+
+    monkeypatch.setattr(cnn_utils, "score_cam", broken)
+    app.controls["method"].value = "Score-CAM"
     assert "error" in app.last
     assert "ValueError" in app.status.value and "pool2" in app.status.value
-    app.controls["layer"].value = "conv3"
-    assert "error" not in app.last
+    monkeypatch.undo()
+    app.controls["method"].value = "Grad-CAM"
+    assert "error" not in app.last and "✔" in app.status.value
 
 
 def test_bad_input(mnist_model):
