@@ -630,7 +630,7 @@ def _as_points(x, name):
 TSNE_METHODS = ("opentsne", "sklearn")
 
 
-def tsne_embedding(features, perplexity=30.0, method="opentsne", n_iter=1000, seed=DEFAULT_SEED,
+def tsne_embedding(features, perplexity=30.0, method="opentsne", n_iter=750, seed=DEFAULT_SEED,
                    n_jobs=2, pca_components=None):
     """2-D t-SNE of ``features`` (N, D); returns a float64 array (N, 2).
 
@@ -638,7 +638,7 @@ def tsne_embedding(features, perplexity=30.0, method="opentsne", n_iter=1000, se
     points on, Barnes-Hut below; the faster one here, see benchmarks/bench_tsne.py)
     or ``"sklearn"`` (Barnes-Hut). Both start
     from the PCA initialisation, with ``n_iter`` iterations in all (the first 250
-    with early exaggeration). ``pca_components`` first reduces D with PCA (the
+    with early exaggeration; 750 is openTSNE's default schedule, 250 + 500). ``pca_components`` first reduces D with PCA (the
     usual step for raw pixels, e.g. 50).
     """
     x = _as_points(features, "features")
