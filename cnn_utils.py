@@ -979,6 +979,7 @@ def plot_embedding(embeddings, labels, class_names=None, images=None, n_thumbnai
     names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
     if len(names) < num_classes:
         raise ValueError(f"labels go up to {num_classes - 1} but only {len(names)} class names were given.")
+    num_classes = len(names)  # every class in the legend, even one absent from this sample
     cmap = colormaps["tab10"]
     imgs = None
     if images is not None:

@@ -136,3 +136,20 @@ def test_bad_input_is_explained():
         cu.softmax([[1.0, 2.0]], temperature=0)
     with pytest.raises(ValueError, match="n_bins"):
         cu.calibration_bins(_binary([0.9]), [0], n_bins=0)
+
+
+def test_reliability_diagram_draws_the_bins():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    probs = _binary([0.9] * 4 + [0.3] * 2 + [0.55] * 4)
+    labels = np.array([0, 0, 0, 1] + [1, 1] + [0, 1, 1, 1])
+    bins = cu.calibration_bins(probs, labels, n_bins=5)
+    fig = cu.plot_reliability_diagram([bins, bins], titles=["a", "b"])
+    ax = fig.axes[0]
+    heights = [p.get_height() for p in ax.patches[:5]]       # the accuracy bars come first
+    np.testing.assert_allclose(heights, [0, 0, 0.25, 1.0, 0.75])
+    assert "ECE = 24.00 %" in ax.texts[0].get_text()
+    assert fig.axes[2].get_ylabel() == "predictions" and ax.get_ylabel() == "accuracy"
+    with pytest.raises(ValueError, match="titles"):
+        cu.plot_reliability_diagram([bins], titles=["a", "b"])

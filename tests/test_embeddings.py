@@ -111,3 +111,23 @@ def test_tsne_of_mnist_features_shape_and_trustworthiness(mnist_features):
     assert t_tsne > t_pca + 0.05  # the linear map keeps neighbourhoods far worse
     # in the learned feature space nearly every digit's neighbours share its label
     assert np.mean(cu.knn_label_disagreement(feats, labels)["disagreement"]) < 0.05
+
+
+def test_plot_embedding_legend_and_thumbnails():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.offsetbox import AnnotationBbox
+
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(30, 2))
+    labels = np.repeat([0, 1, 2], 10)            # only 3 of 10 classes in this sample
+    images = rng.random((30, 28, 28, 1))
+    names = [f"c{i}" for i in range(10)]
+    fig = cu.plot_embedding({"A": emb, "B": emb}, labels, names, images=images, n_thumbnails=4)
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == names
+    for ax in fig.axes:
+        assert sum(isinstance(a, AnnotationBbox) for a in ax.artists) == 4
+    assert [ax.get_title() for ax in fig.axes] == ["A", "B"]
+    with pytest.raises(ValueError, match=r"expected \(30, 2\)"):
+        cu.plot_embedding(emb[:20], labels, names)
