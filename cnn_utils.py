@@ -1054,6 +1054,68 @@ def plot_signed_attributions(images, attributions, row_titles=None, title=None, 
 # Exercise checks
 # ---------------------------------------------------------------------------
 
+# The exercise notebook (08) tests students' code with these helpers: each raises an
+# AssertionError whose message says what was expected, what came out and, with ``hint``,
+# what to fix. nbgrader shows that message in the feedback.
+
+def _as_numbers(value, name):
+    """``value`` (array, tensor, list or number) as a float64 array, or AssertionError."""
+    if value is None:
+        raise AssertionError(f"{name} returned None: did you forget the `return` statement?")
+    if hasattr(value, "numpy"):
+        value = value.numpy()
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise AssertionError(
+            f"{name} should be an array of numbers, got {type(value).__name__}."
+        ) from None
+    return arr
+
+
+def check_array(value, name, shape=None, low=None, high=None):
+    """Check that ``value`` is a finite array [of ``shape``] [within ``low``..``high``].
+
+    Returns it as a float64 NumPy array. Raises ``AssertionError`` with a message
+    naming ``name``, the expected and the actual shape or range otherwise.
+    """
+    arr = _as_numbers(value, name)
+    if shape is not None and arr.shape != tuple(shape):
+        raise AssertionError(f"{name} should have shape {tuple(shape)}, got {arr.shape}.")
+    if not np.all(np.isfinite(arr)):
+        bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+        raise AssertionError(f"{name} contains {bad} NaN or infinite value(s).")
+    if low is not None and arr.size and arr.min() < low:
+        raise AssertionError(f"{name} should be >= {low}, but its minimum is {arr.min():.6g}.")
+    if high is not None and arr.size and arr.max() > high:
+        raise AssertionError(f"{name} should be <= {high}, but its maximum is {arr.max():.6g}.")
+    return arr
+
+
+def check_close(actual, expected, name, rtol=1e-5, atol=1e-8, hint=""):
+    """Check ``|actual - expected| <= atol + rtol * |expected|`` elementwise.
+
+    On failure the ``AssertionError`` says how many values differ, the largest
+    difference, where it is and both values there, followed by ``hint``.
+    Returns None (so that a test cell ending with it prints nothing).
+    """
+    exp = np.asarray(expected, dtype=np.float64)
+    act = check_array(actual, name)
+    if act.shape != exp.shape:
+        if act.size == exp.size == 1:
+            act = act.reshape(exp.shape)
+        else:
+            raise AssertionError(f"{name} should have shape {exp.shape}, got {act.shape}. {hint}".strip())
+    bad = np.abs(act - exp) > atol + rtol * np.abs(exp)
+    if np.any(bad):
+        diff = np.where(bad, np.abs(act - exp), -np.inf)
+        where = np.unravel_index(int(np.argmax(diff)), diff.shape) if diff.ndim else ()
+        at = f" at index {tuple(int(i) for i in where)}" if where else ""
+        raise AssertionError(
+            f"{name} is wrong in {int(bad.sum())} of {bad.size} value(s); the largest difference is "
+            f"{np.abs(act - exp)[where]:.6g}{at} (got {act[where]:.6g}, expected {exp[where]:.6g}). {hint}".strip()
+        )
+
 
 # ---------------------------------------------------------------------------
 # Command line: train, prefetch, run the notebook series
@@ -1183,6 +1245,108 @@ def _to_html(ipynb_path):
     Path(ipynb_path).with_suffix(".html").write_text(body, encoding="utf-8")
 
 
+#: nbgrader's course directory for the exercise notebook (git-ignored; see nbgrader_config.py).
+GRADING_DIR = PROJECT_DIR / "nbgrader"
+#: The assignment, and its one notebook, in nbgrader's layout.
+EXERCISE_ASSIGNMENT = "08_exercises"
+
+
+def grading_source(course_dir=None):
+    """Copy ``notebooks/08_exercises.ipynb`` to nbgrader's ``source/08_exercises/``.
+
+    The notebook in ``notebooks/`` is the instructor version (solutions, hidden
+    tests); nbgrader reads it from ``<course_dir>/source/<assignment>/``.
+    Returns the path written.
+    """
+    import shutil
+
+    course = Path(course_dir) if course_dir else GRADING_DIR
+    target = course / "source" / EXERCISE_ASSIGNMENT / f"{EXERCISE_ASSIGNMENT}.ipynb"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(NOTEBOOKS_DIR / f"{EXERCISE_ASSIGNMENT}.ipynb", target)
+    return target
+
+
+def grading_collect(folder, course_dir=None):
+    """Put a folder of submissions ``<student_id>.ipynb`` into nbgrader's layout.
+
+    Each file goes to ``<course_dir>/submitted/<student_id>/08_exercises/08_exercises.ipynb``
+    (replacing an earlier copy). Returns the student ids, sorted.
+    """
+    import shutil
+
+    import nbformat
+
+    folder = Path(folder)
+    files = sorted(folder.glob("*.ipynb"))
+    if not files:
+        raise ValueError(f"No submissions in {folder}: expected files named <student_id>.ipynb.")
+    course = Path(course_dir) if course_dir else GRADING_DIR
+    students = []
+    for path in files:
+        try:
+            nbformat.read(str(path), as_version=4)
+        except Exception as err:
+            raise ValueError(f"{path} is not a readable notebook ({type(err).__name__}: {err}).") from None
+        target = course / "submitted" / path.stem / EXERCISE_ASSIGNMENT / f"{EXERCISE_ASSIGNMENT}.ipynb"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+        students.append(path.stem)
+    return students
+
+
+def grading_scores(course_dir=None):
+    """Per-student, per-cell scores from nbgrader's gradebook (after ``nbgrader autograde``).
+
+    Returns ``{student: {grade_id: {"auto": float | None, "manual": float | None,
+    "max": float, "needs_manual": bool, "by_hand": bool}}}``. ``by_hand`` marks written
+    answers (markdown cells): the autograder gives them 0 when left unanswered and
+    leaves them to a human (``needs_manual``) otherwise.
+    """
+    from nbgrader.api import Gradebook, MissingEntry
+
+    course = Path(course_dir) if course_dir else GRADING_DIR
+    db = course / "gradebook.db"
+    if not db.is_file():
+        raise FileNotFoundError(f"No gradebook at {db}: run `nbgrader generate_assignment` and "
+                                "`nbgrader autograde` first (see README, for instructors).")
+    scores = {}
+    with Gradebook(f"sqlite:///{db}") as gb:
+        for student in gb.students:
+            try:
+                nb = gb.find_submission_notebook(EXERCISE_ASSIGNMENT, EXERCISE_ASSIGNMENT, student.id)
+            except MissingEntry:
+                continue
+            scores[student.id] = {
+                g.name: {"auto": g.auto_score, "manual": g.manual_score, "max": float(g.max_score),
+                         "needs_manual": bool(g.needs_manual_grade), "by_hand": g.cell_type == "markdown"}
+                for g in nb.grades
+            }
+    return scores
+
+
+def _print_scores(scores):
+    """A table: autograded points per exercise (grade ids ``exN_...``), in total, and by hand."""
+    exercises = sorted({gid.split("_")[0] for cells in scores.values()
+                        for gid, g in cells.items() if not g["by_hand"]})
+    print("student".ljust(20) + "".join(e.rjust(6) for e in exercises) + "   autograded   by hand")
+    for student, cells in sorted(scores.items()):
+        auto = {e: 0.0 for e in exercises}
+        auto_max = hand = hand_max = 0.0
+        to_grade = 0
+        for gid, g in cells.items():
+            if g["by_hand"]:
+                hand_max += g["max"]
+                hand += (g["manual"] if g["manual"] is not None else g["auto"] or 0.0)
+                to_grade += g["needs_manual"]
+            else:
+                auto[gid.split("_")[0]] += g["auto"] or 0.0
+                auto_max += g["max"]
+        pending = f" ({to_grade} to grade)" if to_grade else ""
+        print(student.ljust(20) + "".join(f"{auto[e]:6g}" for e in exercises)
+              + f"   {sum(auto.values()):g} / {auto_max:g}".ljust(13) + f"   {hand:g} / {hand_max:g}{pending}")
+
+
 def main(argv=None):
     import argparse
 
@@ -1198,6 +1362,12 @@ def main(argv=None):
     p_run.add_argument("names", nargs="*", help="only notebooks whose file name contains these")
     p_run.add_argument("--fast", action="store_true", help="run with FAST=True (as the tests do)")
     p_run.add_argument("--out", default=str(BUILD_DIR))
+    p_grade = sub.add_parser("grading", help="nbgrader glue for notebooks/08_exercises.ipynb (README: instructors)")
+    p_grade.add_argument("action", choices=["source", "collect", "scores"],
+                         help="source: copy the notebook to nbgrader's source/; collect FOLDER: copy "
+                              "<student_id>.ipynb files to submitted/; scores: print the gradebook")
+    p_grade.add_argument("folder", nargs="?", help="for collect: a folder of <student_id>.ipynb files")
+    p_grade.add_argument("--course-dir", default=str(GRADING_DIR), help="nbgrader course directory")
     args = parser.parse_args(argv)
 
     if args.command == "train":
@@ -1207,6 +1377,16 @@ def main(argv=None):
         prefetch(vgg16=not args.no_vgg16)
     elif args.command == "run":
         run_notebooks(args.names, out_dir=args.out, parameters={"FAST": True} if args.fast else None)
+    elif args.command == "grading":
+        if args.action == "source":
+            print(f"Wrote {grading_source(args.course_dir)}")
+        elif args.action == "collect":
+            if not args.folder:
+                parser.error("grading collect needs a FOLDER of <student_id>.ipynb files")
+            students = grading_collect(args.folder, args.course_dir)
+            print(f"Collected {len(students)} submission(s): {', '.join(students)}")
+        else:
+            _print_scores(grading_scores(args.course_dir))
 
 
 if __name__ == "__main__":
