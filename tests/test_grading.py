@@ -297,7 +297,7 @@ def test_feedback_is_generated_for_every_student(graded):
 
 
 def test_scores_table(graded, capsys):
-    cnn_utils._print_scores(graded["scores"])
+    cnn_utils.main(["grading", "scores", "--course-dir", str(graded["course"])])
     out = capsys.readouterr().out
     assert out.split("\n")[0].split() == ["student", "ex1", "ex2", "ex3", "ex4", "autograded", "by", "hand"]
     assert re.search(r"instructor\s+4\s+6\s+5\s+3\s+18 / 18\s+0 / 12 \(7 to grade\)", out), out
@@ -321,6 +321,15 @@ def test_config_raises_the_execution_timeout():
 def test_course_directory_is_git_ignored():
     lines = (ROOT / ".gitignore").read_text().split()
     assert "/nbgrader/" in lines
+
+
+def test_grading_command_line(tmp_path, capsys):
+    cnn_utils.main(["grading", "source", "--course-dir", str(tmp_path)])
+    copied = tmp_path / "source" / ASSIGNMENT / f"{ASSIGNMENT}.ipynb"
+    assert copied.read_bytes() == SOURCE.read_bytes()
+    with pytest.raises(SystemExit):
+        cnn_utils.main(["grading", "collect", "--course-dir", str(tmp_path)])
+    assert "needs a FOLDER" in capsys.readouterr().err
 
 
 def test_grading_collect_layout_and_errors(tmp_path):
