@@ -555,8 +555,11 @@ def normalize_maps(maps):
     return np.where(span > 0, (m - lo) / safe, 0.0).astype(np.float32)
 
 
-def _grad_fn(model, score):
-    """Compiled (x, cls) -> (target scores, classes, d target / d x)."""
+def _grad_fn(model, score, saliency=False):
+    """Compiled (x, cls) -> (target scores, classes, d target / d x).
+
+    With ``saliency=True``: (raw saliency maps, min-max scaled maps) instead.
+    """
     def build():
         tf, keras = _tf(), _keras()
         sub = keras.Model(model.inputs, _score_output(model, score))
@@ -568,9 +571,13 @@ def _grad_fn(model, score):
                 tape.watch(x)
                 scores = sub(x, training=False)
                 cls, target = _pick_class(scores, cls)
-            return target, cls, tape.gradient(target, x)
+            grads = tape.gradient(target, x)
+            if saliency:
+                maps = tf.reduce_max(tf.abs(grads), axis=-1)
+                return maps, _tf_minmax(maps)
+            return target, cls, grads
         return fn
-    return _attr_cached(model, ("grad", score), build)
+    return _attr_cached(model, ("grad", score, saliency), build)
 
 
 def _chunks(n, per_item):
@@ -603,9 +610,8 @@ def saliency_map(model, images, class_index=None, *, score="logits", normalize=T
     """
     x, cls, _ = _prepare(model, images, class_index, score)
     tf = _tf()
-    _, _, grads = _grad_fn(model, score)(tf.constant(x), tf.constant(cls))
-    maps = tf.reduce_max(tf.abs(grads), axis=-1)
-    return (_tf_minmax(maps) if normalize else maps).numpy()
+    raw, scaled = _grad_fn(model, score, saliency=True)(tf.constant(x), tf.constant(cls))
+    return (scaled if normalize else raw).numpy()
 
 
 def smoothgrad(model, images, class_index=None, samples=50, noise=0.2, seed=None, *,
@@ -704,7 +710,7 @@ def integrated_gradients(model, images, class_index=None, baseline=None, steps=5
 
 
 def _cam_fn(model, layer_name, method, score):
-    """Compiled (x, cls) -> (maps at input resolution, raw (N, H, W), channel weights)."""
+    """Compiled (x, cls) -> (raw maps (N, H, W) at input resolution, scaled maps, channel weights)."""
     def build():
         tf, keras = _tf(), _keras()
         layer = model.get_layer(layer_name)
@@ -734,7 +740,7 @@ def _cam_fn(model, layer_name, method, score):
                 w = tf.reduce_sum(alpha * tf.nn.relu(g), axis=[1, 2])                # (N, k)
             cam = tf.nn.relu(tf.einsum("nhwk,nk->nhw", feats, w))
             up = tf.image.resize(cam[..., None], size, method="bilinear")[..., 0]
-            return up, w, cls
+            return up, _tf_minmax(up), w
         return fn
     return _attr_cached(model, ("cam", layer_name, method, score), build)
 
@@ -743,8 +749,8 @@ def _run_cam(method, model, images, class_index, layer_name, score, normalize, r
     x, cls, _ = _prepare(model, images, class_index, score)
     layer = _resolve_layer(model, layer_name)
     tf = _tf()
-    up, w, _ = _cam_fn(model, layer.name, method, score)(tf.constant(x), tf.constant(cls))
-    maps = (_tf_minmax(up) if normalize else up).numpy()
+    raw, scaled, w = _cam_fn(model, layer.name, method, score)(tf.constant(x), tf.constant(cls))
+    maps = (scaled if normalize else raw).numpy()
     return (maps, w.numpy()) if return_weights else maps
 
 
