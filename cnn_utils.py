@@ -367,6 +367,57 @@ def predict_logits(model, images, batch_size=512):
 # Activations and filters
 # ---------------------------------------------------------------------------
 
+#: Layer types whose outputs ``get_activations`` returns by default.
+_CONV_TYPES = ("Conv2D", "Conv1D", "Conv3D", "DepthwiseConv2D", "SeparableConv2D")
+_POOL_TYPES = ("MaxPooling2D", "AveragePooling2D", "MaxPooling1D", "AveragePooling1D",
+               "GlobalMaxPooling2D", "GlobalAveragePooling2D")
+
+
+def _layer_type(layer):
+    return type(layer).__name__
+
+
+def conv_layer_names(model):
+    """Names of the model's 2-D convolutional layers, in model order."""
+    return [l.name for l in model.layers if _layer_type(l) in _CONV_TYPES
+            and len(l.output.shape) == 4]
+
+
+def conv_and_pool_layer_names(model):
+    """Names of the model's convolutional and pooling layers, in model order."""
+    return [l.name for l in model.layers
+            if _layer_type(l) in _CONV_TYPES + _POOL_TYPES]
+
+
+def last_conv_layer_name(model):
+    """Name of the model's last convolutional layer (4-D output), found automatically.
+
+    Raises ``ValueError`` listing the model's layers when there is none.
+    """
+    names = conv_layer_names(model)
+    if not names:
+        raise ValueError(
+            f"The model {model.name!r} has no convolutional layer (its layers: "
+            f"{_layer_list(model)})."
+        )
+    return names[-1]
+
+
+def _layer_list(model):
+    return ", ".join(f"{l.name} ({_layer_type(l)})" for l in model.layers)
+
+
+def get_layer(model, layer_name):
+    """``model.get_layer(layer_name)`` with an error that lists the model's layers."""
+    if not isinstance(layer_name, str):
+        raise TypeError(f"layer_name must be a string, got {type(layer_name).__name__}.")
+    for layer in model.layers:
+        if layer.name == layer_name:
+            return layer
+    raise ValueError(
+        f"Unknown layer {layer_name!r}. The model's layers are: {_layer_list(model)}."
+    )
+
 
 # ---------------------------------------------------------------------------
 # Feature visualization
