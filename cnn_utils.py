@@ -450,10 +450,6 @@ def _attr_cached(model, key, build):
     return fn[1]
 
 
-def _layer_names(model):
-    return ", ".join(layer.name for layer in model.layers)
-
-
 def _check_keras_model(model):
     keras = _keras()
     if not isinstance(model, keras.Model):
@@ -496,44 +492,18 @@ def _score_output(model, score):
 def _resolve_layer(model, layer_name, for_cam=True):
     """The layer for a CAM method: a named layer with a spatial map (N, h, w, k)."""
     if layer_name is None:
-        layer_name = _last_conv_layer(model)
-    if not isinstance(layer_name, str):
-        raise TypeError(f"layer_name must be a layer name (str) or None, got {type(layer_name).__name__}.")
-    try:
-        layer = model.get_layer(layer_name)
-    except ValueError:
-        raise ValueError(
-            f"The model has no layer named {layer_name!r}. Its layers: {_layer_names(model)}."
-        ) from None
+        layer_name = last_conv_layer_name(model)
+    layer = get_layer(model, layer_name)
     keras = _keras()
     shape = tuple(layer.output.shape)
     if isinstance(layer, keras.layers.InputLayer) or len(shape) != 4:
-        convs = [l.name for l in model.layers if _is_conv_layer(l)]
+        convs = conv_layer_names(model)
         raise ValueError(
             f"Layer {layer_name!r} ({type(layer).__name__}, output shape {shape}) has no spatial feature "
             "map (N, h, w, channels); CAM methods need a convolutional (or pooling) layer. "
             f"Convolutional layers of this model: {', '.join(convs) or 'none'}."
         )
     return layer
-
-
-def _is_conv_layer(layer):
-    return "conv" in type(layer).__name__.lower() and len(tuple(layer.output.shape)) == 4
-
-
-def _last_conv_layer(model):
-    """Name of the model's last convolutional layer (the CAM default).
-
-    Private stand-in: the "Activations and filters" section provides the public
-    ``last_conv_layer_name``; the lead will unify the two.
-    """
-    convs = [layer.name for layer in model.layers if _is_conv_layer(layer)]
-    if not convs:
-        raise ValueError(
-            f"The model has no convolutional layer with a spatial output; its layers: {_layer_names(model)}. "
-            "Pass layer_name= explicitly."
-        )
-    return convs[-1]
 
 
 def _class_indices(class_index, n, num_classes):
@@ -918,7 +888,7 @@ def randomize_weights(model, layer_names=None, seed=0):
         layer_names = [layer_names]
     unknown = [n for n in layer_names if n not in names]
     if unknown:
-        raise ValueError(f"Unknown layer(s) {', '.join(map(repr, unknown))}. The model's layers: {_layer_names(model)}.")
+        raise ValueError(f"Unknown layer(s) {', '.join(map(repr, unknown))}. The model's layers: {_layer_list(model)}.")
     keras.utils.set_random_seed(seed)
     clone = keras.models.clone_model(model)
     for layer in model.layers:

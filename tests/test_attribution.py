@@ -297,7 +297,7 @@ def test_constant_map_gives_zeros_not_nan(conv_model):
 def test_default_layer_is_last_conv(mnist_model, digits):
     x, _ = digits
     np.testing.assert_array_equal(cu.grad_cam(mnist_model, x[:3]), cu.grad_cam(mnist_model, x[:3], layer_name="conv3"))
-    assert cu._last_conv_layer(mnist_model) == "conv3"
+    assert cu.last_conv_layer_name(mnist_model) == "conv3"
 
 
 def test_maps_on_mnist_are_scaled_per_image(mnist_model, digits):
@@ -367,7 +367,7 @@ def test_errors(mnist_model, digits):
         cu.grad_cam(mnist_model, x[:2], class_index=[1, 2, 3])
     with pytest.raises(TypeError, match="class_index"):
         cu.grad_cam(mnist_model, x[:2], class_index=1.5)
-    with pytest.raises(ValueError, match="conv1, pool1, conv2"):
+    with pytest.raises(ValueError, match=r"conv1 \(Conv2D\), pool1 \(MaxPooling2D\)"):
         cu.grad_cam(mnist_model, x[:2], layer_name="conv9")
     with pytest.raises(ValueError, match="Convolutional layers of this model: conv1, conv2, conv3"):
         cu.grad_cam_plus_plus(mnist_model, x[:2], layer_name="dense1")
