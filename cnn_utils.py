@@ -443,7 +443,14 @@ def _attr_cached(model, key, build):
     full_key = (id(model),) + tuple(key)
     fn = _ATTR_CACHE.pop(full_key, None)
     if fn is None:
-        fn = (model, build())
+        compiled = build()
+        # Each (model, layer, method) gets its own function with a fixed input signature,
+        # traced once. TensorFlow's retracing detector keys on the source code, so it would
+        # count the first trace for a new model (e.g. the sanity check's randomised copies)
+        # as "retracing" and print a misleading warning: switch that warning off.
+        if hasattr(compiled, "_omit_frequent_tracing_warning"):
+            compiled._omit_frequent_tracing_warning = True
+        fn = (model, compiled)
     _ATTR_CACHE[full_key] = fn  # most recently used last
     while len(_ATTR_CACHE) > _ATTR_CACHE_SIZE:
         _ATTR_CACHE.pop(next(iter(_ATTR_CACHE)))
@@ -990,12 +997,13 @@ def overlay_heatmap(image, heatmap, alpha=0.4, cmap="jet"):
     return np.clip((1.0 - alpha) * img + alpha * colored, 0.0, 1.0).astype(np.float32)
 
 
-def plot_attribution_maps(images, maps, row_titles=None, overlay=True, alpha=0.5, cmap="jet",
-                          title=None, size=1.6):
-    """Images in rows, one column per method: ``maps`` is a dict name -> (N, H, W).
+def plot_attribution_maps(images, maps, image_titles=None, overlay=True, alpha=0.5, cmap="jet",
+                          title=None, size=1.6, transpose=False):
+    """Each image beside its maps: ``maps`` is a dict method name -> (N, H, W).
 
-    Maps are shown in [0, 1] (overlaid on the image when ``overlay``) with one
-    shared colour bar. Returns the Figure.
+    One row per image and one column per method (``transpose=True``: one column
+    per image, one row per method). Maps are shown in [0, 1], overlaid on the
+    image when ``overlay``, with one shared colour bar. Returns the Figure.
     """
     import matplotlib
     import matplotlib.pyplot as plt
@@ -1010,34 +1018,47 @@ def plot_attribution_maps(images, maps, row_titles=None, overlay=True, alpha=0.5
         if np.shape(m) != images.shape[:3]:
             raise ValueError(f"maps[{name!r}] has shape {np.shape(m)}; expected {images.shape[:3]}.")
     names = list(maps)
-    ncols = len(names) + 1
-    fig, axes = plt.subplots(n, ncols, figsize=(size * ncols + 0.8, size * n + 0.5), squeeze=False)
+    shape = (n, len(names) + 1) if not transpose else (len(names) + 1, n)
+    fig, axes = plt.subplots(*shape, figsize=(size * shape[1] + 0.9, size * shape[0] + 0.5), squeeze=False)
+
+    def ax_at(i, j):  # image i, column j (0 = the input)
+        return axes[j, i] if transpose else axes[i, j]
+
     gray = images[..., 0] if images.shape[-1] == 1 else images
     for i in range(n):
-        axes[i, 0].imshow(gray[i], cmap="gray", vmin=0, vmax=1)
-        if row_titles is not None:
-            axes[i, 0].set_ylabel(str(row_titles[i]), fontsize=8)
+        ax_at(i, 0).imshow(gray[i], cmap="gray", vmin=0, vmax=1)
         for j, name in enumerate(names, 1):
             m = np.asarray(maps[name][i], dtype=np.float32)
             if overlay:
-                axes[i, j].imshow(overlay_heatmap(images[i], m, alpha=alpha, cmap=cmap))
+                ax_at(i, j).imshow(overlay_heatmap(images[i], m, alpha=alpha, cmap=cmap))
             else:
-                axes[i, j].imshow(m, cmap=cmap, vmin=0, vmax=1)
-        for ax in axes[i]:
-            ax.set_xticks([])
-            ax.set_yticks([])
-    axes[0, 0].set_title("input", fontsize=9)
-    for j, name in enumerate(names, 1):
-        axes[0, j].set_title(name, fontsize=9)
+                ax_at(i, j).imshow(m, cmap=cmap, vmin=0, vmax=1)
+        for j in range(len(names) + 1):
+            ax_at(i, j).set_xticks([])
+            ax_at(i, j).set_yticks([])
+        if image_titles is not None:
+            if transpose:
+                ax_at(i, 0).set_title(str(image_titles[i]), fontsize=8)
+            else:
+                ax_at(i, 0).set_ylabel(str(image_titles[i]), fontsize=8)
+    for j, name in enumerate(["input"] + names):
+        if transpose:
+            ax_at(0, j).set_ylabel(name, fontsize=8)
+        else:
+            ax_at(0, j).set_title(name, fontsize=9)
     sm = matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0, 1), cmap=matplotlib.colormaps[cmap])
+    height = fig.get_size_inches()[1]
+    top_space = (0.55 if title else 0.1) + (0.3 if image_titles is not None and transpose else 0.25)
+    fig.subplots_adjust(left=0.06, right=0.86, bottom=0.02, top=1 - top_space / height,
+                        wspace=0.08, hspace=0.45 if transpose and image_titles is not None else 0.15)
     cbar = fig.colorbar(sm, ax=axes, fraction=0.025, pad=0.02)
     cbar.set_label("attribution (min-max scaled per image)")
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, y=1 - 0.15 / height, va="top")
     return fig
 
 
-def plot_signed_attributions(images, attributions, row_titles=None, title=None, size=1.8):
+def plot_signed_attributions(images, attributions, image_titles=None, title=None, size=1.8):
     """Signed attributions (e.g. Integrated Gradients) on a diverging red/blue map.
 
     ``attributions`` (N, H, W[, C]) are summed over channels; red pushes the class
@@ -1060,8 +1081,8 @@ def plot_signed_attributions(images, attributions, row_titles=None, title=None, 
         lim = float(np.abs(attr[i]).max()) or 1.0
         im = axes[1, i].imshow(attr[i], cmap="RdBu_r", vmin=-lim, vmax=lim)
         fig.colorbar(im, ax=axes[1, i], fraction=0.046, pad=0.04)
-        if row_titles is not None:
-            axes[0, i].set_title(str(row_titles[i]), fontsize=8)
+        if image_titles is not None:
+            axes[0, i].set_title(str(image_titles[i]), fontsize=8)
         for ax in axes[:, i]:
             ax.set_xticks([])
             ax.set_yticks([])

@@ -406,8 +406,12 @@ def test_plotting_helpers(mnist_model, digits):
 
     x, _ = digits
     maps = {"saliency": cu.saliency_map(mnist_model, x[:2]), "Grad-CAM": cu.grad_cam(mnist_model, x[:2])}
-    fig = cu.plot_attribution_maps(x[:2], maps, row_titles=["a", "b"], title="t")
+    fig = cu.plot_attribution_maps(x[:2], maps, image_titles=["a", "b"], title="t")
     assert len(fig.axes) == 2 * 3 + 1  # + colour bar
+    assert fig.axes[0].get_ylabel() == "a" and fig.axes[1].get_title() == "saliency"
+    plt.close(fig)
+    fig = cu.plot_attribution_maps(x[:2], maps, image_titles=["a", "b"], transpose=True)
+    assert fig.axes[0].get_title() == "a" and fig.axes[2].get_ylabel() == "saliency"
     plt.close(fig)
     fig = cu.plot_signed_attributions(x[:2], cu.integrated_gradients(mnist_model, x[:2], steps=8))
     assert len(fig.axes) == 2 * 2 + 2
