@@ -946,7 +946,11 @@ def randomize_weights(model, layer_names=None, seed=0):
 
 
 def rank_correlation(maps_a, maps_b):
-    """Spearman rank correlation of two batches of maps, one value per image (N,)."""
+    """Spearman rank correlation of two batches of maps, one value per image (N,).
+
+    A constant map (e.g. an empty Grad-CAM) has no ranking: two constant maps
+    count as agreeing (1.0), a constant map against a varying one as 0.0.
+    """
     from scipy.stats import spearmanr
 
     a = np.asarray(maps_a, dtype=np.float64)
@@ -956,7 +960,7 @@ def rank_correlation(maps_a, maps_b):
     out = []
     for u, v in zip(a.reshape(len(a), -1), b.reshape(len(b), -1)):
         if np.ptp(u) == 0 or np.ptp(v) == 0:
-            out.append(0.0)  # a constant map has no ranking to agree with
+            out.append(1.0 if np.ptp(u) == np.ptp(v) == 0 else 0.0)
         else:
             out.append(spearmanr(u, v).statistic)
     return np.asarray(out, dtype=np.float64)

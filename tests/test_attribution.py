@@ -345,6 +345,8 @@ def test_sanity_check_randomised_model_changes_maps(mnist_model, digits):
     same = cu.randomize_weights(mnist_model, layer_names=[], seed=0)
     np.testing.assert_allclose(cu.grad_cam(same, x, classes), cu.grad_cam(mnist_model, x, classes), atol=1e-5)
     np.testing.assert_allclose(cu.rank_correlation(x[:3, ..., 0], x[:3, ..., 0]), 1.0)
+    np.testing.assert_allclose(cu.rank_correlation([[[1, 2, 3]], [[0, 0, 0]], [[0, 0, 0]]],
+                                                   [[[3, 2, 1]], [[0, 0, 0]], [[1, 2, 5]]]), [-1, 1, 0])
 
 
 # --- errors -------------------------------------------------------------------------------------
