@@ -1100,7 +1100,7 @@ def plot_attribution_maps(images, maps, image_titles=None, overlay=True, alpha=0
     fig.subplots_adjust(left=0.06, right=0.86, bottom=0.02, top=1 - top_space / height,
                         wspace=0.08, hspace=0.45 if transpose and image_titles is not None else 0.15)
     cbar = fig.colorbar(sm, ax=axes, fraction=0.025, pad=0.02)
-    cbar.set_label("attribution (min-max scaled per image)")
+    cbar.set_label("attribution (scaled per image)")
     if title:
         fig.suptitle(title, y=1 - 0.15 / height, va="top")
     return fig
