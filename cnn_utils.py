@@ -408,6 +408,57 @@ def predict_logits(model, images, batch_size=512):
 # Activations and filters
 # ---------------------------------------------------------------------------
 
+#: Layer types whose outputs ``get_activations`` returns by default.
+_CONV_TYPES = ("Conv2D", "Conv1D", "Conv3D", "DepthwiseConv2D", "SeparableConv2D")
+_POOL_TYPES = ("MaxPooling2D", "AveragePooling2D", "MaxPooling1D", "AveragePooling1D",
+               "GlobalMaxPooling2D", "GlobalAveragePooling2D")
+
+
+def _layer_type(layer):
+    return type(layer).__name__
+
+
+def conv_layer_names(model):
+    """Names of the model's 2-D convolutional layers, in model order."""
+    return [l.name for l in model.layers if _layer_type(l) in _CONV_TYPES
+            and len(l.output.shape) == 4]
+
+
+def conv_and_pool_layer_names(model):
+    """Names of the model's convolutional and pooling layers, in model order."""
+    return [l.name for l in model.layers
+            if _layer_type(l) in _CONV_TYPES + _POOL_TYPES]
+
+
+def last_conv_layer_name(model):
+    """Name of the model's last convolutional layer (4-D output), found automatically.
+
+    Raises ``ValueError`` listing the model's layers when there is none.
+    """
+    names = conv_layer_names(model)
+    if not names:
+        raise ValueError(
+            f"The model {model.name!r} has no convolutional layer (its layers: "
+            f"{_layer_list(model)})."
+        )
+    return names[-1]
+
+
+def _layer_list(model):
+    return ", ".join(f"{l.name} ({_layer_type(l)})" for l in model.layers)
+
+
+def get_layer(model, layer_name):
+    """``model.get_layer(layer_name)`` with an error that lists the model's layers."""
+    if not isinstance(layer_name, str):
+        raise TypeError(f"layer_name must be a string, got {type(layer_name).__name__}.")
+    for layer in model.layers:
+        if layer.name == layer_name:
+            return layer
+    raise ValueError(
+        f"Unknown layer {layer_name!r}. The model's layers are: {_layer_list(model)}."
+    )
+
 
 # ---------------------------------------------------------------------------
 # Feature visualization
@@ -433,15 +484,18 @@ def _attr_cached(model, key, build):
     full_key = (id(model),) + tuple(key)
     fn = _ATTR_CACHE.pop(full_key, None)
     if fn is None:
-        fn = (model, build())
+        compiled = build()
+        # Each (model, layer, method) gets its own function with a fixed input signature,
+        # traced once. TensorFlow's retracing detector keys on the source code, so it would
+        # count the first trace for a new model (e.g. the sanity check's randomised copies)
+        # as "retracing" and print a misleading warning: switch that warning off.
+        if hasattr(compiled, "_omit_frequent_tracing_warning"):
+            compiled._omit_frequent_tracing_warning = True
+        fn = (model, compiled)
     _ATTR_CACHE[full_key] = fn  # most recently used last
     while len(_ATTR_CACHE) > _ATTR_CACHE_SIZE:
         _ATTR_CACHE.pop(next(iter(_ATTR_CACHE)))
     return fn[1]
-
-
-def _layer_names(model):
-    return ", ".join(layer.name for layer in model.layers)
 
 
 def _check_keras_model(model):
@@ -486,44 +540,18 @@ def _score_output(model, score):
 def _resolve_layer(model, layer_name, for_cam=True):
     """The layer for a CAM method: a named layer with a spatial map (N, h, w, k)."""
     if layer_name is None:
-        layer_name = _last_conv_layer(model)
-    if not isinstance(layer_name, str):
-        raise TypeError(f"layer_name must be a layer name (str) or None, got {type(layer_name).__name__}.")
-    try:
-        layer = model.get_layer(layer_name)
-    except ValueError:
-        raise ValueError(
-            f"The model has no layer named {layer_name!r}. Its layers: {_layer_names(model)}."
-        ) from None
+        layer_name = last_conv_layer_name(model)
+    layer = get_layer(model, layer_name)
     keras = _keras()
     shape = tuple(layer.output.shape)
     if isinstance(layer, keras.layers.InputLayer) or len(shape) != 4:
-        convs = [l.name for l in model.layers if _is_conv_layer(l)]
+        convs = conv_layer_names(model)
         raise ValueError(
             f"Layer {layer_name!r} ({type(layer).__name__}, output shape {shape}) has no spatial feature "
             "map (N, h, w, channels); CAM methods need a convolutional (or pooling) layer. "
             f"Convolutional layers of this model: {', '.join(convs) or 'none'}."
         )
     return layer
-
-
-def _is_conv_layer(layer):
-    return "conv" in type(layer).__name__.lower() and len(tuple(layer.output.shape)) == 4
-
-
-def _last_conv_layer(model):
-    """Name of the model's last convolutional layer (the CAM default).
-
-    Private stand-in: the "Activations and filters" section provides the public
-    ``last_conv_layer_name``; the lead will unify the two.
-    """
-    convs = [layer.name for layer in model.layers if _is_conv_layer(layer)]
-    if not convs:
-        raise ValueError(
-            f"The model has no convolutional layer with a spatial output; its layers: {_layer_names(model)}. "
-            "Pass layer_name= explicitly."
-        )
-    return convs[-1]
 
 
 def _class_indices(class_index, n, num_classes):
@@ -596,8 +624,11 @@ def normalize_maps(maps):
     return np.where(span > 0, (m - lo) / safe, 0.0).astype(np.float32)
 
 
-def _grad_fn(model, score):
-    """Compiled (x, cls) -> (target scores, classes, d target / d x)."""
+def _grad_fn(model, score, saliency=False):
+    """Compiled (x, cls) -> (target scores, classes, d target / d x).
+
+    With ``saliency=True``: (raw saliency maps, min-max scaled maps) instead.
+    """
     def build():
         tf, keras = _tf(), _keras()
         sub = keras.Model(model.inputs, _score_output(model, score))
@@ -609,9 +640,13 @@ def _grad_fn(model, score):
                 tape.watch(x)
                 scores = sub(x, training=False)
                 cls, target = _pick_class(scores, cls)
-            return target, cls, tape.gradient(target, x)
+            grads = tape.gradient(target, x)
+            if saliency:
+                maps = tf.reduce_max(tf.abs(grads), axis=-1)
+                return maps, _tf_minmax(maps)
+            return target, cls, grads
         return fn
-    return _attr_cached(model, ("grad", score), build)
+    return _attr_cached(model, ("grad", score, saliency), build)
 
 
 def _chunks(n, per_item):
@@ -644,9 +679,8 @@ def saliency_map(model, images, class_index=None, *, score="logits", normalize=T
     """
     x, cls, _ = _prepare(model, images, class_index, score)
     tf = _tf()
-    _, _, grads = _grad_fn(model, score)(tf.constant(x), tf.constant(cls))
-    maps = tf.reduce_max(tf.abs(grads), axis=-1)
-    return (_tf_minmax(maps) if normalize else maps).numpy()
+    raw, scaled = _grad_fn(model, score, saliency=True)(tf.constant(x), tf.constant(cls))
+    return (scaled if normalize else raw).numpy()
 
 
 def smoothgrad(model, images, class_index=None, samples=50, noise=0.2, seed=None, *,
@@ -745,7 +779,7 @@ def integrated_gradients(model, images, class_index=None, baseline=None, steps=5
 
 
 def _cam_fn(model, layer_name, method, score):
-    """Compiled (x, cls) -> (maps at input resolution, raw (N, H, W), channel weights)."""
+    """Compiled (x, cls) -> (raw maps (N, H, W) at input resolution, scaled maps, channel weights)."""
     def build():
         tf, keras = _tf(), _keras()
         layer = model.get_layer(layer_name)
@@ -775,7 +809,7 @@ def _cam_fn(model, layer_name, method, score):
                 w = tf.reduce_sum(alpha * tf.nn.relu(g), axis=[1, 2])                # (N, k)
             cam = tf.nn.relu(tf.einsum("nhwk,nk->nhw", feats, w))
             up = tf.image.resize(cam[..., None], size, method="bilinear")[..., 0]
-            return up, w, cls
+            return up, _tf_minmax(up), w
         return fn
     return _attr_cached(model, ("cam", layer_name, method, score), build)
 
@@ -784,8 +818,8 @@ def _run_cam(method, model, images, class_index, layer_name, score, normalize, r
     x, cls, _ = _prepare(model, images, class_index, score)
     layer = _resolve_layer(model, layer_name)
     tf = _tf()
-    up, w, _ = _cam_fn(model, layer.name, method, score)(tf.constant(x), tf.constant(cls))
-    maps = (_tf_minmax(up) if normalize else up).numpy()
+    raw, scaled, w = _cam_fn(model, layer.name, method, score)(tf.constant(x), tf.constant(cls))
+    maps = (scaled if normalize else raw).numpy()
     return (maps, w.numpy()) if return_weights else maps
 
 
@@ -902,7 +936,7 @@ def randomize_weights(model, layer_names=None, seed=0):
         layer_names = [layer_names]
     unknown = [n for n in layer_names if n not in names]
     if unknown:
-        raise ValueError(f"Unknown layer(s) {', '.join(map(repr, unknown))}. The model's layers: {_layer_names(model)}.")
+        raise ValueError(f"Unknown layer(s) {', '.join(map(repr, unknown))}. The model's layers: {_layer_list(model)}.")
     keras.utils.set_random_seed(seed)
     clone = keras.models.clone_model(model)
     for layer in model.layers:
@@ -912,7 +946,11 @@ def randomize_weights(model, layer_names=None, seed=0):
 
 
 def rank_correlation(maps_a, maps_b):
-    """Spearman rank correlation of two batches of maps, one value per image (N,)."""
+    """Spearman rank correlation of two batches of maps, one value per image (N,).
+
+    A constant map (e.g. an empty Grad-CAM) has no ranking: two constant maps
+    count as agreeing (1.0), a constant map against a varying one as 0.0.
+    """
     from scipy.stats import spearmanr
 
     a = np.asarray(maps_a, dtype=np.float64)
@@ -922,7 +960,7 @@ def rank_correlation(maps_a, maps_b):
     out = []
     for u, v in zip(a.reshape(len(a), -1), b.reshape(len(b), -1)):
         if np.ptp(u) == 0 or np.ptp(v) == 0:
-            out.append(0.0)  # a constant map has no ranking to agree with
+            out.append(1.0 if np.ptp(u) == np.ptp(v) == 0 else 0.0)
         else:
             out.append(spearmanr(u, v).statistic)
     return np.asarray(out, dtype=np.float64)
@@ -1056,12 +1094,13 @@ def overlay_heatmap(image, heatmap, alpha=0.4, cmap="jet"):
     return np.clip((1.0 - alpha) * img + alpha * colored, 0.0, 1.0).astype(np.float32)
 
 
-def plot_attribution_maps(images, maps, row_titles=None, overlay=True, alpha=0.5, cmap="jet",
-                          title=None, size=1.6):
-    """Images in rows, one column per method: ``maps`` is a dict name -> (N, H, W).
+def plot_attribution_maps(images, maps, image_titles=None, overlay=True, alpha=0.5, cmap="jet",
+                          title=None, size=1.6, transpose=False):
+    """Each image beside its maps: ``maps`` is a dict method name -> (N, H, W).
 
-    Maps are shown in [0, 1] (overlaid on the image when ``overlay``) with one
-    shared colour bar. Returns the Figure.
+    One row per image and one column per method (``transpose=True``: one column
+    per image, one row per method). Maps are shown in [0, 1], overlaid on the
+    image when ``overlay``, with one shared colour bar. Returns the Figure.
     """
     import matplotlib
     import matplotlib.pyplot as plt
@@ -1076,34 +1115,47 @@ def plot_attribution_maps(images, maps, row_titles=None, overlay=True, alpha=0.5
         if np.shape(m) != images.shape[:3]:
             raise ValueError(f"maps[{name!r}] has shape {np.shape(m)}; expected {images.shape[:3]}.")
     names = list(maps)
-    ncols = len(names) + 1
-    fig, axes = plt.subplots(n, ncols, figsize=(size * ncols + 0.8, size * n + 0.5), squeeze=False)
+    shape = (n, len(names) + 1) if not transpose else (len(names) + 1, n)
+    fig, axes = plt.subplots(*shape, figsize=(size * shape[1] + 0.9, size * shape[0] + 0.5), squeeze=False)
+
+    def ax_at(i, j):  # image i, column j (0 = the input)
+        return axes[j, i] if transpose else axes[i, j]
+
     gray = images[..., 0] if images.shape[-1] == 1 else images
     for i in range(n):
-        axes[i, 0].imshow(gray[i], cmap="gray", vmin=0, vmax=1)
-        if row_titles is not None:
-            axes[i, 0].set_ylabel(str(row_titles[i]), fontsize=8)
+        ax_at(i, 0).imshow(gray[i], cmap="gray", vmin=0, vmax=1)
         for j, name in enumerate(names, 1):
             m = np.asarray(maps[name][i], dtype=np.float32)
             if overlay:
-                axes[i, j].imshow(overlay_heatmap(images[i], m, alpha=alpha, cmap=cmap))
+                ax_at(i, j).imshow(overlay_heatmap(images[i], m, alpha=alpha, cmap=cmap))
             else:
-                axes[i, j].imshow(m, cmap=cmap, vmin=0, vmax=1)
-        for ax in axes[i]:
-            ax.set_xticks([])
-            ax.set_yticks([])
-    axes[0, 0].set_title("input", fontsize=9)
-    for j, name in enumerate(names, 1):
-        axes[0, j].set_title(name, fontsize=9)
+                ax_at(i, j).imshow(m, cmap=cmap, vmin=0, vmax=1)
+        for j in range(len(names) + 1):
+            ax_at(i, j).set_xticks([])
+            ax_at(i, j).set_yticks([])
+        if image_titles is not None:
+            if transpose:
+                ax_at(i, 0).set_title(str(image_titles[i]), fontsize=8)
+            else:
+                ax_at(i, 0).set_ylabel(str(image_titles[i]), fontsize=8)
+    for j, name in enumerate(["input"] + names):
+        if transpose:
+            ax_at(0, j).set_ylabel(name, fontsize=8)
+        else:
+            ax_at(0, j).set_title(name, fontsize=9)
     sm = matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0, 1), cmap=matplotlib.colormaps[cmap])
+    height = fig.get_size_inches()[1]
+    top_space = (0.55 if title else 0.1) + (0.3 if image_titles is not None and transpose else 0.25)
+    fig.subplots_adjust(left=0.06, right=0.86, bottom=0.02, top=1 - top_space / height,
+                        wspace=0.08, hspace=0.45 if transpose and image_titles is not None else 0.15)
     cbar = fig.colorbar(sm, ax=axes, fraction=0.025, pad=0.02)
-    cbar.set_label("attribution (min-max scaled per image)")
+    cbar.set_label("attribution (scaled per image)")
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, y=1 - 0.15 / height, va="top")
     return fig
 
 
-def plot_signed_attributions(images, attributions, row_titles=None, title=None, size=1.8):
+def plot_signed_attributions(images, attributions, image_titles=None, title=None, size=1.8):
     """Signed attributions (e.g. Integrated Gradients) on a diverging red/blue map.
 
     ``attributions`` (N, H, W[, C]) are summed over channels; red pushes the class
@@ -1126,8 +1178,8 @@ def plot_signed_attributions(images, attributions, row_titles=None, title=None, 
         lim = float(np.abs(attr[i]).max()) or 1.0
         im = axes[1, i].imshow(attr[i], cmap="RdBu_r", vmin=-lim, vmax=lim)
         fig.colorbar(im, ax=axes[1, i], fraction=0.046, pad=0.04)
-        if row_titles is not None:
-            axes[0, i].set_title(str(row_titles[i]), fontsize=8)
+        if image_titles is not None:
+            axes[0, i].set_title(str(image_titles[i]), fontsize=8)
         for ax in axes[:, i]:
             ax.set_xticks([])
             ax.set_yticks([])

@@ -297,7 +297,7 @@ def test_constant_map_gives_zeros_not_nan(conv_model):
 def test_default_layer_is_last_conv(mnist_model, digits):
     x, _ = digits
     np.testing.assert_array_equal(cu.grad_cam(mnist_model, x[:3]), cu.grad_cam(mnist_model, x[:3], layer_name="conv3"))
-    assert cu._last_conv_layer(mnist_model) == "conv3"
+    assert cu.last_conv_layer_name(mnist_model) == "conv3"
 
 
 def test_maps_on_mnist_are_scaled_per_image(mnist_model, digits):
@@ -345,6 +345,8 @@ def test_sanity_check_randomised_model_changes_maps(mnist_model, digits):
     same = cu.randomize_weights(mnist_model, layer_names=[], seed=0)
     np.testing.assert_allclose(cu.grad_cam(same, x, classes), cu.grad_cam(mnist_model, x, classes), atol=1e-5)
     np.testing.assert_allclose(cu.rank_correlation(x[:3, ..., 0], x[:3, ..., 0]), 1.0)
+    np.testing.assert_allclose(cu.rank_correlation([[[1, 2, 3]], [[0, 0, 0]], [[0, 0, 0]]],
+                                                   [[[3, 2, 1]], [[0, 0, 0]], [[1, 2, 5]]]), [-1, 1, 0])
 
 
 # --- errors -------------------------------------------------------------------------------------
@@ -367,7 +369,7 @@ def test_errors(mnist_model, digits):
         cu.grad_cam(mnist_model, x[:2], class_index=[1, 2, 3])
     with pytest.raises(TypeError, match="class_index"):
         cu.grad_cam(mnist_model, x[:2], class_index=1.5)
-    with pytest.raises(ValueError, match="conv1, pool1, conv2"):
+    with pytest.raises(ValueError, match=r"conv1 \(Conv2D\), pool1 \(MaxPooling2D\)"):
         cu.grad_cam(mnist_model, x[:2], layer_name="conv9")
     with pytest.raises(ValueError, match="Convolutional layers of this model: conv1, conv2, conv3"):
         cu.grad_cam_plus_plus(mnist_model, x[:2], layer_name="dense1")
@@ -406,8 +408,12 @@ def test_plotting_helpers(mnist_model, digits):
 
     x, _ = digits
     maps = {"saliency": cu.saliency_map(mnist_model, x[:2]), "Grad-CAM": cu.grad_cam(mnist_model, x[:2])}
-    fig = cu.plot_attribution_maps(x[:2], maps, row_titles=["a", "b"], title="t")
+    fig = cu.plot_attribution_maps(x[:2], maps, image_titles=["a", "b"], title="t")
     assert len(fig.axes) == 2 * 3 + 1  # + colour bar
+    assert fig.axes[0].get_ylabel() == "a" and fig.axes[1].get_title() == "saliency"
+    plt.close(fig)
+    fig = cu.plot_attribution_maps(x[:2], maps, image_titles=["a", "b"], transpose=True)
+    assert fig.axes[0].get_title() == "a" and fig.axes[2].get_ylabel() == "saliency"
     plt.close(fig)
     fig = cu.plot_signed_attributions(x[:2], cu.integrated_gradients(mnist_model, x[:2], steps=8))
     assert len(fig.axes) == 2 * 2 + 2
