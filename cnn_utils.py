@@ -1194,16 +1194,6 @@ def plot_signed_attributions(images, attributions, image_titles=None, title=None
 # Widgets
 # ---------------------------------------------------------------------------
 
-def _attribution_map(attributions):
-    """(N, H, W, C) signed attributions -> (N, H, W) magnitude maps scaled to [0, 1]."""
-    a = np.abs(np.asarray(attributions, dtype=np.float32))
-    if a.ndim == 4:
-        a = a.sum(axis=-1)
-    lo = a.min(axis=(1, 2), keepdims=True)
-    span = a.max(axis=(1, 2), keepdims=True) - lo
-    return np.where(span > 0, (a - lo) / np.where(span > 0, span, 1), 0).astype(np.float32)
-
-
 def explorer_methods():
     """The explorer's methods: name -> ``f(model, x, class_index, layer_name) -> (N, H, W)``.
 
@@ -1213,8 +1203,8 @@ def explorer_methods():
     return {
         "Saliency": lambda m, x, c, l: saliency_map(m, x, class_index=c),
         "SmoothGrad": lambda m, x, c, l: smoothgrad(m, x, class_index=c, samples=32, seed=0),
-        "Integrated Gradients": lambda m, x, c, l: _attribution_map(
-            integrated_gradients(m, x, class_index=c, steps=32)),
+        "Integrated Gradients": lambda m, x, c, l: normalize_maps(
+            np.abs(integrated_gradients(m, x, class_index=c, steps=32)).sum(axis=-1)),
         "Grad-CAM": lambda m, x, c, l: grad_cam(m, x, class_index=c, layer_name=l),
         "Grad-CAM++": lambda m, x, c, l: grad_cam_plus_plus(m, x, class_index=c, layer_name=l),
         "Score-CAM": lambda m, x, c, l: score_cam(m, x, class_index=c, layer_name=l),
