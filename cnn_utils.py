@@ -408,6 +408,57 @@ def predict_logits(model, images, batch_size=512):
 # Activations and filters
 # ---------------------------------------------------------------------------
 
+#: Layer types whose outputs ``get_activations`` returns by default.
+_CONV_TYPES = ("Conv2D", "Conv1D", "Conv3D", "DepthwiseConv2D", "SeparableConv2D")
+_POOL_TYPES = ("MaxPooling2D", "AveragePooling2D", "MaxPooling1D", "AveragePooling1D",
+               "GlobalMaxPooling2D", "GlobalAveragePooling2D")
+
+
+def _layer_type(layer):
+    return type(layer).__name__
+
+
+def conv_layer_names(model):
+    """Names of the model's 2-D convolutional layers, in model order."""
+    return [l.name for l in model.layers if _layer_type(l) in _CONV_TYPES
+            and len(l.output.shape) == 4]
+
+
+def conv_and_pool_layer_names(model):
+    """Names of the model's convolutional and pooling layers, in model order."""
+    return [l.name for l in model.layers
+            if _layer_type(l) in _CONV_TYPES + _POOL_TYPES]
+
+
+def last_conv_layer_name(model):
+    """Name of the model's last convolutional layer (4-D output), found automatically.
+
+    Raises ``ValueError`` listing the model's layers when there is none.
+    """
+    names = conv_layer_names(model)
+    if not names:
+        raise ValueError(
+            f"The model {model.name!r} has no convolutional layer (its layers: "
+            f"{_layer_list(model)})."
+        )
+    return names[-1]
+
+
+def _layer_list(model):
+    return ", ".join(f"{l.name} ({_layer_type(l)})" for l in model.layers)
+
+
+def get_layer(model, layer_name):
+    """``model.get_layer(layer_name)`` with an error that lists the model's layers."""
+    if not isinstance(layer_name, str):
+        raise TypeError(f"layer_name must be a string, got {type(layer_name).__name__}.")
+    for layer in model.layers:
+        if layer.name == layer_name:
+            return layer
+    raise ValueError(
+        f"Unknown layer {layer_name!r}. The model's layers are: {_layer_list(model)}."
+    )
+
 
 # ---------------------------------------------------------------------------
 # Feature visualization
@@ -417,6 +468,502 @@ def predict_logits(model, images, batch_size=512):
 # ---------------------------------------------------------------------------
 # Attribution
 # ---------------------------------------------------------------------------
+
+# The attribution methods share compiled TensorFlow functions, cached per
+# (model, layer, method, score kind) so that a live demo pays the tracing cost once.
+# The cache holds at most _ATTR_CACHE_SIZE entries (least recently used dropped);
+# each entry keeps its model alive, so an id() cannot be reused while cached.
+_ATTR_CACHE = {}
+_ATTR_CACHE_SIZE = 24
+#: Images per compiled call for the methods that multiply the batch (SmoothGrad,
+#: Integrated Gradients, Score-CAM): bounds memory, keeps every call one batch.
+_ATTR_CHUNK = 2048
+
+
+def _attr_cached(model, key, build):
+    full_key = (id(model),) + tuple(key)
+    fn = _ATTR_CACHE.pop(full_key, None)
+    if fn is None:
+        compiled = build()
+        # Each (model, layer, method) gets its own function with a fixed input signature,
+        # traced once. TensorFlow's retracing detector keys on the source code, so it would
+        # count the first trace for a new model (e.g. the sanity check's randomised copies)
+        # as "retracing" and print a misleading warning: switch that warning off.
+        if hasattr(compiled, "_omit_frequent_tracing_warning"):
+            compiled._omit_frequent_tracing_warning = True
+        fn = (model, compiled)
+    _ATTR_CACHE[full_key] = fn  # most recently used last
+    while len(_ATTR_CACHE) > _ATTR_CACHE_SIZE:
+        _ATTR_CACHE.pop(next(iter(_ATTR_CACHE)))
+    return fn[1]
+
+
+def _check_keras_model(model):
+    keras = _keras()
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"model must be a Keras model, got {type(model).__name__}.")
+    try:
+        model.inputs
+    except (AttributeError, ValueError):
+        raise ValueError(
+            "The model has no defined input yet (a Sequential model without an Input layer); "
+            "build it as a functional model or call it once on data."
+        ) from None
+    if len(model.inputs) != 1:
+        raise ValueError(f"Attribution needs a model with one image input; this one has {len(model.inputs)}.")
+
+
+def _score_output(model, score):
+    """The symbolic tensor of class scores: pre-softmax (``"logits"``) or ``"probability"``."""
+    keras = _keras()
+    if score not in ("logits", "probability"):
+        raise ValueError(f"score must be 'logits' (pre-softmax, the default) or 'probability', got {score!r}.")
+    out = model.outputs[0]
+    last = model.layers[-1]
+    if score == "probability":
+        return out
+    names = [layer.name for layer in model.layers]
+    if LOGITS_LAYER in names:
+        return model.get_layer(LOGITS_LAYER).output
+    if isinstance(last, keras.layers.Softmax):
+        return last.input
+    activation = getattr(last, "activation", None)
+    if activation is not None and getattr(activation, "__name__", "") == "softmax":
+        raise ValueError(
+            f"The model's last layer {last.name!r} applies a softmax, and the model has no layer named "
+            f"{LOGITS_LAYER!r} holding pre-softmax scores. Add a Dense layer named {LOGITS_LAYER!r} "
+            "followed by a Softmax layer, or pass score='probability'."
+        )
+    return out  # the model already outputs unnormalised scores
+
+
+def _resolve_layer(model, layer_name, for_cam=True):
+    """The layer for a CAM method: a named layer with a spatial map (N, h, w, k)."""
+    if layer_name is None:
+        layer_name = last_conv_layer_name(model)
+    layer = get_layer(model, layer_name)
+    keras = _keras()
+    shape = tuple(layer.output.shape)
+    if isinstance(layer, keras.layers.InputLayer) or len(shape) != 4:
+        convs = conv_layer_names(model)
+        raise ValueError(
+            f"Layer {layer_name!r} ({type(layer).__name__}, output shape {shape}) has no spatial feature "
+            "map (N, h, w, channels); CAM methods need a convolutional (or pooling) layer. "
+            f"Convolutional layers of this model: {', '.join(convs) or 'none'}."
+        )
+    return layer
+
+
+def _class_indices(class_index, n, num_classes):
+    """Per-image target classes as int32 (N,), with -1 meaning 'the predicted class'."""
+    if class_index is None:
+        return np.full(n, -1, dtype=np.int32)
+    arr = np.asarray(class_index)
+    if arr.dtype.kind not in "iu":
+        if arr.dtype.kind == "f" and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
+            arr = arr.astype(np.int64)
+        else:
+            raise TypeError(f"class_index must be None, an int or one int per image; got {class_index!r}.")
+    if arr.ndim == 0:
+        arr = np.full(n, int(arr))
+    elif arr.shape != (n,):
+        raise ValueError(
+            f"class_index must be None, an int, or one int per image (shape ({n},)); got shape {arr.shape}."
+        )
+    bad = (arr < 0) | (arr >= num_classes)
+    if np.any(bad):
+        raise ValueError(
+            f"class_index {arr[bad][0]} is out of range: the model has {num_classes} classes (0..{num_classes - 1})."
+        )
+    return arr.astype(np.int32)
+
+
+def _prepare(model, images, class_index, score):
+    """Validate the arguments; return (x float32 batch, class indices int32, score tensor)."""
+    _check_keras_model(model)
+    x = as_image_batch(images, model)
+    out = _score_output(model, score)
+    if len(tuple(out.shape)) != 2:
+        raise ValueError(f"The model's class scores have shape {tuple(out.shape)}; expected (N, classes).")
+    cls = _class_indices(class_index, len(x), int(out.shape[-1]))
+    return x, cls, out
+
+
+def _pick_class(scores, cls):
+    """Inside a graph: -1 -> argmax of the scores; then the target score per row."""
+    tf = _tf()
+    predicted = tf.argmax(scores, axis=-1, output_type=tf.int32)
+    cls = tf.where(cls < 0, predicted, cls)
+    return cls, tf.gather(scores, cls, axis=1, batch_dims=1)
+
+
+def _tf_minmax(maps):
+    """Per-map min-max scaling to [0, 1] in TensorFlow; a constant map becomes zeros."""
+    tf = _tf()
+    axes = list(range(1, len(maps.shape)))
+    lo = tf.reduce_min(maps, axis=axes, keepdims=True)
+    hi = tf.reduce_max(maps, axis=axes, keepdims=True)
+    span = hi - lo
+    return tf.where(span > 0, (maps - lo) / tf.where(span > 0, span, 1.0), tf.zeros_like(maps))
+
+
+def normalize_maps(maps):
+    """Min-max scale each map of a batch (N, ...) to [0, 1], as float32.
+
+    A constant map (including all zeros) becomes all zeros rather than NaN.
+    """
+    m = np.asarray(maps, dtype=np.float32)
+    if m.ndim < 2:
+        raise ValueError(f"maps must be a batch (N, H, W[, C]); got shape {m.shape}.")
+    if not np.all(np.isfinite(m)):
+        raise ValueError("maps contain NaN or infinite values.")
+    axes = tuple(range(1, m.ndim))
+    lo = m.min(axis=axes, keepdims=True)
+    span = m.max(axis=axes, keepdims=True) - lo
+    safe = np.where(span > 0, span, 1.0)
+    return np.where(span > 0, (m - lo) / safe, 0.0).astype(np.float32)
+
+
+def _grad_fn(model, score, saliency=False):
+    """Compiled (x, cls) -> (target scores, classes, d target / d x).
+
+    With ``saliency=True``: (raw saliency maps, min-max scaled maps) instead.
+    """
+    def build():
+        tf, keras = _tf(), _keras()
+        sub = keras.Model(model.inputs, _score_output(model, score))
+        spec = tf.TensorSpec([None] + list(model.inputs[0].shape[1:]), tf.float32)
+
+        @tf.function(input_signature=[spec, tf.TensorSpec([None], tf.int32)], autograph=False)
+        def fn(x, cls):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                scores = sub(x, training=False)
+                cls, target = _pick_class(scores, cls)
+            grads = tape.gradient(target, x)
+            if saliency:
+                maps = tf.reduce_max(tf.abs(grads), axis=-1)
+                return maps, _tf_minmax(maps)
+            return target, cls, grads
+        return fn
+    return _attr_cached(model, ("grad", score, saliency), build)
+
+
+def _chunks(n, per_item):
+    """Slices of a batch of n images so that each call handles <= _ATTR_CHUNK inputs."""
+    step = max(1, _ATTR_CHUNK // max(1, per_item))
+    return [slice(i, min(n, i + step)) for i in range(0, n, step)]
+
+
+def class_scores(model, images, class_index=None, score="logits"):
+    """Target class scores and classes: returns ``(scores (N,), classes (N,))``.
+
+    ``class_index=None`` picks each image's predicted class. Scores are
+    pre-softmax by default (``score="probability"`` for softmax outputs).
+    """
+    x, cls, _ = _prepare(model, images, class_index, score)
+    fn = _grad_fn(model, score)
+    tf = _tf()
+    target, cls_out, _ = fn(tf.constant(x), tf.constant(cls))
+    return target.numpy().astype(np.float32), cls_out.numpy().astype(np.int64)
+
+
+def saliency_map(model, images, class_index=None, *, score="logits", normalize=True):
+    """Vanilla gradient saliency (Simonyan et al., 2014).
+
+    ``M(x) = max_channels | d S_c(x) / d x |`` with ``S_c`` the pre-softmax score
+    of class ``c`` (``class_index=None``: the predicted class; an int; or one int
+    per image). Images (N, H, W, C) or one image (treated as a batch of one).
+    Returns float32 (N, H, W), each map min-max scaled to [0, 1] (``normalize=False``:
+    the raw maximum absolute gradient). One batched gradient call.
+    """
+    x, cls, _ = _prepare(model, images, class_index, score)
+    tf = _tf()
+    raw, scaled = _grad_fn(model, score, saliency=True)(tf.constant(x), tf.constant(cls))
+    return (scaled if normalize else raw).numpy()
+
+
+def smoothgrad(model, images, class_index=None, samples=50, noise=0.2, seed=None, *,
+               score="logits", normalize=True):
+    """SmoothGrad (Smilkov et al., 2017): saliency averaged over noisy copies.
+
+    ``M(x) = max_channels (1/n) sum_i | d S_c(x + e_i) / d x |``, ``e_i ~ N(0, s^2)``
+    with ``s = noise * (max(x) - min(x))`` for each image. The class is fixed on
+    the clean image (``None``: its predicted class). ``noise=0`` gives exactly
+    ``saliency_map``. All noisy copies go through the model in batched calls.
+    Returns float32 (N, H, W) in [0, 1] per image (``normalize=False``: raw).
+    """
+    if not isinstance(samples, (int, np.integer)) or samples < 1:
+        raise ValueError(f"samples must be a positive integer, got {samples!r}.")
+    if not np.isfinite(noise) or noise < 0:
+        raise ValueError(f"noise must be a non-negative number (a fraction of each image's range), got {noise!r}.")
+    x, cls, _ = _prepare(model, images, class_index, score)
+    tf = _tf()
+    fn = _grad_fn(model, score)
+    # Fix the class on the clean images, so every noisy copy explains the same class.
+    _, cls, _ = fn(tf.constant(x), tf.constant(cls))
+    cls = cls.numpy()
+    rng = np.random.default_rng(seed)
+    sigma = noise * (x.max(axis=(1, 2, 3)) - x.min(axis=(1, 2, 3)))
+    out = np.empty(x.shape[:3], dtype=np.float32)
+    for part in _chunks(len(x), samples):
+        xb = x[part]
+        nb = len(xb)
+        noisy = np.repeat(xb[:, None], samples, axis=1)
+        if noise > 0:
+            noisy += rng.standard_normal(noisy.shape, dtype=np.float32) * sigma[part, None, None, None, None]
+        noisy = noisy.reshape((nb * samples,) + x.shape[1:])
+        _, _, g = fn(tf.constant(noisy), tf.constant(np.repeat(cls[part], samples).astype(np.int32)))
+        g = tf.reshape(tf.abs(g), (nb, samples) + x.shape[1:])
+        out[part] = tf.reduce_max(tf.reduce_mean(g, axis=1), axis=-1).numpy()
+    return normalize_maps(out) if normalize else out
+
+
+def integrated_gradients(model, images, class_index=None, baseline=None, steps=50, *,
+                         score="logits", return_gap=False):
+    """Integrated Gradients (Sundararajan et al., 2017).
+
+    ``IG_i(x) = (x_i - x'_i) * integral_0^1 d S_c(x' + a (x - x')) / d x_i da``,
+    the integral taken with the trapezoidal rule on ``steps`` intervals
+    (``steps + 1`` points along the straight path, all in batched gradient calls).
+    ``baseline`` is ``None`` (a black image), a number, one image or one per image.
+    The class is fixed on the input (``None``: its predicted class).
+
+    Returns the attributions, float32 with the input's shape (N, H, W, C),
+    unnormalised and signed. With ``return_gap=True`` returns
+    ``(attributions, gap)`` where ``gap = sum(attributions) - (S_c(x) - S_c(x'))``
+    per image (N,): Completeness says it tends to 0 as ``steps`` grows.
+    """
+    if not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}.")
+    x, cls, _ = _prepare(model, images, class_index, score)
+    if baseline is None:
+        base = np.zeros_like(x)
+    else:
+        b = np.asarray(baseline, dtype=np.float32)
+        if b.ndim == 0:
+            base = np.full_like(x, float(b))
+        else:
+            b = as_image_batch(b, model, name="baseline")
+            if len(b) not in (1, len(x)):
+                raise ValueError(
+                    f"baseline must be one image or one per image ({len(x)}); got {len(b)} images."
+                )
+            base = np.broadcast_to(b, x.shape).astype(np.float32)
+    if not np.all(np.isfinite(base)):
+        raise ValueError("baseline contains NaN or infinite values.")
+    tf = _tf()
+    fn = _grad_fn(model, score)
+    target_x, cls, _ = fn(tf.constant(x), tf.constant(cls))
+    cls = cls.numpy()
+    alphas = np.linspace(0.0, 1.0, steps + 1, dtype=np.float32)
+    weights = np.full(steps + 1, 1.0 / steps, dtype=np.float32)
+    weights[[0, -1]] *= 0.5  # trapezoidal rule
+    k = steps + 1
+    attributions = np.empty_like(x)
+    target_base = np.empty(len(x), dtype=np.float32)
+    for part in _chunks(len(x), k):
+        xb, bb = x[part], base[part]
+        nb = len(xb)
+        path = bb[:, None] + alphas[None, :, None, None, None] * (xb - bb)[:, None]
+        t, _, g = fn(tf.constant(path.reshape((nb * k,) + x.shape[1:])),
+                     tf.constant(np.repeat(cls[part], k).astype(np.int32)))
+        g = tf.reshape(g, (nb, k) + x.shape[1:])
+        avg = tf.tensordot(g, tf.constant(weights), axes=[[1], [0]])
+        attributions[part] = ((xb - bb) * avg.numpy()).astype(np.float32)
+        target_base[part] = t.numpy().reshape(nb, k)[:, 0]
+    if not return_gap:
+        return attributions
+    gap = attributions.reshape(len(x), -1).sum(axis=1) - (target_x.numpy() - target_base)
+    return attributions, gap.astype(np.float32)
+
+
+def _cam_fn(model, layer_name, method, score):
+    """Compiled (x, cls) -> (raw maps (N, H, W) at input resolution, scaled maps, channel weights)."""
+    def build():
+        tf, keras = _tf(), _keras()
+        layer = model.get_layer(layer_name)
+        sub = keras.Model(model.inputs, [layer.output, _score_output(model, score)])
+        in_shape = list(model.inputs[0].shape[1:])
+        size = in_shape[:2]
+        spec = tf.TensorSpec([None] + in_shape, tf.float32)
+
+        @tf.function(input_signature=[spec, tf.TensorSpec([None], tf.int32)], autograph=False)
+        def fn(x, cls):
+            with tf.GradientTape() as tape:
+                feats, scores = sub(x, training=False)
+                tape.watch(feats)
+                cls, target = _pick_class(scores, cls)
+            g = tape.gradient(target, feats)
+            if method == "grad_cam":
+                w = tf.reduce_mean(g, axis=[1, 2])                                   # (N, k)
+            else:  # grad_cam_plus_plus, closed form for exp(S_c)
+                g2 = tf.square(g)
+                g3 = g2 * g
+                a_sum = tf.reduce_sum(feats, axis=[1, 2], keepdims=True)              # (N, 1, 1, k)
+                denom = 2.0 * g2 + a_sum * g3
+                alpha = tf.where(denom != 0.0, g2 / tf.where(denom != 0.0, denom, 1.0), 0.0)
+                if method == "grad_cam_plus_plus_renorm":  # the authors' code, tf-keras-vis
+                    a_norm = tf.reduce_sum(alpha, axis=[1, 2], keepdims=True)
+                    alpha = alpha / tf.where(a_norm != 0.0, a_norm, 1.0)
+                w = tf.reduce_sum(alpha * tf.nn.relu(g), axis=[1, 2])                # (N, k)
+            cam = tf.nn.relu(tf.einsum("nhwk,nk->nhw", feats, w))
+            up = tf.image.resize(cam[..., None], size, method="bilinear")[..., 0]
+            return up, _tf_minmax(up), w
+        return fn
+    return _attr_cached(model, ("cam", layer_name, method, score), build)
+
+
+def _run_cam(method, model, images, class_index, layer_name, score, normalize, return_weights):
+    x, cls, _ = _prepare(model, images, class_index, score)
+    layer = _resolve_layer(model, layer_name)
+    tf = _tf()
+    raw, scaled, w = _cam_fn(model, layer.name, method, score)(tf.constant(x), tf.constant(cls))
+    maps = (scaled if normalize else raw).numpy()
+    return (maps, w.numpy()) if return_weights else maps
+
+
+def grad_cam(model, images, class_index=None, layer_name=None, *, score="logits",
+             normalize=True, return_weights=False):
+    """Grad-CAM (Selvaraju et al., 2017).
+
+    With feature maps ``A^k`` of ``layer_name`` (``None``: the last convolutional
+    layer) and ``S_c`` the pre-softmax score of class ``c``:
+    ``w_k = mean_ij d S_c / d A^k_ij``, ``L = ReLU(sum_k w_k A^k)``, then bilinear
+    upsampling to the input size. Returns float32 (N, H, W), each map min-max
+    scaled to [0, 1] (a constant map gives zeros); with ``return_weights=True``
+    also the channel weights (N, k).
+    """
+    return _run_cam("grad_cam", model, images, class_index, layer_name, score, normalize, return_weights)
+
+
+def grad_cam_plus_plus(model, images, class_index=None, layer_name=None, *, score="logits",
+                       normalize=True, return_weights=False, renormalize_alphas=False):
+    """Grad-CAM++ (Chattopadhay et al., 2018) with the paper's alpha weights.
+
+    The paper explains ``Y_c = exp(S_c)`` (``S_c`` the pre-softmax score), for
+    which the higher derivatives reduce to powers of ``g = d S_c / d A^k_ij``:
+    ``alpha^k_ij = g^2 / (2 g^2 + sum_ab A^k_ab g^3)`` (0 where the denominator is 0),
+    ``w_k = sum_ij alpha^k_ij ReLU(g)``, ``L = ReLU(sum_k w_k A^k)``, upsampled
+    bilinearly. The positive factor ``exp(S_c)`` of ``d Y_c / d A`` is left out:
+    it scales every weight of an image alike and vanishes in the min-max scaling.
+    By default the alphas are used as the paper's equation gives them; the
+    authors' code and tf-keras-vis also divide each channel's alphas by their
+    spatial sum (``renormalize_alphas=True`` does the same, which changes the
+    relative channel weights and so the map).
+    Returns float32 (N, H, W) in [0, 1] per image (``return_weights``: also (N, k)).
+    """
+    method = "grad_cam_plus_plus_renorm" if renormalize_alphas else "grad_cam_plus_plus"
+    return _run_cam(method, model, images, class_index, layer_name, score, normalize,
+                    return_weights)
+
+
+def _score_cam_fn(model, layer_name):
+    def build():
+        tf, keras = _tf(), _keras()
+        layer = model.get_layer(layer_name)
+        feats_model = keras.Model(model.inputs, [layer.output, _score_output(model, "logits")])
+        logits_sub = keras.Model(model.inputs, _score_output(model, "logits"))
+        in_shape = list(model.inputs[0].shape[1:])
+        size = in_shape[:2]
+        spec = tf.TensorSpec([None] + in_shape, tf.float32)
+
+        @tf.function(input_signature=[spec, tf.TensorSpec([None], tf.int32)], autograph=False)
+        def fn(x, cls):
+            feats, scores = feats_model(x, training=False)
+            cls, _ = _pick_class(scores, cls)
+            n = tf.shape(feats)[0]
+            k = feats.shape[-1]
+            up = tf.image.resize(feats, size, method="bilinear")                     # (N, H, W, k)
+            lo = tf.reduce_min(up, axis=[1, 2], keepdims=True)
+            span = tf.reduce_max(up, axis=[1, 2], keepdims=True) - lo
+            varies = span > 0                                                          # (N, 1, 1, k)
+            masks = tf.where(varies, (up - lo) / tf.where(varies, span, 1.0), 0.0)
+            masks = tf.transpose(masks, [0, 3, 1, 2])[..., None]                      # (N, k, H, W, 1)
+            masked = tf.reshape(x[:, None] * masks, tf.concat([[n * k], tf.shape(x)[1:]], 0))
+            probs = tf.nn.softmax(logits_sub(masked, training=False), axis=-1)
+            probs = tf.reshape(probs, [n, k, -1])
+            w = tf.gather(probs, cls, axis=2, batch_dims=1)                            # (N, k)
+            w = tf.where(tf.reshape(varies, [n, k]), w, 0.0)    # constant channels: skipped
+            cam = tf.nn.relu(tf.einsum("nhwk,nk->nhw", up, w))
+            return cam, w, cls
+        return fn
+    return _attr_cached(model, ("score_cam", layer_name), build)
+
+
+def score_cam(model, images, class_index=None, layer_name=None, *, normalize=True,
+              return_weights=False):
+    """Score-CAM (Wang et al., 2020), batched over channels.
+
+    Each feature map ``A^k`` of ``layer_name`` (``None``: the last convolutional
+    layer) is upsampled bilinearly to the input size and min-max normalised to a
+    mask ``M^k``; the channel weight is the softmax probability of the target
+    class for the masked input, ``w_k = softmax(S(x * M^k))_c`` (the paper uses
+    the softmax-normalised score; the baseline term ``f(x_b)`` is left out, as in
+    the authors' code). A constant channel (no mask) gets weight 0.
+    ``L = ReLU(sum_k w_k up(A^k))``, min-max scaled to [0, 1] per image.
+    All masked inputs of a batch go through the model in one call per chunk.
+    With ``return_weights=True`` also returns the channel weights (N, k).
+    """
+    x, cls, _ = _prepare(model, images, class_index, "logits")
+    layer = _resolve_layer(model, layer_name)
+    k = int(layer.output.shape[-1])
+    tf = _tf()
+    fn = _score_cam_fn(model, layer.name)
+    maps = np.empty(x.shape[:3], dtype=np.float32)
+    weights = np.empty((len(x), k), dtype=np.float32)
+    for part in _chunks(len(x), k):
+        cam, w, _ = fn(tf.constant(x[part]), tf.constant(cls[part]))
+        maps[part] = cam.numpy()
+        weights[part] = w.numpy()
+    if normalize:
+        maps = normalize_maps(maps)
+    return (maps, weights) if return_weights else maps
+
+
+def randomize_weights(model, layer_names=None, seed=0):
+    """A copy of ``model`` whose ``layer_names`` (``None``: all) are re-initialised.
+
+    The other layers keep the trained weights. Used for the model-randomisation
+    sanity check of Adebayo et al. (2018), including its cascading form
+    (re-initialise from the top layer down, one more layer each time).
+    """
+    keras = _keras()
+    names = [layer.name for layer in model.layers]
+    if layer_names is None:
+        layer_names = names
+    elif isinstance(layer_names, str):
+        layer_names = [layer_names]
+    unknown = [n for n in layer_names if n not in names]
+    if unknown:
+        raise ValueError(f"Unknown layer(s) {', '.join(map(repr, unknown))}. The model's layers: {_layer_list(model)}.")
+    keras.utils.set_random_seed(seed)
+    clone = keras.models.clone_model(model)
+    for layer in model.layers:
+        if layer.name not in layer_names:
+            clone.get_layer(layer.name).set_weights(layer.get_weights())
+    return clone
+
+
+def rank_correlation(maps_a, maps_b):
+    """Spearman rank correlation of two batches of maps, one value per image (N,).
+
+    A constant map (e.g. an empty Grad-CAM) has no ranking: two constant maps
+    count as agreeing (1.0), a constant map against a varying one as 0.0.
+    """
+    from scipy.stats import spearmanr
+
+    a = np.asarray(maps_a, dtype=np.float64)
+    b = np.asarray(maps_b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim < 2:
+        raise ValueError(f"maps_a and maps_b must be batches of the same shape; got {a.shape} and {b.shape}.")
+    out = []
+    for u, v in zip(a.reshape(len(a), -1), b.reshape(len(b), -1)):
+        if np.ptp(u) == 0 or np.ptp(v) == 0:
+            out.append(1.0 if np.ptp(u) == np.ptp(v) == 0 else 0.0)
+        else:
+            out.append(spearmanr(u, v).statistic)
+    return np.asarray(out, dtype=np.float64)
 
 
 # ---------------------------------------------------------------------------
@@ -818,6 +1365,132 @@ def plot_confusion_matrix(cm, class_names, title="Confusion matrix", normalize=F
     return fig
 
 
+def overlay_heatmap(image, heatmap, alpha=0.4, cmap="jet"):
+    """Blend a heatmap (H, W) in [0, 1] over an image for display.
+
+    ``image`` is (H, W), (H, W, 1) or (H, W, 3) in [0, 1]; returns an RGB float32
+    array (H, W, 3) in [0, 1]: ``(1 - alpha) * image + alpha * cmap(heatmap)``.
+    """
+    import matplotlib
+
+    img = np.asarray(image, dtype=np.float32)
+    heat = np.asarray(heatmap, dtype=np.float32)
+    if img.ndim == 4 and img.shape[0] == 1:
+        img = img[0]
+    if heat.ndim == 3 and heat.shape[0] == 1:
+        heat = heat[0]
+    if img.ndim == 3 and img.shape[-1] == 1:
+        img = img[..., 0]
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=-1)
+    if img.ndim != 3 or img.shape[-1] != 3:
+        raise ValueError(f"image must be (H, W), (H, W, 1) or (H, W, 3); got shape {np.shape(image)}.")
+    if heat.ndim != 2 or heat.shape != img.shape[:2]:
+        raise ValueError(f"heatmap must be (H, W) = {img.shape[:2]} like the image; got shape {np.shape(heatmap)}.")
+    if not (np.all(np.isfinite(img)) and np.all(np.isfinite(heat))):
+        raise ValueError("image and heatmap must not contain NaN or infinite values.")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
+    colored = matplotlib.colormaps[cmap](np.clip(heat, 0.0, 1.0))[..., :3].astype(np.float32)
+    return np.clip((1.0 - alpha) * img + alpha * colored, 0.0, 1.0).astype(np.float32)
+
+
+def plot_attribution_maps(images, maps, image_titles=None, overlay=True, alpha=0.5, cmap="jet",
+                          title=None, size=1.6, transpose=False):
+    """Each image beside its maps: ``maps`` is a dict method name -> (N, H, W).
+
+    One row per image and one column per method (``transpose=True``: one column
+    per image, one row per method). Maps are shown in [0, 1], overlaid on the
+    image when ``overlay``, with one shared colour bar. Returns the Figure.
+    """
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    images = np.asarray(images, dtype=np.float32)
+    if images.ndim == 3:
+        images = images[..., None]
+    if not isinstance(maps, dict) or not maps:
+        raise ValueError("maps must be a non-empty dict: method name -> maps (N, H, W).")
+    n = len(images)
+    for name, m in maps.items():
+        if np.shape(m) != images.shape[:3]:
+            raise ValueError(f"maps[{name!r}] has shape {np.shape(m)}; expected {images.shape[:3]}.")
+    names = list(maps)
+    shape = (n, len(names) + 1) if not transpose else (len(names) + 1, n)
+    fig, axes = plt.subplots(*shape, figsize=(size * shape[1] + 0.9, size * shape[0] + 0.5), squeeze=False)
+
+    def ax_at(i, j):  # image i, column j (0 = the input)
+        return axes[j, i] if transpose else axes[i, j]
+
+    gray = images[..., 0] if images.shape[-1] == 1 else images
+    for i in range(n):
+        ax_at(i, 0).imshow(gray[i], cmap="gray", vmin=0, vmax=1)
+        for j, name in enumerate(names, 1):
+            m = np.asarray(maps[name][i], dtype=np.float32)
+            if overlay:
+                ax_at(i, j).imshow(overlay_heatmap(images[i], m, alpha=alpha, cmap=cmap))
+            else:
+                ax_at(i, j).imshow(m, cmap=cmap, vmin=0, vmax=1)
+        for j in range(len(names) + 1):
+            ax_at(i, j).set_xticks([])
+            ax_at(i, j).set_yticks([])
+        if image_titles is not None:
+            if transpose:
+                ax_at(i, 0).set_title(str(image_titles[i]), fontsize=8)
+            else:
+                ax_at(i, 0).set_ylabel(str(image_titles[i]), fontsize=8)
+    for j, name in enumerate(["input"] + names):
+        if transpose:
+            ax_at(0, j).set_ylabel(name, fontsize=8)
+        else:
+            ax_at(0, j).set_title(name, fontsize=9)
+    sm = matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0, 1), cmap=matplotlib.colormaps[cmap])
+    height = fig.get_size_inches()[1]
+    top_space = (0.55 if title else 0.1) + (0.3 if image_titles is not None and transpose else 0.25)
+    fig.subplots_adjust(left=0.06, right=0.86, bottom=0.02, top=1 - top_space / height,
+                        wspace=0.08, hspace=0.45 if transpose and image_titles is not None else 0.15)
+    cbar = fig.colorbar(sm, ax=axes, fraction=0.025, pad=0.02)
+    cbar.set_label("attribution (scaled per image)")
+    if title:
+        fig.suptitle(title, y=1 - 0.15 / height, va="top")
+    return fig
+
+
+def plot_signed_attributions(images, attributions, image_titles=None, title=None, size=1.8):
+    """Signed attributions (e.g. Integrated Gradients) on a diverging red/blue map.
+
+    ``attributions`` (N, H, W[, C]) are summed over channels; red pushes the class
+    score up, blue down; each image uses a symmetric range around 0. Returns the Figure.
+    """
+    import matplotlib.pyplot as plt
+
+    images = np.asarray(images, dtype=np.float32)
+    attr = np.asarray(attributions, dtype=np.float32)
+    if attr.ndim == 4:
+        attr = attr.sum(axis=-1)
+    if images.ndim == 4:
+        images = images[..., 0] if images.shape[-1] == 1 else images.mean(axis=-1)
+    if attr.shape != images.shape[:3]:
+        raise ValueError(f"attributions have shape {attr.shape}; expected {images.shape[:3]} (one per image).")
+    n = len(images)
+    fig, axes = plt.subplots(2, n, figsize=(size * n + 0.6, 2 * size + 0.6), squeeze=False)
+    for i in range(n):
+        axes[0, i].imshow(images[i], cmap="gray", vmin=0, vmax=1)
+        lim = float(np.abs(attr[i]).max()) or 1.0
+        im = axes[1, i].imshow(attr[i], cmap="RdBu_r", vmin=-lim, vmax=lim)
+        fig.colorbar(im, ax=axes[1, i], fraction=0.046, pad=0.04)
+        if image_titles is not None:
+            axes[0, i].set_title(str(image_titles[i]), fontsize=8)
+        for ax in axes[:, i]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    axes[0, 0].set_ylabel("input")
+    axes[1, 0].set_ylabel("attribution\n(red +, blue -)")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
 def plot_probability_bars(images, probs, labels, class_names=None, title=None):
     """Each image above a bar chart of its class probabilities.
 
@@ -1015,20 +1688,9 @@ def plot_embedding(embeddings, labels, class_names=None, images=None, n_thumbnai
     return fig
 
 
-
 # ---------------------------------------------------------------------------
 # Widgets
 # ---------------------------------------------------------------------------
-
-def _attribution_map(attributions):
-    """(N, H, W, C) signed attributions -> (N, H, W) magnitude maps scaled to [0, 1]."""
-    a = np.abs(np.asarray(attributions, dtype=np.float32))
-    if a.ndim == 4:
-        a = a.sum(axis=-1)
-    lo = a.min(axis=(1, 2), keepdims=True)
-    span = a.max(axis=(1, 2), keepdims=True) - lo
-    return np.where(span > 0, (a - lo) / np.where(span > 0, span, 1), 0).astype(np.float32)
-
 
 def explorer_methods():
     """The explorer's methods: name -> ``f(model, x, class_index, layer_name) -> (N, H, W)``.
@@ -1039,8 +1701,8 @@ def explorer_methods():
     return {
         "Saliency": lambda m, x, c, l: saliency_map(m, x, class_index=c),
         "SmoothGrad": lambda m, x, c, l: smoothgrad(m, x, class_index=c, samples=32, seed=0),
-        "Integrated Gradients": lambda m, x, c, l: _attribution_map(
-            integrated_gradients(m, x, class_index=c, steps=32)),
+        "Integrated Gradients": lambda m, x, c, l: normalize_maps(
+            np.abs(integrated_gradients(m, x, class_index=c, steps=32)).sum(axis=-1)),
         "Grad-CAM": lambda m, x, c, l: grad_cam(m, x, class_index=c, layer_name=l),
         "Grad-CAM++": lambda m, x, c, l: grad_cam_plus_plus(m, x, class_index=c, layer_name=l),
         "Score-CAM": lambda m, x, c, l: score_cam(m, x, class_index=c, layer_name=l),
@@ -1230,6 +1892,68 @@ def explorer(model, images, labels, class_names=None, scale=8):
 # Exercise checks
 # ---------------------------------------------------------------------------
 
+# The exercise notebook (08) tests students' code with these helpers: each raises an
+# AssertionError whose message says what was expected, what came out and, with ``hint``,
+# what to fix. nbgrader shows that message in the feedback.
+
+def _as_numbers(value, name):
+    """``value`` (array, tensor, list or number) as a float64 array, or AssertionError."""
+    if value is None:
+        raise AssertionError(f"{name} returned None: did you forget the `return` statement?")
+    if hasattr(value, "numpy"):
+        value = value.numpy()
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise AssertionError(
+            f"{name} should be an array of numbers, got {type(value).__name__}."
+        ) from None
+    return arr
+
+
+def check_array(value, name, shape=None, low=None, high=None):
+    """Check that ``value`` is a finite array [of ``shape``] [within ``low``..``high``].
+
+    Returns it as a float64 NumPy array. Raises ``AssertionError`` with a message
+    naming ``name``, the expected and the actual shape or range otherwise.
+    """
+    arr = _as_numbers(value, name)
+    if shape is not None and arr.shape != tuple(shape):
+        raise AssertionError(f"{name} should have shape {tuple(shape)}, got {arr.shape}.")
+    if not np.all(np.isfinite(arr)):
+        bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+        raise AssertionError(f"{name} contains {bad} NaN or infinite value(s).")
+    if low is not None and arr.size and arr.min() < low:
+        raise AssertionError(f"{name} should be >= {low}, but its minimum is {arr.min():.6g}.")
+    if high is not None and arr.size and arr.max() > high:
+        raise AssertionError(f"{name} should be <= {high}, but its maximum is {arr.max():.6g}.")
+    return arr
+
+
+def check_close(actual, expected, name, rtol=1e-5, atol=1e-8, hint=""):
+    """Check ``|actual - expected| <= atol + rtol * |expected|`` elementwise.
+
+    On failure the ``AssertionError`` says how many values differ, the largest
+    difference, where it is and both values there, followed by ``hint``.
+    Returns None (so that a test cell ending with it prints nothing).
+    """
+    exp = np.asarray(expected, dtype=np.float64)
+    act = check_array(actual, name)
+    if act.shape != exp.shape:
+        if act.size == exp.size == 1:
+            act = act.reshape(exp.shape)
+        else:
+            raise AssertionError(f"{name} should have shape {exp.shape}, got {act.shape}. {hint}".strip())
+    bad = np.abs(act - exp) > atol + rtol * np.abs(exp)
+    if np.any(bad):
+        diff = np.where(bad, np.abs(act - exp), -np.inf)
+        where = np.unravel_index(int(np.argmax(diff)), diff.shape) if diff.ndim else ()
+        at = f" at index {tuple(int(i) for i in where)}" if where else ""
+        raise AssertionError(
+            f"{name} is wrong in {int(bad.sum())} of {bad.size} value(s); the largest difference is "
+            f"{np.abs(act - exp)[where]:.6g}{at} (got {act[where]:.6g}, expected {exp[where]:.6g}). {hint}".strip()
+        )
+
 
 # ---------------------------------------------------------------------------
 # Command line: train, prefetch, run the notebook series
@@ -1369,6 +2093,108 @@ def _to_html(ipynb_path):
     Path(ipynb_path).with_suffix(".html").write_text(body, encoding="utf-8")
 
 
+#: nbgrader's course directory for the exercise notebook (git-ignored; see nbgrader_config.py).
+GRADING_DIR = PROJECT_DIR / "nbgrader"
+#: The assignment, and its one notebook, in nbgrader's layout.
+EXERCISE_ASSIGNMENT = "08_exercises"
+
+
+def grading_source(course_dir=None):
+    """Copy ``notebooks/08_exercises.ipynb`` to nbgrader's ``source/08_exercises/``.
+
+    The notebook in ``notebooks/`` is the instructor version (solutions, hidden
+    tests); nbgrader reads it from ``<course_dir>/source/<assignment>/``.
+    Returns the path written.
+    """
+    import shutil
+
+    course = Path(course_dir) if course_dir else GRADING_DIR
+    target = course / "source" / EXERCISE_ASSIGNMENT / f"{EXERCISE_ASSIGNMENT}.ipynb"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(NOTEBOOKS_DIR / f"{EXERCISE_ASSIGNMENT}.ipynb", target)
+    return target
+
+
+def grading_collect(folder, course_dir=None):
+    """Put a folder of submissions ``<student_id>.ipynb`` into nbgrader's layout.
+
+    Each file goes to ``<course_dir>/submitted/<student_id>/08_exercises/08_exercises.ipynb``
+    (replacing an earlier copy). Returns the student ids, sorted.
+    """
+    import shutil
+
+    import nbformat
+
+    folder = Path(folder)
+    files = sorted(folder.glob("*.ipynb"))
+    if not files:
+        raise ValueError(f"No submissions in {folder}: expected files named <student_id>.ipynb.")
+    course = Path(course_dir) if course_dir else GRADING_DIR
+    students = []
+    for path in files:
+        try:
+            nbformat.read(str(path), as_version=4)
+        except Exception as err:
+            raise ValueError(f"{path} is not a readable notebook ({type(err).__name__}: {err}).") from None
+        target = course / "submitted" / path.stem / EXERCISE_ASSIGNMENT / f"{EXERCISE_ASSIGNMENT}.ipynb"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+        students.append(path.stem)
+    return students
+
+
+def grading_scores(course_dir=None):
+    """Per-student, per-cell scores from nbgrader's gradebook (after ``nbgrader autograde``).
+
+    Returns ``{student: {grade_id: {"auto": float | None, "manual": float | None,
+    "max": float, "needs_manual": bool, "by_hand": bool}}}``. ``by_hand`` marks written
+    answers (markdown cells): the autograder gives them 0 when left unanswered and
+    leaves them to a human (``needs_manual``) otherwise.
+    """
+    from nbgrader.api import Gradebook, MissingEntry
+
+    course = Path(course_dir) if course_dir else GRADING_DIR
+    db = course / "gradebook.db"
+    if not db.is_file():
+        raise FileNotFoundError(f"No gradebook at {db}: run `nbgrader generate_assignment` and "
+                                "`nbgrader autograde` first (see README, for instructors).")
+    scores = {}
+    with Gradebook(f"sqlite:///{db}") as gb:
+        for student in gb.students:
+            try:
+                nb = gb.find_submission_notebook(EXERCISE_ASSIGNMENT, EXERCISE_ASSIGNMENT, student.id)
+            except MissingEntry:
+                continue
+            scores[student.id] = {
+                g.name: {"auto": g.auto_score, "manual": g.manual_score, "max": float(g.max_score),
+                         "needs_manual": bool(g.needs_manual_grade), "by_hand": g.cell_type == "markdown"}
+                for g in nb.grades
+            }
+    return scores
+
+
+def _print_scores(scores):
+    """A table: autograded points per exercise (grade ids ``exN_...``), in total, and by hand."""
+    exercises = sorted({gid.split("_")[0] for cells in scores.values()
+                        for gid, g in cells.items() if not g["by_hand"]})
+    print("student".ljust(20) + "".join(e.rjust(6) for e in exercises) + "   autograded   by hand")
+    for student, cells in sorted(scores.items()):
+        auto = {e: 0.0 for e in exercises}
+        auto_max = hand = hand_max = 0.0
+        to_grade = 0
+        for gid, g in cells.items():
+            if g["by_hand"]:
+                hand_max += g["max"]
+                hand += (g["manual"] if g["manual"] is not None else g["auto"] or 0.0)
+                to_grade += g["needs_manual"]
+            else:
+                auto[gid.split("_")[0]] += g["auto"] or 0.0
+                auto_max += g["max"]
+        pending = f" ({to_grade} to grade)" if to_grade else ""
+        print(student.ljust(20) + "".join(f"{auto[e]:6g}" for e in exercises)
+              + f"   {sum(auto.values()):g} / {auto_max:g}".ljust(13) + f"   {hand:g} / {hand_max:g}{pending}")
+
+
 def main(argv=None):
     import argparse
 
@@ -1384,6 +2210,12 @@ def main(argv=None):
     p_run.add_argument("names", nargs="*", help="only notebooks whose file name contains these")
     p_run.add_argument("--fast", action="store_true", help="run with FAST=True (as the tests do)")
     p_run.add_argument("--out", default=str(BUILD_DIR))
+    p_grade = sub.add_parser("grading", help="nbgrader glue for notebooks/08_exercises.ipynb (README: instructors)")
+    p_grade.add_argument("action", choices=["source", "collect", "scores"],
+                         help="source: copy the notebook to nbgrader's source/; collect FOLDER: copy "
+                              "<student_id>.ipynb files to submitted/; scores: print the gradebook")
+    p_grade.add_argument("folder", nargs="?", help="for collect: a folder of <student_id>.ipynb files")
+    p_grade.add_argument("--course-dir", default=str(GRADING_DIR), help="nbgrader course directory")
     args = parser.parse_args(argv)
 
     if args.command == "train":
@@ -1394,6 +2226,16 @@ def main(argv=None):
         prefetch(vgg16=not args.no_vgg16)
     elif args.command == "run":
         run_notebooks(args.names, out_dir=args.out, parameters={"FAST": True} if args.fast else None)
+    elif args.command == "grading":
+        if args.action == "source":
+            print(f"Wrote {grading_source(args.course_dir)}")
+        elif args.action == "collect":
+            if not args.folder:
+                parser.error("grading collect needs a FOLDER of <student_id>.ipynb files")
+            students = grading_collect(args.folder, args.course_dir)
+            print(f"Collected {len(students)} submission(s): {', '.join(students)}")
+        else:
+            _print_scores(grading_scores(args.course_dir))
 
 
 if __name__ == "__main__":

@@ -126,3 +126,15 @@ def test_bad_input(mnist_model):
         cnn_utils.explorer(mnist_model, np.zeros((3, 28, 28, 1)), [1, 2])
     with pytest.raises(ValueError, match="class_names"):
         cnn_utils.explorer(mnist_model, np.zeros((2, 28, 28, 1)), [1, 2], class_names=["a"])
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("dataset", ["mnist", "fashion_mnist"])
+def test_notebook_09_runs_for_both_datasets(dataset, tmp_path):
+    from conftest import notebook_text, run_notebook
+
+    nb = run_notebook("09_live_explorer.ipynb", tmp_path, DATASET=dataset)
+    assert f"{dataset}: shipped model, 500 test images" in notebook_text(nb)
+    views = [out for cell in nb.cells for out in cell.get("outputs", [])
+             if "application/vnd.jupyter.widget-view+json" in out.get("data", {})]
+    assert len(views) == 1

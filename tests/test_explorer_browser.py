@@ -84,7 +84,7 @@ def test_moving_the_image_control_changes_the_heatmap(voila_url):
             src_before = heat.get_attribute("src")
             caption_before = page.locator(".cnn-explorer").inner_text()
             assert "test image #0" in caption_before
-            page.screenshot(path=str(ARTIFACTS / "explorer_before.png"))
+            page.screenshot(path=str(ARTIFACTS / "explorer_before.png"), full_page=True)
 
             # Move the image slider one step with the keyboard, as a presenter would.
             handle = page.locator(".widget-slider .noUi-handle").first
@@ -96,7 +96,7 @@ def test_moving_the_image_control_changes_the_heatmap(voila_url):
             page.wait_for_function(
                 "() => document.querySelector('.cnn-explorer').innerText.includes('test image #1')",
                 timeout=60_000)
-            page.screenshot(path=str(ARTIFACTS / "explorer_after.png"))
+            page.screenshot(path=str(ARTIFACTS / "explorer_after.png"), full_page=True)
             assert heat.get_attribute("src") != src_before
             assert "Grad-CAM in" in page.locator(".cnn-explorer").inner_text()
         finally:
