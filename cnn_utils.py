@@ -1345,9 +1345,7 @@ def load_vgg16(pretrained=True, device=None, seed=DEFAULT_SEED, timeout=10.0):
     """
     torch, torchvision = _torch()
     weights_enum = _vgg16_weights_enum()
-    torch.manual_seed(seed)
-    model = torchvision.models.vgg16(weights=None)
-    loaded = False
+    model, loaded = None, False
     if pretrained:
         path = vgg16_weights_path()
         problem = None
@@ -1356,7 +1354,10 @@ def load_vgg16(pretrained=True, device=None, seed=DEFAULT_SEED, timeout=10.0):
                        "is set, so no download was tried")
         else:
             try:
-                model.load_state_dict(_download_vgg16_state_dict(timeout=timeout))
+                state = _download_vgg16_state_dict(timeout=timeout)
+                # no (slow) random initialisation: the weights overwrite it
+                model = torchvision.models.vgg16(weights=None, init_weights=False)
+                model.load_state_dict(state)
                 loaded = True
             except Exception as err:  # URLError, socket.timeout, a corrupt or truncated file ...
                 if path.is_file():
@@ -1377,6 +1378,9 @@ def load_vgg16(pretrained=True, device=None, seed=DEFAULT_SEED, timeout=10.0):
                 f"to {path}; then restart the kernel.",
                 flush=True,
             )
+    if not loaded:
+        torch.manual_seed(seed)
+        model = torchvision.models.vgg16(weights=None)
     model.pretrained = loaded
     model.class_names = list(weights_enum.meta["categories"])
     return model.eval().to(torch_device(device))
@@ -2653,9 +2657,11 @@ def prefetch(datasets=DATASETS, vgg16=True):
         np.savez_compressed(target, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
         print(f"{name}: saved to {target}")
     if vgg16:
-        code = (
-            "import torchvision; from torchvision.models import vgg16, VGG16_Weights; "
-            "vgg16(weights=VGG16_Weights.IMAGENET1K_V1); print('VGG16 ImageNet weights: cached')"
+        code = (  # the same weights enum and torchvision cache as load_vgg16
+            f"import sys; sys.path.insert(0, {str(PROJECT_DIR)!r}); import cnn_utils; "
+            "cnn_utils._download_vgg16_state_dict(timeout=60); "
+            "print('VGG16 ImageNet weights (VGG16_Weights.IMAGENET1K_V1): cached in', "
+            "cnn_utils.vgg16_weights_path())"
         )
         result = subprocess.run([sys.executable, "-c", code])
         if result.returncode != 0:

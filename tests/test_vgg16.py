@@ -292,6 +292,16 @@ def test_load_vgg16_offline_fallback(monkeypatch, tmp_path, capsys):
     assert sum(p for _, p in preds) <= 1 + 1e-6
 
 
+def test_load_vgg16_loads_the_weights_torchvision_gives(monkeypatch, random_vgg16, capsys):
+    state = {k: torch.full_like(v, 0.25) for k, v in random_vgg16.state_dict().items()}
+    monkeypatch.setattr(cnn_utils, "_download_vgg16_state_dict", lambda *a, **k: state)
+    model = cnn_utils.load_vgg16(device="cpu")
+    assert model.pretrained is True and not model.training
+    assert capsys.readouterr().out == ""
+    assert model.features[0].weight[0, 0, 0, 0].item() == 0.25
+    assert model.classifier[6].bias[999].item() == 0.25
+
+
 def test_load_vgg16_offline_env_var_skips_the_download(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setenv(cnn_utils.OFFLINE_ENV_VAR, "1")
@@ -315,12 +325,30 @@ def test_load_vgg16_uses_torchvisions_cache_and_reports_a_corrupt_file(monkeypat
     assert f"the cached file {path} could not be read" in out and "RANDOM weights" in out
 
 
-def test_prefetch_uses_the_same_weights_and_cache_as_load_vgg16(monkeypatch):
-    import inspect
+def test_prefetch_fills_the_cache_load_vgg16_reads(monkeypatch, tmp_path, capfd):
+    # the prefetch child process runs in an empty cache: offline, it fails with advice
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    path = cnn_utils.vgg16_weights_path()
+    path.parent.mkdir(parents=True)
+    # a (tiny) valid checkpoint where load_vgg16 looks: the child must find it, not download
+    torch.save({"w": torch.zeros(1)}, path)
+    cnn_utils.prefetch(datasets=(), vgg16=True)
+    assert f"cached in {path}" in capfd.readouterr().out
+    path.unlink()
+    if _online():  # pragma: no cover - never download 528 MB in the tests
+        return
+    with pytest.raises(SystemExit, match="prefetch"):
+        cnn_utils.prefetch(datasets=(), vgg16=True)
 
-    src = inspect.getsource(cnn_utils.prefetch)
-    assert "VGG16_Weights.IMAGENET1K_V1" in src
-    assert cnn_utils._vgg16_weights_enum().name == "IMAGENET1K_V1"
+
+def _online():
+    import socket
+
+    try:
+        socket.create_connection(("download.pytorch.org", 443), timeout=2).close()
+        return True
+    except OSError:
+        return False
 
 
 def test_this_file_does_not_import_tensorflow():
