@@ -37,5 +37,9 @@ def test_notebook_07_runs_fast_with_random_weights(tmp_path, monkeypatch):
     assert not re.search(r"\bnan\b", text, flags=re.IGNORECASE)
     # predictions, filters, 2 feature-map figures + depth, 2 inversions, 5 depths, SSIM/PSNR, saliency
     assert count_images(nb) == 10
+    # PyTorch only: the notebook and cnn_utils' PyTorch code never import TensorFlow
+    assert "TensorFlow imported in this kernel: False" in text
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    assert "tensorflow" not in code.replace('"tensorflow" in sys.modules', "")
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
