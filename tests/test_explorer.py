@@ -96,6 +96,7 @@ def test_only_misclassified(app_and_data, mnist_model):
     pred = mnist_model.predict(x, verbose=0).argmax(1)
     wrong = np.flatnonzero(pred != y)
     assert len(wrong) >= 5
+    app.controls["method"].value = "Grad-CAM"
     app.controls["only_misclassified"].value = True
     assert app.last["index"] == wrong[0]
     assert app.controls["index"].max == len(wrong) - 1
