@@ -50,10 +50,32 @@ class FrameworkOrderError(RuntimeError):
 
 
 def _tf():
-    """Import and return TensorFlow (quietly), after checking the import order."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf  # noqa: WPS433 (lazy on purpose)
+    """Import and return TensorFlow, quietly.
 
+    TensorFlow's C++ start-up messages ("oneDNN custom operations are on", "Could not
+    find cuda drivers", ...) go straight to file descriptor 2, past
+    ``TF_CPP_MIN_LOG_LEVEL``, and would clutter every notebook; they are silenced
+    while TensorFlow loads. Set ``TF_CPP_MIN_LOG_LEVEL=0`` to see them.
+    """
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"]
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if os.environ["TF_CPP_MIN_LOG_LEVEL"] == "0":
+        import tensorflow as tf
+
+        return tf
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import tensorflow as tf
+
+        tf.constant(0.0) + 1.0  # the first operation initialises the (absent) GPU runtime
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
     return tf
 
 
@@ -132,18 +154,20 @@ def _read_npz(path):
     """Read and validate a dataset file in Keras' ``mnist.npz`` layout."""
     try:
         with np.load(path, allow_pickle=False) as f:
-            arrays = {key: f[key] for key in _EXPECTED_SHAPES}
-    except KeyError as err:
-        raise DataError(
-            f"{path} is not a dataset file in the expected layout: missing array {err}. "
-            f"Expected arrays {', '.join(_EXPECTED_SHAPES)}. Delete it and run "
-            "`python -m cnn_utils prefetch` to download a fresh copy."
-        ) from None
+            missing = [key for key in _EXPECTED_SHAPES if key not in f.files]
+            arrays = {key: f[key] for key in _EXPECTED_SHAPES if key not in missing}
     except Exception as err:  # zipfile.BadZipFile, EOFError, OSError, ValueError ...
         raise DataError(
             f"{path} is corrupt or truncated and cannot be read ({type(err).__name__}: {err}). "
             "Delete it and run `python -m cnn_utils prefetch` to download a fresh copy."
         ) from None
+    if missing:
+        raise DataError(
+            f"{path} is not a dataset file in the expected layout: missing array "
+            f"{', '.join(repr(m) for m in missing)}. "
+            f"Expected arrays {', '.join(_EXPECTED_SHAPES)}. Delete it and run "
+            "`python -m cnn_utils prefetch` to download a fresh copy."
+        )
     for key, shape in _EXPECTED_SHAPES.items():
         arr = arrays[key]
         if arr.shape != shape or arr.dtype != np.uint8:
@@ -355,6 +379,23 @@ def as_image_batch(images, model=None, name="images"):
     if not np.all(np.isfinite(x)):
         raise ValueError(f"{name} contain NaN or infinite values.")
     return x
+
+
+def most_confident_mistakes(probs, labels, k=16):
+    """Indices of the ``k`` misclassified images with the highest predicted probability.
+
+    ``probs`` is (N, classes) softmax output, ``labels`` the true classes. Sorted
+    from most to least confident.
+    """
+    probs = np.asarray(probs)
+    labels = np.asarray(labels)
+    if probs.ndim != 2 or len(probs) != len(labels):
+        raise ValueError(f"probs must be (N, classes) with N = len(labels); got {probs.shape} "
+                         f"and {labels.shape}.")
+    pred = probs.argmax(axis=1)
+    wrong = np.flatnonzero(pred != labels)
+    order = np.argsort(-probs[wrong, pred[wrong]], kind="stable")
+    return wrong[order[:k]]
 
 
 def predict_logits(model, images, batch_size=512):
@@ -816,15 +857,1227 @@ def deprocess_image(x, crop=0, contrast=0.15):
 # Attribution
 # ---------------------------------------------------------------------------
 
+# The attribution methods share compiled TensorFlow functions, cached per
+# (model, layer, method, score kind) so that a live demo pays the tracing cost once.
+# The cache holds at most _ATTR_CACHE_SIZE entries (least recently used dropped);
+# each entry keeps its model alive, so an id() cannot be reused while cached.
+_ATTR_CACHE = {}
+_ATTR_CACHE_SIZE = 24
+#: Images per compiled call for the methods that multiply the batch (SmoothGrad,
+#: Integrated Gradients, Score-CAM): bounds memory, keeps every call one batch.
+_ATTR_CHUNK = 2048
+
+
+def _attr_cached(model, key, build):
+    full_key = (id(model),) + tuple(key)
+    fn = _ATTR_CACHE.pop(full_key, None)
+    if fn is None:
+        compiled = build()
+        # Each (model, layer, method) gets its own function with a fixed input signature,
+        # traced once. TensorFlow's retracing detector keys on the source code, so it would
+        # count the first trace for a new model (e.g. the sanity check's randomised copies)
+        # as "retracing" and print a misleading warning: switch that warning off.
+        if hasattr(compiled, "_omit_frequent_tracing_warning"):
+            compiled._omit_frequent_tracing_warning = True
+        fn = (model, compiled)
+    _ATTR_CACHE[full_key] = fn  # most recently used last
+    while len(_ATTR_CACHE) > _ATTR_CACHE_SIZE:
+        _ATTR_CACHE.pop(next(iter(_ATTR_CACHE)))
+    return fn[1]
+
+
+def _check_keras_model(model):
+    keras = _keras()
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"model must be a Keras model, got {type(model).__name__}.")
+    try:
+        model.inputs
+    except (AttributeError, ValueError):
+        raise ValueError(
+            "The model has no defined input yet (a Sequential model without an Input layer); "
+            "build it as a functional model or call it once on data."
+        ) from None
+    if len(model.inputs) != 1:
+        raise ValueError(f"Attribution needs a model with one image input; this one has {len(model.inputs)}.")
+
+
+def _score_output(model, score):
+    """The symbolic tensor of class scores: pre-softmax (``"logits"``) or ``"probability"``."""
+    keras = _keras()
+    if score not in ("logits", "probability"):
+        raise ValueError(f"score must be 'logits' (pre-softmax, the default) or 'probability', got {score!r}.")
+    out = model.outputs[0]
+    last = model.layers[-1]
+    if score == "probability":
+        return out
+    names = [layer.name for layer in model.layers]
+    if LOGITS_LAYER in names:
+        return model.get_layer(LOGITS_LAYER).output
+    if isinstance(last, keras.layers.Softmax):
+        return last.input
+    activation = getattr(last, "activation", None)
+    if activation is not None and getattr(activation, "__name__", "") == "softmax":
+        raise ValueError(
+            f"The model's last layer {last.name!r} applies a softmax, and the model has no layer named "
+            f"{LOGITS_LAYER!r} holding pre-softmax scores. Add a Dense layer named {LOGITS_LAYER!r} "
+            "followed by a Softmax layer, or pass score='probability'."
+        )
+    return out  # the model already outputs unnormalised scores
+
+
+def _resolve_layer(model, layer_name, for_cam=True):
+    """The layer for a CAM method: a named layer with a spatial map (N, h, w, k)."""
+    if layer_name is None:
+        layer_name = last_conv_layer_name(model)
+    layer = get_layer(model, layer_name)
+    keras = _keras()
+    shape = tuple(layer.output.shape)
+    if isinstance(layer, keras.layers.InputLayer) or len(shape) != 4:
+        convs = conv_layer_names(model)
+        raise ValueError(
+            f"Layer {layer_name!r} ({type(layer).__name__}, output shape {shape}) has no spatial feature "
+            "map (N, h, w, channels); CAM methods need a convolutional (or pooling) layer. "
+            f"Convolutional layers of this model: {', '.join(convs) or 'none'}."
+        )
+    return layer
+
+
+def _class_indices(class_index, n, num_classes):
+    """Per-image target classes as int32 (N,), with -1 meaning 'the predicted class'."""
+    if class_index is None:
+        return np.full(n, -1, dtype=np.int32)
+    arr = np.asarray(class_index)
+    if arr.dtype.kind not in "iu":
+        if arr.dtype.kind == "f" and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
+            arr = arr.astype(np.int64)
+        else:
+            raise TypeError(f"class_index must be None, an int or one int per image; got {class_index!r}.")
+    if arr.ndim == 0:
+        arr = np.full(n, int(arr))
+    elif arr.shape != (n,):
+        raise ValueError(
+            f"class_index must be None, an int, or one int per image (shape ({n},)); got shape {arr.shape}."
+        )
+    bad = (arr < 0) | (arr >= num_classes)
+    if np.any(bad):
+        raise ValueError(
+            f"class_index {arr[bad][0]} is out of range: the model has {num_classes} classes (0..{num_classes - 1})."
+        )
+    return arr.astype(np.int32)
+
+
+def _prepare(model, images, class_index, score):
+    """Validate the arguments; return (x float32 batch, class indices int32, score tensor)."""
+    _check_keras_model(model)
+    x = as_image_batch(images, model)
+    out = _score_output(model, score)
+    if len(tuple(out.shape)) != 2:
+        raise ValueError(f"The model's class scores have shape {tuple(out.shape)}; expected (N, classes).")
+    cls = _class_indices(class_index, len(x), int(out.shape[-1]))
+    return x, cls, out
+
+
+def _pick_class(scores, cls):
+    """Inside a graph: -1 -> argmax of the scores; then the target score per row."""
+    tf = _tf()
+    predicted = tf.argmax(scores, axis=-1, output_type=tf.int32)
+    cls = tf.where(cls < 0, predicted, cls)
+    return cls, tf.gather(scores, cls, axis=1, batch_dims=1)
+
+
+def _tf_minmax(maps):
+    """Per-map min-max scaling to [0, 1] in TensorFlow; a constant map becomes zeros."""
+    tf = _tf()
+    axes = list(range(1, len(maps.shape)))
+    lo = tf.reduce_min(maps, axis=axes, keepdims=True)
+    hi = tf.reduce_max(maps, axis=axes, keepdims=True)
+    span = hi - lo
+    return tf.where(span > 0, (maps - lo) / tf.where(span > 0, span, 1.0), tf.zeros_like(maps))
+
+
+def normalize_maps(maps):
+    """Min-max scale each map of a batch (N, ...) to [0, 1], as float32.
+
+    A constant map (including all zeros) becomes all zeros rather than NaN.
+    """
+    m = np.asarray(maps, dtype=np.float32)
+    if m.ndim < 2:
+        raise ValueError(f"maps must be a batch (N, H, W[, C]); got shape {m.shape}.")
+    if not np.all(np.isfinite(m)):
+        raise ValueError("maps contain NaN or infinite values.")
+    axes = tuple(range(1, m.ndim))
+    lo = m.min(axis=axes, keepdims=True)
+    span = m.max(axis=axes, keepdims=True) - lo
+    safe = np.where(span > 0, span, 1.0)
+    return np.where(span > 0, (m - lo) / safe, 0.0).astype(np.float32)
+
+
+def _grad_fn(model, score, saliency=False):
+    """Compiled (x, cls) -> (target scores, classes, d target / d x).
+
+    With ``saliency=True``: (raw saliency maps, min-max scaled maps) instead.
+    """
+    def build():
+        tf, keras = _tf(), _keras()
+        sub = keras.Model(model.inputs, _score_output(model, score))
+        spec = tf.TensorSpec([None] + list(model.inputs[0].shape[1:]), tf.float32)
+
+        @tf.function(input_signature=[spec, tf.TensorSpec([None], tf.int32)], autograph=False)
+        def fn(x, cls):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                scores = sub(x, training=False)
+                cls, target = _pick_class(scores, cls)
+            grads = tape.gradient(target, x)
+            if saliency:
+                maps = tf.reduce_max(tf.abs(grads), axis=-1)
+                return maps, _tf_minmax(maps)
+            return target, cls, grads
+        return fn
+    return _attr_cached(model, ("grad", score, saliency), build)
+
+
+def _chunks(n, per_item):
+    """Slices of a batch of n images so that each call handles <= _ATTR_CHUNK inputs."""
+    step = max(1, _ATTR_CHUNK // max(1, per_item))
+    return [slice(i, min(n, i + step)) for i in range(0, n, step)]
+
+
+def class_scores(model, images, class_index=None, score="logits"):
+    """Target class scores and classes: returns ``(scores (N,), classes (N,))``.
+
+    ``class_index=None`` picks each image's predicted class. Scores are
+    pre-softmax by default (``score="probability"`` for softmax outputs).
+    """
+    x, cls, _ = _prepare(model, images, class_index, score)
+    fn = _grad_fn(model, score)
+    tf = _tf()
+    target, cls_out, _ = fn(tf.constant(x), tf.constant(cls))
+    return target.numpy().astype(np.float32), cls_out.numpy().astype(np.int64)
+
+
+def saliency_map(model, images, class_index=None, *, score="logits", normalize=True):
+    """Vanilla gradient saliency (Simonyan et al., 2014).
+
+    ``M(x) = max_channels | d S_c(x) / d x |`` with ``S_c`` the pre-softmax score
+    of class ``c`` (``class_index=None``: the predicted class; an int; or one int
+    per image). Images (N, H, W, C) or one image (treated as a batch of one).
+    Returns float32 (N, H, W), each map min-max scaled to [0, 1] (``normalize=False``:
+    the raw maximum absolute gradient). One batched gradient call.
+    """
+    x, cls, _ = _prepare(model, images, class_index, score)
+    tf = _tf()
+    raw, scaled = _grad_fn(model, score, saliency=True)(tf.constant(x), tf.constant(cls))
+    return (scaled if normalize else raw).numpy()
+
+
+def smoothgrad(model, images, class_index=None, samples=50, noise=0.2, seed=None, *,
+               score="logits", normalize=True):
+    """SmoothGrad (Smilkov et al., 2017): saliency averaged over noisy copies.
+
+    ``M(x) = max_channels (1/n) sum_i | d S_c(x + e_i) / d x |``, ``e_i ~ N(0, s^2)``
+    with ``s = noise * (max(x) - min(x))`` for each image. The class is fixed on
+    the clean image (``None``: its predicted class). ``noise=0`` gives exactly
+    ``saliency_map``. All noisy copies go through the model in batched calls.
+    Returns float32 (N, H, W) in [0, 1] per image (``normalize=False``: raw).
+    """
+    if not isinstance(samples, (int, np.integer)) or samples < 1:
+        raise ValueError(f"samples must be a positive integer, got {samples!r}.")
+    if not np.isfinite(noise) or noise < 0:
+        raise ValueError(f"noise must be a non-negative number (a fraction of each image's range), got {noise!r}.")
+    x, cls, _ = _prepare(model, images, class_index, score)
+    tf = _tf()
+    fn = _grad_fn(model, score)
+    # Fix the class on the clean images, so every noisy copy explains the same class.
+    _, cls, _ = fn(tf.constant(x), tf.constant(cls))
+    cls = cls.numpy()
+    rng = np.random.default_rng(seed)
+    sigma = noise * (x.max(axis=(1, 2, 3)) - x.min(axis=(1, 2, 3)))
+    out = np.empty(x.shape[:3], dtype=np.float32)
+    for part in _chunks(len(x), samples):
+        xb = x[part]
+        nb = len(xb)
+        noisy = np.repeat(xb[:, None], samples, axis=1)
+        if noise > 0:
+            noisy += rng.standard_normal(noisy.shape, dtype=np.float32) * sigma[part, None, None, None, None]
+        noisy = noisy.reshape((nb * samples,) + x.shape[1:])
+        _, _, g = fn(tf.constant(noisy), tf.constant(np.repeat(cls[part], samples).astype(np.int32)))
+        g = tf.reshape(tf.abs(g), (nb, samples) + x.shape[1:])
+        out[part] = tf.reduce_max(tf.reduce_mean(g, axis=1), axis=-1).numpy()
+    return normalize_maps(out) if normalize else out
+
+
+def integrated_gradients(model, images, class_index=None, baseline=None, steps=50, *,
+                         score="logits", return_gap=False):
+    """Integrated Gradients (Sundararajan et al., 2017).
+
+    ``IG_i(x) = (x_i - x'_i) * integral_0^1 d S_c(x' + a (x - x')) / d x_i da``,
+    the integral taken with the trapezoidal rule on ``steps`` intervals
+    (``steps + 1`` points along the straight path, all in batched gradient calls).
+    ``baseline`` is ``None`` (a black image), a number, one image or one per image.
+    The class is fixed on the input (``None``: its predicted class).
+
+    Returns the attributions, float32 with the input's shape (N, H, W, C),
+    unnormalised and signed. With ``return_gap=True`` returns
+    ``(attributions, gap)`` where ``gap = sum(attributions) - (S_c(x) - S_c(x'))``
+    per image (N,): Completeness says it tends to 0 as ``steps`` grows.
+    """
+    if not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}.")
+    x, cls, _ = _prepare(model, images, class_index, score)
+    if baseline is None:
+        base = np.zeros_like(x)
+    else:
+        b = np.asarray(baseline, dtype=np.float32)
+        if b.ndim == 0:
+            base = np.full_like(x, float(b))
+        else:
+            b = as_image_batch(b, model, name="baseline")
+            if len(b) not in (1, len(x)):
+                raise ValueError(
+                    f"baseline must be one image or one per image ({len(x)}); got {len(b)} images."
+                )
+            base = np.broadcast_to(b, x.shape).astype(np.float32)
+    if not np.all(np.isfinite(base)):
+        raise ValueError("baseline contains NaN or infinite values.")
+    tf = _tf()
+    fn = _grad_fn(model, score)
+    target_x, cls, _ = fn(tf.constant(x), tf.constant(cls))
+    cls = cls.numpy()
+    alphas = np.linspace(0.0, 1.0, steps + 1, dtype=np.float32)
+    weights = np.full(steps + 1, 1.0 / steps, dtype=np.float32)
+    weights[[0, -1]] *= 0.5  # trapezoidal rule
+    k = steps + 1
+    attributions = np.empty_like(x)
+    target_base = np.empty(len(x), dtype=np.float32)
+    for part in _chunks(len(x), k):
+        xb, bb = x[part], base[part]
+        nb = len(xb)
+        path = bb[:, None] + alphas[None, :, None, None, None] * (xb - bb)[:, None]
+        t, _, g = fn(tf.constant(path.reshape((nb * k,) + x.shape[1:])),
+                     tf.constant(np.repeat(cls[part], k).astype(np.int32)))
+        g = tf.reshape(g, (nb, k) + x.shape[1:])
+        avg = tf.tensordot(g, tf.constant(weights), axes=[[1], [0]])
+        attributions[part] = ((xb - bb) * avg.numpy()).astype(np.float32)
+        target_base[part] = t.numpy().reshape(nb, k)[:, 0]
+    if not return_gap:
+        return attributions
+    gap = attributions.reshape(len(x), -1).sum(axis=1) - (target_x.numpy() - target_base)
+    return attributions, gap.astype(np.float32)
+
+
+def _cam_fn(model, layer_name, method, score):
+    """Compiled (x, cls) -> (raw maps (N, H, W) at input resolution, scaled maps, channel weights)."""
+    def build():
+        tf, keras = _tf(), _keras()
+        layer = model.get_layer(layer_name)
+        sub = keras.Model(model.inputs, [layer.output, _score_output(model, score)])
+        in_shape = list(model.inputs[0].shape[1:])
+        size = in_shape[:2]
+        spec = tf.TensorSpec([None] + in_shape, tf.float32)
+
+        @tf.function(input_signature=[spec, tf.TensorSpec([None], tf.int32)], autograph=False)
+        def fn(x, cls):
+            with tf.GradientTape() as tape:
+                feats, scores = sub(x, training=False)
+                tape.watch(feats)
+                cls, target = _pick_class(scores, cls)
+            g = tape.gradient(target, feats)
+            if method == "grad_cam":
+                w = tf.reduce_mean(g, axis=[1, 2])                                   # (N, k)
+            else:  # grad_cam_plus_plus, closed form for exp(S_c)
+                g2 = tf.square(g)
+                g3 = g2 * g
+                a_sum = tf.reduce_sum(feats, axis=[1, 2], keepdims=True)              # (N, 1, 1, k)
+                denom = 2.0 * g2 + a_sum * g3
+                alpha = tf.where(denom != 0.0, g2 / tf.where(denom != 0.0, denom, 1.0), 0.0)
+                if method == "grad_cam_plus_plus_renorm":  # the authors' code, tf-keras-vis
+                    a_norm = tf.reduce_sum(alpha, axis=[1, 2], keepdims=True)
+                    alpha = alpha / tf.where(a_norm != 0.0, a_norm, 1.0)
+                w = tf.reduce_sum(alpha * tf.nn.relu(g), axis=[1, 2])                # (N, k)
+            cam = tf.nn.relu(tf.einsum("nhwk,nk->nhw", feats, w))
+            up = tf.image.resize(cam[..., None], size, method="bilinear")[..., 0]
+            return up, _tf_minmax(up), w
+        return fn
+    return _attr_cached(model, ("cam", layer_name, method, score), build)
+
+
+def _run_cam(method, model, images, class_index, layer_name, score, normalize, return_weights):
+    x, cls, _ = _prepare(model, images, class_index, score)
+    layer = _resolve_layer(model, layer_name)
+    tf = _tf()
+    raw, scaled, w = _cam_fn(model, layer.name, method, score)(tf.constant(x), tf.constant(cls))
+    maps = (scaled if normalize else raw).numpy()
+    return (maps, w.numpy()) if return_weights else maps
+
+
+def grad_cam(model, images, class_index=None, layer_name=None, *, score="logits",
+             normalize=True, return_weights=False):
+    """Grad-CAM (Selvaraju et al., 2017).
+
+    With feature maps ``A^k`` of ``layer_name`` (``None``: the last convolutional
+    layer) and ``S_c`` the pre-softmax score of class ``c``:
+    ``w_k = mean_ij d S_c / d A^k_ij``, ``L = ReLU(sum_k w_k A^k)``, then bilinear
+    upsampling to the input size. Returns float32 (N, H, W), each map min-max
+    scaled to [0, 1] (a constant map gives zeros); with ``return_weights=True``
+    also the channel weights (N, k).
+    """
+    return _run_cam("grad_cam", model, images, class_index, layer_name, score, normalize, return_weights)
+
+
+def grad_cam_plus_plus(model, images, class_index=None, layer_name=None, *, score="logits",
+                       normalize=True, return_weights=False, renormalize_alphas=False):
+    """Grad-CAM++ (Chattopadhay et al., 2018) with the paper's alpha weights.
+
+    The paper explains ``Y_c = exp(S_c)`` (``S_c`` the pre-softmax score), for
+    which the higher derivatives reduce to powers of ``g = d S_c / d A^k_ij``:
+    ``alpha^k_ij = g^2 / (2 g^2 + sum_ab A^k_ab g^3)`` (0 where the denominator is 0),
+    ``w_k = sum_ij alpha^k_ij ReLU(g)``, ``L = ReLU(sum_k w_k A^k)``, upsampled
+    bilinearly. The positive factor ``exp(S_c)`` of ``d Y_c / d A`` is left out:
+    it scales every weight of an image alike and vanishes in the min-max scaling.
+    By default the alphas are used as the paper's equation gives them; the
+    authors' code and tf-keras-vis also divide each channel's alphas by their
+    spatial sum (``renormalize_alphas=True`` does the same, which changes the
+    relative channel weights and so the map).
+    Returns float32 (N, H, W) in [0, 1] per image (``return_weights``: also (N, k)).
+    """
+    method = "grad_cam_plus_plus_renorm" if renormalize_alphas else "grad_cam_plus_plus"
+    return _run_cam(method, model, images, class_index, layer_name, score, normalize,
+                    return_weights)
+
+
+def _score_cam_fn(model, layer_name):
+    def build():
+        tf, keras = _tf(), _keras()
+        layer = model.get_layer(layer_name)
+        feats_model = keras.Model(model.inputs, [layer.output, _score_output(model, "logits")])
+        logits_sub = keras.Model(model.inputs, _score_output(model, "logits"))
+        in_shape = list(model.inputs[0].shape[1:])
+        size = in_shape[:2]
+        spec = tf.TensorSpec([None] + in_shape, tf.float32)
+
+        @tf.function(input_signature=[spec, tf.TensorSpec([None], tf.int32)], autograph=False)
+        def fn(x, cls):
+            feats, scores = feats_model(x, training=False)
+            cls, _ = _pick_class(scores, cls)
+            n = tf.shape(feats)[0]
+            k = feats.shape[-1]
+            up = tf.image.resize(feats, size, method="bilinear")                     # (N, H, W, k)
+            lo = tf.reduce_min(up, axis=[1, 2], keepdims=True)
+            span = tf.reduce_max(up, axis=[1, 2], keepdims=True) - lo
+            varies = span > 0                                                          # (N, 1, 1, k)
+            masks = tf.where(varies, (up - lo) / tf.where(varies, span, 1.0), 0.0)
+            masks = tf.transpose(masks, [0, 3, 1, 2])[..., None]                      # (N, k, H, W, 1)
+            masked = tf.reshape(x[:, None] * masks, tf.concat([[n * k], tf.shape(x)[1:]], 0))
+            probs = tf.nn.softmax(logits_sub(masked, training=False), axis=-1)
+            probs = tf.reshape(probs, [n, k, -1])
+            w = tf.gather(probs, cls, axis=2, batch_dims=1)                            # (N, k)
+            w = tf.where(tf.reshape(varies, [n, k]), w, 0.0)    # constant channels: skipped
+            cam = tf.nn.relu(tf.einsum("nhwk,nk->nhw", up, w))
+            return cam, w, cls
+        return fn
+    return _attr_cached(model, ("score_cam", layer_name), build)
+
+
+def score_cam(model, images, class_index=None, layer_name=None, *, normalize=True,
+              return_weights=False):
+    """Score-CAM (Wang et al., 2020), batched over channels.
+
+    Each feature map ``A^k`` of ``layer_name`` (``None``: the last convolutional
+    layer) is upsampled bilinearly to the input size and min-max normalised to a
+    mask ``M^k``; the channel weight is the softmax probability of the target
+    class for the masked input, ``w_k = softmax(S(x * M^k))_c`` (the paper uses
+    the softmax-normalised score; the baseline term ``f(x_b)`` is left out, as in
+    the authors' code). A constant channel (no mask) gets weight 0.
+    ``L = ReLU(sum_k w_k up(A^k))``, min-max scaled to [0, 1] per image.
+    All masked inputs of a batch go through the model in one call per chunk.
+    With ``return_weights=True`` also returns the channel weights (N, k).
+    """
+    x, cls, _ = _prepare(model, images, class_index, "logits")
+    layer = _resolve_layer(model, layer_name)
+    k = int(layer.output.shape[-1])
+    tf = _tf()
+    fn = _score_cam_fn(model, layer.name)
+    maps = np.empty(x.shape[:3], dtype=np.float32)
+    weights = np.empty((len(x), k), dtype=np.float32)
+    for part in _chunks(len(x), k):
+        cam, w, _ = fn(tf.constant(x[part]), tf.constant(cls[part]))
+        maps[part] = cam.numpy()
+        weights[part] = w.numpy()
+    if normalize:
+        maps = normalize_maps(maps)
+    return (maps, weights) if return_weights else maps
+
+
+def randomize_weights(model, layer_names=None, seed=0):
+    """A copy of ``model`` whose ``layer_names`` (``None``: all) are re-initialised.
+
+    The other layers keep the trained weights. Used for the model-randomisation
+    sanity check of Adebayo et al. (2018), including its cascading form
+    (re-initialise from the top layer down, one more layer each time).
+    """
+    keras = _keras()
+    names = [layer.name for layer in model.layers]
+    if layer_names is None:
+        layer_names = names
+    elif isinstance(layer_names, str):
+        layer_names = [layer_names]
+    unknown = [n for n in layer_names if n not in names]
+    if unknown:
+        raise ValueError(f"Unknown layer(s) {', '.join(map(repr, unknown))}. The model's layers: {_layer_list(model)}.")
+    keras.utils.set_random_seed(seed)
+    clone = keras.models.clone_model(model)
+    for layer in model.layers:
+        if layer.name not in layer_names:
+            clone.get_layer(layer.name).set_weights(layer.get_weights())
+    return clone
+
+
+def rank_correlation(maps_a, maps_b):
+    """Spearman rank correlation of two batches of maps, one value per image (N,).
+
+    A constant map (e.g. an empty Grad-CAM) has no ranking: two constant maps
+    count as agreeing (1.0), a constant map against a varying one as 0.0.
+    """
+    from scipy.stats import spearmanr
+
+    a = np.asarray(maps_a, dtype=np.float64)
+    b = np.asarray(maps_b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim < 2:
+        raise ValueError(f"maps_a and maps_b must be batches of the same shape; got {a.shape} and {b.shape}.")
+    out = []
+    for u, v in zip(a.reshape(len(a), -1), b.reshape(len(b), -1)):
+        if np.ptp(u) == 0 or np.ptp(v) == 0:
+            out.append(1.0 if np.ptp(u) == np.ptp(v) == 0 else 0.0)
+        else:
+            out.append(spearmanr(u, v).statistic)
+    return np.asarray(out, dtype=np.float64)
+
 
 # ---------------------------------------------------------------------------
 # Confidence and embeddings
 # ---------------------------------------------------------------------------
 
+# -- Confidence: softmax, entropy, likelihood --------------------------------
+
+def _as_logits(logits, name="logits"):
+    z = np.asarray(logits, dtype=np.float64)
+    if z.ndim != 2 or z.shape[1] < 2:
+        raise ValueError(f"{name} must be a 2-D array (N, num_classes) with at least 2 classes; "
+                         f"got shape {z.shape}.")
+    if not np.all(np.isfinite(z)):
+        raise ValueError(f"{name} contain NaN or infinite values.")
+    return z
+
+
+def _as_labels(labels, n, num_classes):
+    y = np.asarray(labels)
+    if y.shape != (n,):
+        raise ValueError(f"labels must have shape ({n},), one per row; got shape {y.shape}.")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise TypeError(f"labels must be integer class indices, got dtype {y.dtype}.")
+    if n and (y.min() < 0 or y.max() >= num_classes):
+        raise ValueError(f"labels must lie in 0..{num_classes - 1}; got {y.min()}..{y.max()}.")
+    return y.astype(np.int64)
+
+
+def _as_probs(probs):
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 2 or p.shape[1] < 2:
+        raise ValueError(f"probs must be a 2-D array (N, num_classes) with at least 2 classes; "
+                         f"got shape {p.shape}.")
+    if not np.all(np.isfinite(p)) or p.min() < 0:
+        raise ValueError("probs must be finite and non-negative.")
+    sums = p.sum(axis=1)
+    if len(p) and not np.allclose(sums, 1.0, atol=1e-3):
+        raise ValueError("Each row of probs must sum to 1 (softmax outputs); "
+                         f"row sums range from {sums.min():.4g} to {sums.max():.4g}. "
+                         "Did you pass logits? Use cnn_utils.softmax(logits) first.")
+    return p
+
+
+def _check_temperature(temperature):
+    if not np.isscalar(temperature) or not np.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}.")
+
+
+def softmax(logits, temperature=1.0):
+    """Class probabilities ``softmax(logits / T)`` row by row (numerically stable).
+
+    ``logits`` is (N, K) (a single row (K,) is accepted); T > 1 softens, T < 1 sharpens.
+    The arg-max is the same for every T, so accuracy does not depend on T.
+    """
+    _check_temperature(temperature)
+    z = np.asarray(logits, dtype=np.float64)
+    single = z.ndim == 1
+    z = _as_logits(z[np.newaxis] if single else z)
+    z = z / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    p = e / e.sum(axis=1, keepdims=True)
+    return p[0] if single else p
+
+
+def entropy(probs, base=None):
+    """Predictive entropy ``-sum_k p_k log p_k`` of each row of ``probs`` (N, K).
+
+    In nats by default (``base=2`` for bits). 0 for a one-hot row, ``log K`` for a
+    uniform one. Terms with p = 0 count as 0.
+    """
+    p = _as_probs(probs)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p > 0, p * np.log(p), 0.0)
+    h = -terms.sum(axis=1)
+    if base is not None:
+        h = h / np.log(base)
+    return np.maximum(h, 0.0)
+
+
+def negative_log_likelihood(logits, labels, temperature=1.0):
+    """Mean negative log-likelihood (cross-entropy, nats) of ``labels`` under softmax(logits/T)."""
+    _check_temperature(temperature)
+    z = _as_logits(logits) / temperature
+    y = _as_labels(labels, len(z), z.shape[1])
+    zmax = z.max(axis=1, keepdims=True)
+    log_norm = np.log(np.exp(z - zmax).sum(axis=1)) + zmax[:, 0]
+    return float(np.mean(log_norm - z[np.arange(len(z)), y]))
+
+
+def fit_temperature(logits, labels, bounds=(0.05, 20.0)):
+    """Temperature scaling (Guo et al., 2017): the T > 0 minimising the mean NLL.
+
+    Fit it on held-out validation logits, never on the test set you report on.
+    The NLL is convex in 1/T, so a bounded 1-D search over log T finds the
+    global minimum. Returns T as a float (T > 1: the model was over-confident).
+    """
+    from scipy.optimize import minimize_scalar
+
+    z = _as_logits(logits)
+    y = _as_labels(labels, len(z), z.shape[1])
+    if len(z) == 0:
+        raise ValueError("fit_temperature needs at least one validation example.")
+    lo, hi = bounds
+    if not 0 < lo < hi:
+        raise ValueError(f"bounds must satisfy 0 < low < high, got {bounds}.")
+    result = minimize_scalar(
+        lambda log_t: negative_log_likelihood(z, y, float(np.exp(log_t))),
+        bounds=(np.log(lo), np.log(hi)), method="bounded", options={"xatol": 1e-6},
+    )
+    return float(np.exp(result.x))
+
+
+# -- Calibration -------------------------------------------------------------
+
+def calibration_bins(probs, labels, n_bins=15):
+    """Per-bin data of a reliability diagram (Guo et al., 2017).
+
+    Each prediction's confidence (its largest probability) falls in one of
+    ``n_bins`` equal-width bins ``((m-1)/M, m/M]``. Returns a dict of arrays of
+    length ``n_bins``: ``edges`` (n_bins + 1), ``counts``, ``accuracy`` and
+    ``confidence`` (mean, NaN for an empty bin), ``gap`` = |accuracy - confidence|
+    (0 for an empty bin), ``weight`` = counts / N; and ``n`` the number of predictions.
+    """
+    if not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}.")
+    p = _as_probs(probs)
+    y = _as_labels(labels, len(p), p.shape[1])
+    if len(p) == 0:
+        raise ValueError("calibration needs at least one prediction.")
+    conf = p.max(axis=1)
+    correct = (p.argmax(axis=1) == y).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    # bin m holds (edges[m], edges[m+1]]: searchsorted(side="left") on the inner edges
+    idx = np.searchsorted(edges[1:-1], conf, side="left")
+    counts = np.bincount(idx, minlength=n_bins).astype(np.int64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        accuracy = np.bincount(idx, weights=correct, minlength=n_bins) / counts
+        confidence = np.bincount(idx, weights=conf, minlength=n_bins) / counts
+    gap = np.where(counts > 0, np.abs(accuracy - confidence), 0.0)
+    return {"edges": edges, "counts": counts, "accuracy": accuracy, "confidence": confidence,
+            "gap": gap, "weight": counts / len(p), "n": len(p)}
+
+
+def expected_calibration_error(probs, labels, n_bins=15, return_bins=False):
+    """Expected calibration error: ``sum_m |B_m|/N * |acc(B_m) - conf(B_m)|``.
+
+    Equal-width confidence bins as in Guo et al. (2017). A fraction in [0, 1]
+    (multiply by 100 for percent). With ``return_bins=True`` also returns the
+    per-bin dict of :func:`calibration_bins` (for :func:`plot_reliability_diagram`).
+    """
+    bins = calibration_bins(probs, labels, n_bins)
+    ece = float(np.sum(bins["weight"] * bins["gap"]))
+    return (ece, bins) if return_bins else ece
+
+
+def confidence_groups(probs, labels, high=0.99, low=0.9):
+    """Split predictions by confidence (largest probability) and correctness.
+
+    Returns a dict of index arrays: ``"confident correct"`` (confidence >= high,
+    right), ``"confident wrong"`` (confidence >= high, wrong; most confident first)
+    and ``"unsure correct"`` (confidence < low, right; least confident first).
+    """
+    if not 0 < low <= high <= 1:
+        raise ValueError(f"Thresholds must satisfy 0 < low <= high <= 1, got low={low}, high={high}.")
+    p = _as_probs(probs)
+    y = _as_labels(labels, len(p), p.shape[1])
+    conf = p.max(axis=1)
+    correct = p.argmax(axis=1) == y
+    order_desc = np.argsort(-conf, kind="stable")
+    order_asc = np.argsort(conf, kind="stable")
+    return {
+        "confident correct": order_desc[(conf >= high)[order_desc] & correct[order_desc]],
+        "confident wrong": order_desc[(conf >= high)[order_desc] & ~correct[order_desc]],
+        "unsure correct": order_asc[(conf < low)[order_asc] & correct[order_asc]],
+    }
+
+
+# -- Embeddings --------------------------------------------------------------
+
+#: The layer whose activations serve as the learned feature space (penultimate layer).
+FEATURE_LAYER = "dense1"
+
+
+def extract_features(model, images, layer=FEATURE_LAYER, batch_size=512):
+    """Activations of ``layer`` (default the penultimate ``dense1``) for a batch, flattened.
+
+    Returns a float32 array (N, D) (D = 128 for ``dense1`` of the course CNN).
+    Dropout is inactive at inference, so this is what the logits layer sees.
+    """
+    keras = _keras()
+    names = [l.name for l in model.layers]
+    if layer not in names:
+        raise ValueError(f"The model has no layer named {layer!r}; its layers: {', '.join(names)}.")
+    x = as_image_batch(images, model)
+    sub = keras.Model(model.inputs, model.get_layer(layer).output, name=f"{model.name}_{layer}")
+    feats = np.asarray(sub.predict(x, batch_size=batch_size, verbose=0))
+    return feats.reshape(len(x), -1).astype(np.float32)
+
+
+def _as_points(x, name):
+    a = np.asarray(x, dtype=np.float64)
+    if a.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D array (N, D), one row per point; got shape {a.shape}.")
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{name} contain NaN or infinite values.")
+    return a
+
+
+TSNE_METHODS = ("opentsne", "sklearn")
+
+
+def tsne_embedding(features, perplexity=30.0, method="opentsne", n_iter=750, seed=DEFAULT_SEED,
+                   n_jobs=2, pca_components=None):
+    """2-D t-SNE of ``features`` (N, D); returns a float64 array (N, 2).
+
+    ``method="opentsne"`` (Policar et al.; FFT-accelerated gradients from 10,000
+    points on, Barnes-Hut below; the faster one here, see benchmarks/bench_tsne.py)
+    or ``"sklearn"`` (Barnes-Hut). Both start
+    from the PCA initialisation, with ``n_iter`` iterations in all (the first 250
+    with early exaggeration; 750 is openTSNE's default schedule, 250 + 500). ``pca_components`` first reduces D with PCA (the
+    usual step for raw pixels, e.g. 50).
+    """
+    x = _as_points(features, "features")
+    if method not in TSNE_METHODS:
+        raise ValueError(f"Unknown t-SNE method {method!r}; choose one of {', '.join(TSNE_METHODS)}.")
+    if not 1 <= perplexity < len(x):
+        raise ValueError(f"perplexity must be at least 1 and below the number of points ({len(x)}), "
+                         f"got {perplexity}.")
+    if n_iter <= 250:
+        raise ValueError(f"n_iter counts the 250 early-exaggeration iterations too; it must exceed 250, "
+                         f"got {n_iter}.")
+    if pca_components:
+        from sklearn.decomposition import PCA
+
+        x = PCA(n_components=pca_components, random_state=seed).fit_transform(x)
+    if method == "opentsne":
+        from openTSNE import TSNE
+
+        emb = TSNE(n_components=2, perplexity=perplexity, early_exaggeration_iter=250,
+                   n_iter=n_iter - 250, initialization="pca", negative_gradient_method="auto",
+                   n_jobs=n_jobs, random_state=seed, verbose=False).fit(x)
+        return np.asarray(emb, dtype=np.float64)
+    from sklearn.manifold import TSNE
+
+    return TSNE(n_components=2, perplexity=perplexity, max_iter=n_iter, init="pca",
+                learning_rate="auto", n_jobs=n_jobs, random_state=seed).fit_transform(x).astype(np.float64)
+
+
+def trustworthiness(features, embedding, n_neighbors=10, chunk_size=500):
+    """Trustworthiness of an embedding (Venna & Kaski), as ``sklearn.manifold.trustworthiness``.
+
+    1 when every point's ``n_neighbors`` nearest neighbours on the map are also
+    near it in the original space; unexpected map neighbours are penalised by
+    their rank in the original space. Same definition and value as scikit-learn's
+    (tested), but computed in chunks of rows: scikit-learn's builds three N x N
+    arrays (about 2.4 GB for 10,000 points); this needs ``chunk_size`` x N.
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    x = _as_points(features, "features")
+    e = _as_points(embedding, "embedding")
+    n, k = len(x), int(n_neighbors)
+    if len(e) != n:
+        raise ValueError(f"features have {n} rows but the embedding has {len(e)}; they must match.")
+    if not 1 <= k < n / 2:
+        raise ValueError(f"n_neighbors must be at least 1 and below n / 2 = {n / 2}, got {n_neighbors}.")
+    map_nb = NearestNeighbors(n_neighbors=k).fit(e).kneighbors(return_distance=False)  # (n, k)
+    sq = np.einsum("ij,ij->i", x, x)
+    penalty = 0.0
+    for start in range(0, n, chunk_size):
+        rows = np.arange(start, min(start + chunk_size, n))
+        d = sq[rows, None] - 2.0 * x[rows] @ x.T + sq[None, :]     # squared distances
+        d[np.arange(len(rows)), rows] = np.inf                      # a point is not its own neighbour
+        d_nb = np.take_along_axis(d, map_nb[rows], axis=1)          # (chunk, k)
+        # rank of j among i's neighbours in the original space: 1 + points strictly closer
+        rank = 1 + (d[:, None, :] < d_nb[:, :, None]).sum(axis=2)
+        penalty += np.clip(rank - k, 0, None).sum()
+    return float(1.0 - 2.0 / (n * k * (2.0 * n - 3.0 * k - 1.0)) * penalty)
+
+
+def knn_label_disagreement(features, labels, n_neighbors=10):
+    """For each point, how many of its nearest neighbours in feature space carry another label.
+
+    Returns a dict: ``disagreement`` (N,) the fraction of the ``n_neighbors``
+    neighbours (the point itself excluded) whose label differs; ``vote`` (N,) the
+    most common neighbour label (ties to the smaller label); ``neighbors`` (N, k)
+    their indices, nearest first. Points with disagreement > 0.5 sit inside
+    another class's cluster: outliers, mislabelled or ambiguous examples.
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    x = _as_points(features, "features")
+    y = np.asarray(labels)
+    if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer) or (len(y) and y.min() < 0):
+        raise ValueError(f"labels must be non-negative integers of shape ({len(x)},); "
+                         f"got shape {y.shape}, dtype {y.dtype}.")
+    k = int(n_neighbors)
+    if not 1 <= k < len(x):
+        raise ValueError(f"n_neighbors must be between 1 and N - 1 = {len(x) - 1}, got {n_neighbors}.")
+    nb = NearestNeighbors(n_neighbors=k).fit(x).kneighbors(return_distance=False)
+    nb_labels = y[nb]
+    counts = np.apply_along_axis(np.bincount, 1, nb_labels, minlength=int(y.max()) + 1)
+    return {"disagreement": (nb_labels != y[:, None]).mean(axis=1),
+            "vote": counts.argmax(axis=1), "neighbors": nb}
+
 
 # ---------------------------------------------------------------------------
 # PyTorch: VGG16 and feature inversion
 # ---------------------------------------------------------------------------
+
+#: ImageNet channel statistics that torchvision's VGG16 weights were trained with.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+#: Set this environment variable to ``1`` to never try a download (use the cache or
+#: fall back to random weights at once), e.g. for tests on a machine with a network.
+OFFLINE_ENV_VAR = "CNN_COURSE_OFFLINE"
+
+
+def _vgg16_weights_enum():
+    _, torchvision = _torch()
+    return torchvision.models.VGG16_Weights.IMAGENET1K_V1
+
+
+def vgg16_weights_path():
+    """Where torchvision's own cache keeps the VGG16 ImageNet weights (the file
+    ``python -m cnn_utils prefetch`` downloads): ``<torch hub dir>/checkpoints/<file>``."""
+    from urllib.parse import urlparse
+
+    torch, _ = _torch()
+    filename = os.path.basename(urlparse(_vgg16_weights_enum().url).path)
+    return Path(torch.hub.get_dir()) / "checkpoints" / filename
+
+
+def imagenet_class_names():
+    """The 1000 ImageNet class names, from torchvision's weight metadata (no download)."""
+    return list(_vgg16_weights_enum().meta["categories"])
+
+
+def torch_device(device=None):
+    """``device`` as a ``torch.device``; by default the GPU when there is one, else the CPU."""
+    torch, _ = _torch()
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def _download_vgg16_state_dict(timeout=10.0, progress=True):
+    """Load the VGG16 state dict through torchvision's loader and cache.
+
+    Downloads (528 MB) when the file is not cached. ``timeout`` bounds each network
+    operation (not the whole download), so an offline machine fails in seconds.
+    """
+    import socket
+
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout)
+    try:
+        return _vgg16_weights_enum().get_state_dict(
+            progress=progress, check_hash=True, weights_only=True
+        )
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+def load_vgg16(pretrained=True, device=None, seed=DEFAULT_SEED, timeout=10.0):
+    """torchvision's VGG16, in eval mode, on ``device`` (default: GPU if available).
+
+    With ``pretrained=True`` the ImageNet weights come from torchvision's cache
+    (``vgg16_weights_path()``), downloaded there when missing. If they cannot be had
+    (no network, a corrupt file), a plain message says what happened and how to
+    prefetch them, and the model keeps randomly initialised weights (seeded with
+    ``seed``) so that everything downstream still runs.
+
+    The returned model carries two extra attributes: ``pretrained`` (True only when
+    the ImageNet weights were loaded) and ``class_names`` (the 1000 ImageNet classes).
+    """
+    torch, torchvision = _torch()
+    weights_enum = _vgg16_weights_enum()
+    model, loaded = None, False
+    if pretrained:
+        path = vgg16_weights_path()
+        problem = None
+        if not path.is_file() and os.environ.get(OFFLINE_ENV_VAR, "") not in ("", "0"):
+            problem = (f"they are not in torchvision's cache ({path}) and {OFFLINE_ENV_VAR} "
+                       "is set, so no download was tried")
+        else:
+            try:
+                state = _download_vgg16_state_dict(timeout=timeout)
+                # no (slow) random initialisation: the weights overwrite it
+                model = torchvision.models.vgg16(weights=None, init_weights=False)
+                model.load_state_dict(state)
+                loaded = True
+            except Exception as err:  # URLError, socket.timeout, a corrupt or truncated file ...
+                if path.is_file():
+                    problem = (f"the cached file {path} could not be read "
+                               f"({type(err).__name__}: {err}); delete it and prefetch again")
+                else:
+                    problem = (f"they are not in torchvision's cache ({path}) and downloading "
+                               f"them from {weights_enum.url} failed ({type(err).__name__}: "
+                               f"{err}); this machine is probably offline")
+        if problem:
+            print(
+                "NOTE: Could not load the VGG16 ImageNet weights: " + problem + ".\n"
+                "The model therefore has RANDOM weights. Every cell still runs, but its "
+                "predictions are meaningless and its filters are noise; the feature inversions "
+                "show what an untrained network keeps.\n"
+                "To use the real weights: on a machine with internet, run `make prefetch` (or "
+                "`python -m cnn_utils prefetch`) in the course folder, which saves them (528 MB) "
+                f"to {path}; then restart the kernel.",
+                flush=True,
+            )
+    if not loaded:
+        torch.manual_seed(seed)
+        model = torchvision.models.vgg16(weights=None)
+    model.pretrained = loaded
+    model.class_names = list(weights_enum.meta["categories"])
+    return model.eval().to(torch_device(device))
+
+
+def vgg_layer_names(model):
+    """Names of ``model.features`` in VGG's convention: conv1_1, relu1_1, ..., pool1, conv2_1 ..."""
+    torch, _ = _torch()
+    names, block, conv = [], 1, 0
+    for layer in model.features:
+        if isinstance(layer, torch.nn.Conv2d):
+            conv += 1
+            names.append(f"conv{block}_{conv}")
+        elif isinstance(layer, torch.nn.ReLU):
+            names.append(f"relu{block}_{conv}")
+        elif isinstance(layer, torch.nn.MaxPool2d):
+            names.append(f"pool{block}")
+            block, conv = block + 1, 0
+        else:
+            names.append(type(layer).__name__.lower())
+    return names
+
+
+def _check_layer_index(model, layer_index):
+    features = getattr(model, "features", None)
+    if features is None or not hasattr(features, "__len__"):
+        raise TypeError("The model must have a `features` attribute (an nn.Sequential of layers), "
+                        f"as torchvision's VGG16 has; got {type(model).__name__}.")
+    n = len(features)
+    if isinstance(layer_index, bool) or not isinstance(layer_index, (int, np.integer)):
+        raise TypeError(f"layer_index must be an integer from 0 to {n - 1}, got {layer_index!r}.")
+    if not 0 <= layer_index < n:
+        listing = ", ".join(f"{i} {name}" for i, name in enumerate(vgg_layer_names(model)))
+        raise ValueError(f"layer_index {layer_index} is out of range: valid indices are 0 to "
+                         f"{n - 1}. The model's feature layers are: {listing}.")
+    return int(layer_index)
+
+
+def preprocess_image(image, size=224):
+    """A photo as VGG16 input: a float32 tensor (1, 3, size, size), ImageNet-normalised.
+
+    ``image`` is a PIL image, a path to an image file, or an array (H, W, 3) / (H, W)
+    of uint8 in 0..255 or floats in [0, 1]. It is resized (bicubic, Pillow's
+    ``Image.Resampling``) to ``size`` x ``size`` (``size`` may also be ``(height, width)``),
+    scaled to [0, 1] and normalised with ``IMAGENET_MEAN`` / ``IMAGENET_STD``.
+    ``recreate_image`` is its inverse.
+    """
+    from PIL import Image
+
+    torch, _ = _torch()
+    if isinstance(image, (str, Path)):
+        path = Path(image).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"No image file at {path} (resolved: {path.resolve()}).")
+        with Image.open(path) as img:
+            image = img.convert("RGB")
+    if isinstance(image, Image.Image):
+        pil = image.convert("RGB")
+    else:
+        if hasattr(image, "detach"):
+            image = image.detach().cpu().numpy()
+        arr = np.asarray(image)
+        if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+            raise TypeError("image must be a PIL image, a path or an array of numbers, "
+                            f"got {type(image).__name__}.")
+        if arr.ndim == 3 and arr.shape[-1] == 1:
+            arr = arr[..., 0]
+        if arr.ndim == 2:
+            arr = np.repeat(arr[..., np.newaxis], 3, axis=-1)
+        if arr.ndim != 3 or arr.shape[-1] != 3:
+            hint = " (drop the alpha channel with image[..., :3])" if arr.ndim == 3 and arr.shape[-1] == 4 else ""
+            raise ValueError(f"image must have shape (H, W, 3) (RGB, channels last) or (H, W); "
+                             f"got shape {arr.shape}{hint}.")
+        if arr.dtype != np.uint8:
+            arr = arr.astype(np.float64)
+            if not np.all(np.isfinite(arr)) or arr.min() < 0 or arr.max() > 1:
+                raise ValueError("A float image must hold values in [0, 1] (or pass uint8 in 0..255); "
+                                 f"got values from {np.nanmin(arr):.3g} to {np.nanmax(arr):.3g}.")
+            arr = np.round(arr * 255).astype(np.uint8)
+        pil = Image.fromarray(arr)
+    height, width = (size, size) if np.isscalar(size) else tuple(size)
+    if int(height) < 1 or int(width) < 1:
+        raise ValueError(f"size must be positive, got {size!r}.")
+    pil = pil.resize((int(width), int(height)), Image.Resampling.BICUBIC)
+    x = torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return ((x - mean) / std).unsqueeze(0).contiguous()
+
+
+def recreate_image(tensor):
+    """Inverse of ``preprocess_image``: un-normalise, clip to [0, 1], uint8 (H, W, 3)."""
+    torch, _ = _torch()
+    x = tensor.detach().cpu().float() if isinstance(tensor, torch.Tensor) else torch.as_tensor(
+        np.asarray(tensor, dtype=np.float32))
+    if x.ndim == 4 and x.shape[0] == 1:
+        x = x[0]
+    if x.ndim != 3 or x.shape[0] != 3:
+        raise ValueError(f"Expected a tensor (1, 3, H, W) or (3, H, W), got shape {tuple(tensor.shape)}.")
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    x = (x * std + mean).clamp(0, 1)
+    return np.round(x.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+
+
+def euclidian_loss(original, target):
+    """Relative squared error ||target - original||^2 / ||original||^2 (Mahendran & Vedaldi)."""
+    return (target - original).pow(2).sum() / original.pow(2).sum().clamp_min(1e-12)
+
+
+def alpha_norm(x, alpha=6):
+    """Sum of |x|^alpha (the absolute value matters for odd alpha)."""
+    return x.abs().pow(alpha).sum()
+
+
+def total_variation_norm(x, beta=2, eps=1e-8):
+    """Sum over pixels of ((x[i+1, j] - x[i, j])^2 + (x[i, j+1] - x[i, j])^2)^(beta/2).
+
+    ``x`` is (N, C, H, W) or (C, H, W): differences run along the two spatial axes
+    (H and W), never across channels. ``eps`` keeps the gradient finite for
+    ``beta < 2`` where neighbours are equal; it is subtracted again, so a constant
+    image has exactly zero variation.
+    """
+    if x.ndim not in (3, 4):
+        raise ValueError(f"Expected (N, C, H, W) or (C, H, W), got shape {tuple(x.shape)}.")
+    d_rows = x[..., 1:, :-1] - x[..., :-1, :-1]
+    d_cols = x[..., :-1, 1:] - x[..., :-1, :-1]
+    squared = d_rows.pow(2) + d_cols.pow(2)
+    if beta == 2:
+        return squared.sum()
+    floor = squared.new_full((), eps).pow(beta / 2)  # same dtype: constant images give exactly 0
+    return ((squared + eps).pow(beta / 2) - floor).sum()
+
+
+def _as_model_input(image, size=224):
+    """A (1, 3, H, W) float tensor from a tensor, or via ``preprocess_image`` otherwise."""
+    torch, _ = _torch()
+    if not isinstance(image, torch.Tensor):
+        return preprocess_image(image, size=size)
+    x = image.detach().float()
+    if x.ndim == 3:
+        x = x.unsqueeze(0)
+    if x.ndim != 4 or x.shape[0] != 1 or x.shape[1] != 3:
+        raise ValueError("image must be a tensor (1, 3, H, W) or (3, H, W) as made by "
+                         f"preprocess_image; got shape {tuple(image.shape)}.")
+    return x
+
+
+def top_k_predictions(model, image, k=5):
+    """The ``k`` most probable ImageNet classes: a list of (class name, probability)."""
+    torch, _ = _torch()
+    device = next(model.parameters()).device
+    x = _as_model_input(image).to(device)
+    with torch.no_grad():
+        probs = torch.softmax(model(x), dim=1)[0].cpu()
+    values, indices = probs.topk(k)
+    names = getattr(model, "class_names", None) or imagenet_class_names()
+    return [(names[i], float(p)) for p, i in zip(values, indices.tolist())]
+
+
+def vgg_feature_maps(model, image, layer_indices):
+    """Outputs of ``model.features[i]`` for each ``i`` in ``layer_indices``, in one pass.
+
+    Returns ``{i: array (C, H, W)}``. Runs the layers one by one (no hooks) and
+    copies each output, so VGG's in-place ReLUs cannot overwrite a conv layer's map.
+    """
+    torch, _ = _torch()
+    indices = sorted({_check_layer_index(model, i) for i in layer_indices})
+    device = next(model.parameters()).device
+    x = _as_model_input(image).to(device)
+    maps = {}
+    with torch.no_grad():
+        for i, layer in enumerate(model.features[: indices[-1] + 1]):
+            x = layer(x)
+            if i in indices:
+                maps[i] = x[0].cpu().numpy().copy()
+    return maps
+
+
+def gradient_saliency(model, image, class_index=None):
+    """Vanilla gradient saliency (Simonyan et al. 2014) of a class's pre-softmax score.
+
+    Returns ``(saliency (H, W) array, class_index)``: the largest absolute gradient over
+    the three colour channels; ``class_index`` defaults to the predicted class.
+    """
+    torch, _ = _torch()
+    device = next(model.parameters()).device
+    x = _as_model_input(image).to(device).requires_grad_(True)
+    scores = model(x)
+    n_classes = scores.shape[1]
+    if class_index is None:
+        class_index = int(scores[0].argmax())
+    if not 0 <= class_index < n_classes:
+        raise ValueError(f"class_index must be from 0 to {n_classes - 1}, got {class_index}.")
+    (grad,) = torch.autograd.grad(scores[0, class_index], x)
+    return grad[0].abs().amax(dim=0).cpu().numpy(), class_index
+
+
+def feature_inversion(model, image, layer_index, iterations=200, lr=0.1, optimizer="adam",
+                      alpha=6, alpha_weight=1e-5, tv_beta=2, tv_weight=0.3, n_snapshots=6,
+                      seed=DEFAULT_SEED, progress=True, size=224):
+    """Reconstruct an image from its features at ``model.features[layer_index]``.
+
+    Mahendran & Vedaldi (2015): starting from noise, gradient descent on the image x for
+
+        euclidian_loss(target, features(x)) + alpha_weight * mean(|x|^alpha)
+                                            + tv_weight * mean TV_beta(x)
+
+    (the regularizers ``alpha_norm`` and ``total_variation_norm`` averaged per value, so
+    the weights do not depend on the image size). The target features are computed
+    once, without gradients; only the layers up to the target run
+    (``model.features[:layer_index + 1]``), and the model's weights are frozen during the
+    optimisation so no weight gradients are computed. The learning rate decays along a
+    cosine from ``lr`` to zero.
+
+    ``image``: a (1, 3, H, W) tensor from ``preprocess_image`` (or anything it accepts,
+    resized to ``size``). ``optimizer``: ``"adam"`` or ``"sgd"`` (momentum 0.9).
+
+    Returns a dict: ``image`` (the reconstruction, uint8 H x W x 3), ``tensor`` (the same,
+    normalised, 1 x 3 x H x W), ``snapshots`` (uint8 images at regular steps) with their
+    ``snapshot_steps``, ``loss`` and ``feature_loss`` (per step, NumPy arrays),
+    ``layer_index``, ``layer_name``, ``seconds`` (wall clock) and ``cpu_seconds`` (CPU
+    time of all threads).
+    """
+    import time
+
+    from tqdm.auto import tqdm
+
+    torch, _ = _torch()
+    layer_index = _check_layer_index(model, layer_index)
+    if int(iterations) < 1:
+        raise ValueError(f"iterations must be at least 1, got {iterations}.")
+    if optimizer not in ("adam", "sgd"):
+        raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}.")
+    device = next(model.parameters()).device
+    x0 = _as_model_input(image, size=size).to(device)
+    trunk = model.features[: layer_index + 1]
+    was_training = model.training
+    requires = [p.requires_grad for p in model.parameters()]
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        with torch.no_grad():
+            target = trunk(x0).clone()
+        gen = torch.Generator(device="cpu").manual_seed(int(seed))
+        noise = 0.5 + 0.1 * torch.randn(x0.shape, generator=gen)  # grey-ish noise in pixel space
+        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        x = ((noise - mean) / std).to(device).requires_grad_(True)
+        opt = (torch.optim.Adam([x], lr=lr) if optimizer == "adam"
+               else torch.optim.SGD([x], lr=lr, momentum=0.9))
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=int(iterations))
+        n_values = x.numel()
+        n_snap = max(1, min(int(n_snapshots), int(iterations)))
+        snap_at = {int(round(iterations * (k + 1) / n_snap)) for k in range(n_snap)}
+        snapshots, snapshot_steps, losses, feature_losses = [], [], [], []
+        start, cpu_start = time.perf_counter(), time.process_time()
+        bar = tqdm(range(1, int(iterations) + 1), disable=not progress,
+                   desc=f"inverting {vgg_layer_names(model)[layer_index]}")
+        for step in bar:
+            opt.zero_grad(set_to_none=True)
+            feature_loss = euclidian_loss(target, trunk(x))
+            loss = feature_loss
+            if alpha_weight:
+                loss = loss + alpha_weight * alpha_norm(x, alpha) / n_values
+            if tv_weight:
+                loss = loss + tv_weight * total_variation_norm(x, tv_beta) / n_values
+            loss.backward()
+            opt.step()
+            schedule.step()
+            losses.append(loss.item())
+            feature_losses.append(feature_loss.item())
+            if step in snap_at:
+                snapshots.append(recreate_image(x))
+                snapshot_steps.append(step)
+            if step % 10 == 0 or step == 1:
+                bar.set_postfix(feature_loss=f"{feature_losses[-1]:.3g}")
+        bar.close()
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    finally:
+        for p, r in zip(model.parameters(), requires):
+            p.requires_grad_(r)
+        model.train(was_training)
+    if not np.isfinite(losses[-1]):
+        raise FloatingPointError(f"The inversion diverged (loss {losses[-1]}); try a smaller lr.")
+    return {
+        "image": recreate_image(x), "tensor": x.detach().cpu(),
+        "snapshots": snapshots, "snapshot_steps": snapshot_steps,
+        "loss": np.array(losses), "feature_loss": np.array(feature_losses),
+        "layer_index": layer_index, "layer_name": vgg_layer_names(model)[layer_index],
+        "seconds": seconds, "cpu_seconds": cpu_seconds,
+    }
+
+
+def image_similarity(original, reconstruction):
+    """SSIM and PSNR (dB) of two uint8 RGB images (H, W, 3), via scikit-image.
+
+    Returns ``(ssim, psnr)``; SSIM is 1 and PSNR infinite for identical images.
+    """
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    a, b = np.asarray(original), np.asarray(reconstruction)
+    if a.shape != b.shape or a.ndim != 3 or a.shape[-1] != 3:
+        raise ValueError(f"Expected two RGB images of the same shape (H, W, 3); got {a.shape} and {b.shape}.")
+    ssim = structural_similarity(a, b, channel_axis=-1, data_range=255)
+    with np.errstate(divide="ignore"):
+        psnr = peak_signal_noise_ratio(a, b, data_range=255)
+    return float(ssim), float(psnr)
 
 
 # ---------------------------------------------------------------------------
@@ -1089,7 +2342,10 @@ def plot_image_grid(images, titles=None, ncols=10, cmap="gray", title=None, size
         raise ValueError("plot_image_grid needs at least one image.")
     ncols = min(ncols, n)
     nrows = int(np.ceil(n / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows + 0.4), squeeze=False)
+    title_lines = max((str(t).count("\n") + 1 for t in titles), default=0) if titles is not None else 0
+    row_height = size + 0.17 * title_lines
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, row_height * nrows + 0.5),
+                             squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i >= n:
@@ -1104,37 +2360,890 @@ def plot_image_grid(images, titles=None, ncols=10, cmap="gray", title=None, size
     return fig
 
 
+def plot_training_curves(history, title="Training curves"):
+    """Loss and accuracy per epoch, training vs validation.
+
+    ``history`` is a Keras ``History``, its ``.history`` dict, or the ``history``
+    recorded in a shipped model's JSON (``model_info(name)["history"]``).
+    """
+    import matplotlib.pyplot as plt
+
+    hist = getattr(history, "history", history)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, metric, label in ((axes[0], "loss", "cross-entropy loss"), (axes[1], "accuracy", "accuracy")):
+        if metric not in hist:
+            raise ValueError(f"history has no {metric!r}; it has {sorted(hist)}")
+        epochs = np.arange(1, len(hist[metric]) + 1)
+        ax.plot(epochs, hist[metric], "o-", label="training")
+        if f"val_{metric}" in hist:
+            ax.plot(epochs, hist[f"val_{metric}"], "s--", label="validation")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.set_title(label.capitalize())
+        ax.set_xticks(epochs)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_confusion_matrix(cm, class_names, title="Confusion matrix", normalize=False):
+    """A seaborn heatmap of a confusion matrix (rows: true class, columns: predicted)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    cm = np.asarray(cm)
+    data = cm / cm.sum(axis=1, keepdims=True) if normalize else cm
+    fig, ax = plt.subplots(figsize=(7.5, 6.2))
+    sns.heatmap(
+        data, annot=True, fmt=".2f" if normalize else "d", cmap="Blues", square=True, ax=ax,
+        xticklabels=class_names, yticklabels=class_names,
+        cbar_kws={"label": "fraction of the true class" if normalize else "number of test images"},
+        annot_kws={"fontsize": 7},
+    )
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def overlay_heatmap(image, heatmap, alpha=0.4, cmap="jet"):
+    """Blend a heatmap (H, W) in [0, 1] over an image for display.
+
+    ``image`` is (H, W), (H, W, 1) or (H, W, 3) in [0, 1]; returns an RGB float32
+    array (H, W, 3) in [0, 1]: ``(1 - alpha) * image + alpha * cmap(heatmap)``.
+    """
+    import matplotlib
+
+    img = np.asarray(image, dtype=np.float32)
+    heat = np.asarray(heatmap, dtype=np.float32)
+    if img.ndim == 4 and img.shape[0] == 1:
+        img = img[0]
+    if heat.ndim == 3 and heat.shape[0] == 1:
+        heat = heat[0]
+    if img.ndim == 3 and img.shape[-1] == 1:
+        img = img[..., 0]
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=-1)
+    if img.ndim != 3 or img.shape[-1] != 3:
+        raise ValueError(f"image must be (H, W), (H, W, 1) or (H, W, 3); got shape {np.shape(image)}.")
+    if heat.ndim != 2 or heat.shape != img.shape[:2]:
+        raise ValueError(f"heatmap must be (H, W) = {img.shape[:2]} like the image; got shape {np.shape(heatmap)}.")
+    if not (np.all(np.isfinite(img)) and np.all(np.isfinite(heat))):
+        raise ValueError("image and heatmap must not contain NaN or infinite values.")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
+    colored = matplotlib.colormaps[cmap](np.clip(heat, 0.0, 1.0))[..., :3].astype(np.float32)
+    return np.clip((1.0 - alpha) * img + alpha * colored, 0.0, 1.0).astype(np.float32)
+
+
+def plot_attribution_maps(images, maps, image_titles=None, overlay=True, alpha=0.5, cmap="jet",
+                          title=None, size=1.6, transpose=False):
+    """Each image beside its maps: ``maps`` is a dict method name -> (N, H, W).
+
+    One row per image and one column per method (``transpose=True``: one column
+    per image, one row per method). Maps are shown in [0, 1], overlaid on the
+    image when ``overlay``, with one shared colour bar. Returns the Figure.
+    """
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    images = np.asarray(images, dtype=np.float32)
+    if images.ndim == 3:
+        images = images[..., None]
+    if not isinstance(maps, dict) or not maps:
+        raise ValueError("maps must be a non-empty dict: method name -> maps (N, H, W).")
+    n = len(images)
+    for name, m in maps.items():
+        if np.shape(m) != images.shape[:3]:
+            raise ValueError(f"maps[{name!r}] has shape {np.shape(m)}; expected {images.shape[:3]}.")
+    names = list(maps)
+    shape = (n, len(names) + 1) if not transpose else (len(names) + 1, n)
+    fig, axes = plt.subplots(*shape, figsize=(size * shape[1] + 0.9, size * shape[0] + 0.5), squeeze=False)
+
+    def ax_at(i, j):  # image i, column j (0 = the input)
+        return axes[j, i] if transpose else axes[i, j]
+
+    gray = images[..., 0] if images.shape[-1] == 1 else images
+    for i in range(n):
+        ax_at(i, 0).imshow(gray[i], cmap="gray", vmin=0, vmax=1)
+        for j, name in enumerate(names, 1):
+            m = np.asarray(maps[name][i], dtype=np.float32)
+            if overlay:
+                ax_at(i, j).imshow(overlay_heatmap(images[i], m, alpha=alpha, cmap=cmap))
+            else:
+                ax_at(i, j).imshow(m, cmap=cmap, vmin=0, vmax=1)
+        for j in range(len(names) + 1):
+            ax_at(i, j).set_xticks([])
+            ax_at(i, j).set_yticks([])
+        if image_titles is not None:
+            if transpose:
+                ax_at(i, 0).set_title(str(image_titles[i]), fontsize=8)
+            else:
+                ax_at(i, 0).set_ylabel(str(image_titles[i]), fontsize=8)
+    for j, name in enumerate(["input"] + names):
+        if transpose:
+            ax_at(0, j).set_ylabel(name, fontsize=8)
+        else:
+            ax_at(0, j).set_title(name, fontsize=9)
+    sm = matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0, 1), cmap=matplotlib.colormaps[cmap])
+    height = fig.get_size_inches()[1]
+    top_space = (0.55 if title else 0.1) + (0.3 if image_titles is not None and transpose else 0.25)
+    fig.subplots_adjust(left=0.06, right=0.86, bottom=0.02, top=1 - top_space / height,
+                        wspace=0.08, hspace=0.45 if transpose and image_titles is not None else 0.15)
+    cbar = fig.colorbar(sm, ax=axes, fraction=0.025, pad=0.02)
+    cbar.set_label("attribution (scaled per image)")
+    if title:
+        fig.suptitle(title, y=1 - 0.15 / height, va="top")
+    return fig
+
+
+def plot_signed_attributions(images, attributions, image_titles=None, title=None, size=1.8):
+    """Signed attributions (e.g. Integrated Gradients) on a diverging red/blue map.
+
+    ``attributions`` (N, H, W[, C]) are summed over channels; red pushes the class
+    score up, blue down; each image uses a symmetric range around 0. Returns the Figure.
+    """
+    import matplotlib.pyplot as plt
+
+    images = np.asarray(images, dtype=np.float32)
+    attr = np.asarray(attributions, dtype=np.float32)
+    if attr.ndim == 4:
+        attr = attr.sum(axis=-1)
+    if images.ndim == 4:
+        images = images[..., 0] if images.shape[-1] == 1 else images.mean(axis=-1)
+    if attr.shape != images.shape[:3]:
+        raise ValueError(f"attributions have shape {attr.shape}; expected {images.shape[:3]} (one per image).")
+    n = len(images)
+    fig, axes = plt.subplots(2, n, figsize=(size * n + 0.6, 2 * size + 0.6), squeeze=False)
+    for i in range(n):
+        axes[0, i].imshow(images[i], cmap="gray", vmin=0, vmax=1)
+        lim = float(np.abs(attr[i]).max()) or 1.0
+        im = axes[1, i].imshow(attr[i], cmap="RdBu_r", vmin=-lim, vmax=lim)
+        fig.colorbar(im, ax=axes[1, i], fraction=0.046, pad=0.04)
+        if image_titles is not None:
+            axes[0, i].set_title(str(image_titles[i]), fontsize=8)
+        for ax in axes[:, i]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    axes[0, 0].set_ylabel("input")
+    axes[1, 0].set_ylabel("attribution\n(red +, blue -)")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def plot_probability_bars(images, probs, labels, class_names=None, title=None):
+    """Each image above a bar chart of its class probabilities.
+
+    The predicted class's bar is green when right and red when wrong; the true
+    class's bar is outlined in black. Returns the Figure.
+    """
+    import matplotlib.pyplot as plt
+
+    p = _as_probs(probs)
+    y = _as_labels(labels, len(p), p.shape[1])
+    imgs = np.asarray(images)
+    if imgs.ndim == 4 and imgs.shape[-1] == 1:
+        imgs = imgs[..., 0]
+    if len(imgs) != len(p):
+        raise ValueError(f"Got {len(imgs)} images but {len(p)} rows of probabilities.")
+    k = p.shape[1]
+    names = list(class_names) if class_names is not None else [str(i) for i in range(k)]
+    n = len(p)
+    fig, axes = plt.subplots(2, n, figsize=(2.1 * n, 4.4), squeeze=False,
+                             gridspec_kw={"height_ratios": [1, 1.15]})
+    for i in range(n):
+        pred = int(p[i].argmax())
+        ok = pred == y[i]
+        axes[0, i].imshow(imgs[i], cmap="gray", vmin=0, vmax=1)
+        axes[0, i].axis("off")
+        axes[0, i].set_title(f"true {names[y[i]]}\npred {names[pred]} {'(right)' if ok else '(WRONG)'}",
+                             fontsize=8, color="green" if ok else "red")
+        colors = ["lightgray"] * k
+        colors[pred] = "tab:green" if ok else "tab:red"
+        bars = axes[1, i].bar(np.arange(k), p[i], color=colors)
+        bars[y[i]].set_edgecolor("black")
+        bars[y[i]].set_linewidth(1.5)
+        axes[1, i].set_ylim(0, 1)
+        axes[1, i].set_xticks(np.arange(k))
+        axes[1, i].set_xticklabels(names, rotation=90, fontsize=7)
+        axes[1, i].set_xlabel("class", fontsize=8)
+        if i == 0:
+            axes[1, i].set_ylabel("probability")
+        else:
+            axes[1, i].set_yticklabels([])
+        axes[1, i].set_title(f"max p = {p[i].max():.3f}", fontsize=8)
+    fig.suptitle(title or "Predicted class probabilities (black outline: true class)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_reliability_diagram(bins, titles=None, title=None):
+    """Reliability diagram(s) from :func:`calibration_bins` dicts.
+
+    ``bins`` is one dict or a list of them (e.g. before and after temperature
+    scaling), one column each: top, accuracy per confidence bin against the
+    diagonal of perfect calibration with the gap shaded and the ECE written in;
+    bottom, how many predictions fall in each bin (log scale). Returns the Figure.
+    """
+    import matplotlib.pyplot as plt
+
+    bins_list = [bins] if isinstance(bins, dict) else list(bins)
+    titles = list(titles) if titles is not None else [None] * len(bins_list)
+    if len(titles) != len(bins_list):
+        raise ValueError(f"Got {len(titles)} titles for {len(bins_list)} diagrams.")
+    n = len(bins_list)
+    fig, axes = plt.subplots(2, n, figsize=(4.6 * n, 6.2), squeeze=False, sharex=True,
+                             gridspec_kw={"height_ratios": [3, 1.2]})
+    for col, (b, t) in enumerate(zip(bins_list, titles)):
+        edges = b["edges"]
+        width = np.diff(edges)
+        left = edges[:-1]
+        has = b["counts"] > 0
+        acc = np.where(has, b["accuracy"], 0.0)
+        conf = np.where(has, b["confidence"], 0.0)
+        ax = axes[0, col]
+        ax.bar(left, acc, width=width, align="edge", color="tab:blue", edgecolor="black",
+               linewidth=0.5, label="accuracy in bin")
+        ax.bar(left[has], (conf - acc)[has], bottom=acc[has], width=width[has], align="edge",
+               color="tab:red", alpha=0.35, hatch="//", edgecolor="tab:red", linewidth=0.5,
+               label="gap to mean confidence")
+        ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+        ece = float(np.sum(b["weight"] * b["gap"]))
+        ax.text(0.04, 0.93, f"ECE = {100 * ece:.2f} %\nn = {b['n']}", transform=ax.transAxes,
+                va="top", fontsize=9, bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"})
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("accuracy")
+        ax.set_title(t or "Reliability diagram")
+        ax.legend(loc="lower right", fontsize=8)
+        axc = axes[1, col]
+        axc.bar(left, b["counts"], width=width, align="edge", color="gray", edgecolor="black",
+                linewidth=0.5)
+        if b["counts"].max() > 0:
+            axc.set_yscale("log")
+        axc.set_xlabel("confidence (largest probability)")
+        axc.set_ylabel("predictions")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_histograms(samples, xlabel, title, bins=30, range=None, log=False):
+    """Overlaid density histograms of several samples, e.g. confidence in and out of distribution.
+
+    ``samples`` maps a legend label to a 1-D array. Returns the Figure.
+    """
+    import matplotlib.pyplot as plt
+
+    if not isinstance(samples, dict) or not samples:
+        raise TypeError("samples must be a non-empty dict {label: 1-D array}.")
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    arrays = {k: np.asarray(v, dtype=np.float64).ravel() for k, v in samples.items()}
+    if range is None:
+        lo = min(a.min() for a in arrays.values())
+        hi = max(a.max() for a in arrays.values())
+        range = (lo, hi if hi > lo else lo + 1)
+    for label, a in arrays.items():
+        ax.hist(a, bins=bins, range=range, density=True, alpha=0.55, label=f"{label} (n={len(a)})",
+                log=log)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("density (log scale)" if log else "density")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def spread_out_indices(points, n, seed=DEFAULT_SEED):
+    """``n`` indices of ``points`` (N, 2) far apart from each other (greedy farthest-point)."""
+    pts = _as_points(points, "points")
+    n = min(int(n), len(pts))
+    if n <= 0:
+        return np.zeros(0, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    chosen = [int(rng.integers(len(pts)))]
+    dist = np.linalg.norm(pts - pts[chosen[0]], axis=1)
+    for _ in range(n - 1):
+        nxt = int(dist.argmax())
+        chosen.append(nxt)
+        dist = np.minimum(dist, np.linalg.norm(pts - pts[nxt], axis=1))
+    return np.array(chosen, dtype=np.int64)
+
+
+def plot_embedding(embeddings, labels, class_names=None, images=None, n_thumbnails=0,
+                   title=None, point_size=3, seed=DEFAULT_SEED, highlight=None):
+    """Scatter 2-D embeddings coloured by class, one panel per embedding.
+
+    ``embeddings`` is an (N, 2) array or a dict ``{panel title: (N, 2) array}``.
+    With ``images`` (N, H, W[, 1]) and ``n_thumbnails``, that many images, spread
+    over each map, are drawn at their points (framed in their class colour).
+    ``highlight`` (indices) circles chosen points, e.g. outliers. Returns the Figure.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
+    from matplotlib.lines import Line2D
+    from matplotlib.offsetbox import AnnotationBbox, OffsetImage
+
+    if not isinstance(embeddings, dict):
+        embeddings = {"embedding": embeddings}
+    y = np.asarray(labels)
+    num_classes = int(y.max()) + 1 if len(y) else 1
+    names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
+    if len(names) < num_classes:
+        raise ValueError(f"labels go up to {num_classes - 1} but only {len(names)} class names were given.")
+    num_classes = len(names)  # every class in the legend, even one absent from this sample
+    cmap = colormaps["tab10"]
+    imgs = None
+    if images is not None:
+        imgs = np.asarray(images)
+        if imgs.ndim == 4 and imgs.shape[-1] == 1:
+            imgs = imgs[..., 0]
+    n = len(embeddings)
+    fig, axes = plt.subplots(1, n, figsize=(6.4 * n, 6.0), squeeze=False)
+    for ax, (panel, emb) in zip(axes[0], embeddings.items()):
+        e = _as_points(emb, "embedding")
+        if e.shape != (len(y), 2):
+            raise ValueError(f"embedding {panel!r} has shape {e.shape}, expected ({len(y)}, 2).")
+        ax.scatter(e[:, 0], e[:, 1], c=cmap(y % 10), s=point_size, linewidths=0, alpha=0.8)
+        if highlight is not None and len(highlight):
+            h = np.asarray(highlight)
+            ax.scatter(e[h, 0], e[h, 1], s=60, facecolors="none", edgecolors="black",
+                       linewidths=1.2, label="highlighted")
+        if imgs is not None and n_thumbnails:
+            for i in spread_out_indices(e, n_thumbnails, seed=seed):
+                box = AnnotationBbox(OffsetImage(imgs[i], cmap="gray_r", zoom=0.9), e[i],
+                                     frameon=True, pad=0.1,
+                                     bboxprops={"edgecolor": cmap(y[i] % 10), "linewidth": 1.5})
+                ax.add_artist(box)
+        ax.set_title(panel)
+        ax.set_xlabel("dimension 1")
+        ax.set_ylabel("dimension 2")
+    handles = [Line2D([], [], marker="o", linestyle="", color=cmap(c % 10), label=names[c])
+               for c in range(num_classes)]
+    fig.legend(handles=handles, loc="center right", title="class", fontsize=8, markerscale=1.2)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 0.9 if n > 1 else 0.82, 1))
+    return fig
+
+
+# --- PyTorch / VGG16 figures (notebook 07) ---
+
+def plot_top_predictions(images, predictions, titles=None, title="Top-5 predictions"):
+    """Each photo (uint8 H x W x 3) beside a bar chart of its (class, probability) list."""
+    import matplotlib.pyplot as plt
+
+    n = len(images)
+    if n == 0 or n != len(predictions):
+        raise ValueError(f"Need as many prediction lists as images (got {n} images, "
+                         f"{len(predictions)} prediction lists, at least one).")
+    fig, axes = plt.subplots(n, 2, figsize=(9, 2.4 * n), squeeze=False,
+                             gridspec_kw={"width_ratios": [1, 2.2]})
+    for i, (img, preds) in enumerate(zip(images, predictions)):
+        axes[i, 0].imshow(img)
+        axes[i, 0].axis("off")
+        if titles is not None:
+            axes[i, 0].set_title(str(titles[i]), fontsize=9)
+        names = [name for name, _ in preds][::-1]
+        probs = [100 * p for _, p in preds][::-1]
+        axes[i, 1].barh(range(len(names)), probs, color="tab:blue")
+        axes[i, 1].set_yticks(range(len(names)), names, fontsize=8)
+        axes[i, 1].set_xlim(0, 100)
+        axes[i, 1].set_xlabel("probability (%)")
+        for y, p in enumerate(probs):
+            axes[i, 1].text(min(p + 1, 88), y, f"{p:.1f}", va="center", fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_rgb_filters(weights, ncols=16, title="First-layer filters as RGB images", size=0.7):
+    """First-layer conv filters (F, 3, k, k) as small RGB images.
+
+    Each filter is scaled to its own min..max, so the colours show the pattern a
+    filter looks for, not its strength (RGB images need no colour bar).
+    """
+    import matplotlib.pyplot as plt
+
+    w = np.asarray(weights, dtype=np.float64)
+    if w.ndim != 4 or w.shape[1] != 3:
+        raise ValueError(f"Expected weights (F, 3, k, k) of a layer that sees RGB, got shape {w.shape}.")
+    lo = w.min(axis=(1, 2, 3), keepdims=True)
+    hi = w.max(axis=(1, 2, 3), keepdims=True)
+    rgb = ((w - lo) / np.maximum(hi - lo, 1e-12)).transpose(0, 2, 3, 1)
+    n = len(rgb)
+    ncols = min(ncols, n)
+    nrows = int(np.ceil(n / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows + 0.6), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(rgb[i], interpolation="nearest")
+            ax.set_title(str(i), fontsize=6)
+    fig.suptitle(f"{title}\n(each filter scaled to its own range)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _strongest_channels(maps, n):
+    return list(np.argsort(maps.reshape(len(maps), -1).mean(axis=1))[::-1][:n])
+
+
+def plot_feature_maps(maps, channels=None, n=16, ncols=8, layer_name="layer", cmap="viridis", size=1.3):
+    """Individual channels of one layer's feature maps (C, H, W), on one colour scale.
+
+    ``channels`` defaults to the ``n`` channels with the largest mean activation.
+    """
+    import matplotlib.pyplot as plt
+
+    maps = np.asarray(maps)
+    if maps.ndim != 3:
+        raise ValueError(f"Expected feature maps (C, H, W), got shape {maps.shape}.")
+    channels = _strongest_channels(maps, n) if channels is None else list(channels)
+    shown = maps[channels]
+    vmin, vmax = float(shown.min()), float(shown.max())
+    ncols = min(ncols, len(channels))
+    nrows = int(np.ceil(len(channels) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols + 1, size * nrows + 0.7), squeeze=False)
+    im = None
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < len(channels):
+            im = ax.imshow(shown[i], cmap=colormap(cmap), vmin=vmin, vmax=vmax)
+            ax.set_title(f"channel {channels[i]}", fontsize=7)
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="activation")
+    fig.suptitle(f"{layer_name}: {len(channels)} of {len(maps)} channels, "
+                 f"{maps.shape[1]} x {maps.shape[2]} each")
+    return fig
+
+
+def plot_feature_maps_by_depth(maps_by_layer, n=6, cmap="viridis", size=1.4):
+    """One row per layer (``{name: (C, H, W)}``): its ``n`` strongest channels, each row on
+    its own colour scale with its colour bar, so the maps shrink and sparsify with depth."""
+    import matplotlib.pyplot as plt
+
+    names = list(maps_by_layer)
+    if not names:
+        raise ValueError("maps_by_layer is empty: pass {layer name: (C, H, W) array}.")
+    fig, axes = plt.subplots(len(names), n, figsize=(size * n + 1.2, size * len(names) + 0.6), squeeze=False)
+    for row, name in enumerate(names):
+        maps = np.asarray(maps_by_layer[name])
+        channels = _strongest_channels(maps, n)
+        vmax = float(maps[channels].max()) or 1.0
+        im = None
+        for col, ax in enumerate(axes[row]):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if col < len(channels):
+                im = ax.imshow(maps[channels[col]], cmap=colormap(cmap), vmin=0, vmax=vmax)
+                ax.set_title(f"ch {channels[col]}", fontsize=7)
+        axes[row, 0].set_ylabel(f"{name}\n{maps.shape[1]}x{maps.shape[2]}x{maps.shape[0]}", fontsize=8)
+        zero = 100 * float(np.mean(maps <= 0))
+        axes[row, -1].text(1.05, 0.5, f"{zero:.0f}% zero", transform=axes[row, -1].transAxes,
+                           fontsize=7, va="center")
+        fig.colorbar(im, ax=axes[row].tolist(), shrink=0.9, pad=0.08)
+    fig.suptitle("Feature maps by depth (strongest channels; rows: H x W x C)")
+    return fig
+
+
+def plot_inversion(result, original=None, title=None):
+    """A feature inversion's progress: snapshots at regular steps and the loss curves."""
+    import matplotlib.pyplot as plt
+
+    snaps = result["snapshots"]
+    extra = 1 if original is not None else 0
+    ncols = len(snaps) + extra + 1
+    fig, axes = plt.subplots(1, ncols, figsize=(1.6 * ncols + 1.5, 2.4),
+                             gridspec_kw={"width_ratios": [1] * (ncols - 1) + [1.8]})
+    if original is not None:
+        axes[0].imshow(original)
+        axes[0].set_title("original", fontsize=8)
+    for ax, img, step in zip(axes[extra:], snaps, result["snapshot_steps"]):
+        ax.imshow(img)
+        ax.set_title(f"step {step}", fontsize=8)
+    for ax in axes[:-1]:
+        ax.axis("off")
+    ax = axes[-1]
+    steps = np.arange(1, len(result["loss"]) + 1)
+    ax.semilogy(steps, result["loss"], label="total")
+    ax.semilogy(steps, result["feature_loss"], label="feature (relative)")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss (log scale)")
+    ax.legend(fontsize=7)
+    fig.suptitle(title or f"Inverting {result['layer_name']} (features[{result['layer_index']}])")
+    fig.tight_layout()
+    return fig
+
+
+def plot_reconstructions(original, results, scores=None, title="What each depth keeps"):
+    """The original beside reconstructions from several layers; ``scores`` are (SSIM, PSNR)."""
+    import matplotlib.pyplot as plt
+
+    n = len(results) + 1
+    fig, axes = plt.subplots(1, n, figsize=(2.2 * n, 2.7))
+    axes[0].imshow(original)
+    axes[0].set_title("original", fontsize=9)
+    for i, res in enumerate(results):
+        axes[i + 1].imshow(res["image"])
+        label = res["layer_name"]
+        if scores is not None:
+            label += f"\nSSIM {scores[i][0]:.2f}, PSNR {scores[i][1]:.1f} dB"
+        axes[i + 1].set_title(label, fontsize=8)
+    for ax in axes:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_quality_vs_depth(layer_names, ssim, psnr, title="How much of the image each depth keeps"):
+    """SSIM (left axis) and PSNR (right axis) of the reconstructions against depth."""
+    import matplotlib.pyplot as plt
+
+    x = np.arange(len(layer_names))
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    ax.plot(x, ssim, "o-", color="tab:blue", label="SSIM")
+    ax.set_ylabel("SSIM (1 = identical)", color="tab:blue")
+    ax.set_ylim(min(0.0, float(np.min(ssim)) - 0.05), 1.0)
+    ax.set_xticks(x, layer_names)
+    ax.set_xlabel("layer inverted (deeper to the right)")
+    ax2 = ax.twinx()
+    ax2.plot(x, psnr, "s--", color="tab:red", label="PSNR")
+    ax2.set_ylabel("PSNR (dB)", color="tab:red")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_saliency(image, saliency, title="Gradient saliency", cmap="hot"):
+    """A photo (uint8 H x W x 3), its saliency map (H, W) with a colour bar, and an overlay."""
+    import matplotlib.pyplot as plt
+
+    sal = np.asarray(saliency, dtype=np.float64)
+    if sal.shape != np.asarray(image).shape[:2]:
+        raise ValueError(f"saliency {sal.shape} must match the image's H x W {np.asarray(image).shape[:2]}.")
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.4))
+    axes[0].imshow(image)
+    axes[0].set_title("input", fontsize=9)
+    im = axes[1].imshow(sal, cmap=colormap(cmap))
+    axes[1].set_title("|d score / d pixel| (max over RGB)", fontsize=9)
+    fig.colorbar(im, ax=axes[1], shrink=0.85, label="gradient magnitude")
+    axes[2].imshow(image)
+    axes[2].imshow(sal / (sal.max() or 1.0), cmap=colormap(cmap), alpha=0.55)
+    axes[2].set_title("overlay", fontsize=9)
+    for ax in axes:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def colormap(name):
+    """A matplotlib colormap by name (the current ``matplotlib.colormaps`` registry)."""
+    import matplotlib
+
+    return matplotlib.colormaps[name]
+
 
 # ---------------------------------------------------------------------------
 # Widgets
 # ---------------------------------------------------------------------------
+
+def explorer_methods():
+    """The explorer's methods: name -> ``f(model, x, class_index, layer_name) -> (N, H, W)``.
+
+    Each returns maps in [0, 1] at input resolution, computed by the course's own
+    functions, so what the explorer shows is exactly what those functions return.
+    """
+    return {
+        "Saliency": lambda m, x, c, l: saliency_map(m, x, class_index=c),
+        "SmoothGrad": lambda m, x, c, l: smoothgrad(m, x, class_index=c, samples=32, seed=0),
+        "Integrated Gradients": lambda m, x, c, l: normalize_maps(
+            np.abs(integrated_gradients(m, x, class_index=c, steps=32)).sum(axis=-1)),
+        "Grad-CAM": lambda m, x, c, l: grad_cam(m, x, class_index=c, layer_name=l),
+        "Grad-CAM++": lambda m, x, c, l: grad_cam_plus_plus(m, x, class_index=c, layer_name=l),
+        "Score-CAM": lambda m, x, c, l: score_cam(m, x, class_index=c, layer_name=l),
+    }
+
+
+ACTIVATIONS_METHOD = "Layer activations"
+
+
+def _png(rgb_or_gray, scale=1):
+    """Encode an image array (H, W[, 3]) in [0, 1] as PNG bytes, enlarged by ``scale``."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    arr = np.clip(np.asarray(rgb_or_gray, dtype=np.float32), 0, 1)
+    img = Image.fromarray((arr * 255).round().astype(np.uint8))
+    if scale != 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
+    buf = BytesIO()
+    img.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def _tile_channels(maps, ncols=8):
+    """(H, W, C) feature maps -> one (rows*H, ncols*W) mosaic scaled to [0, 1], 1-px gaps."""
+    h, w, c = maps.shape
+    nrows = int(np.ceil(c / ncols))
+    mosaic = np.ones((nrows * (h + 1) - 1, ncols * (w + 1) - 1), np.float32) * np.nan
+    top = maps.max()
+    for k in range(c):
+        r, q = divmod(k, ncols)
+        mosaic[r * (h + 1): r * (h + 1) + h, q * (w + 1): q * (w + 1) + w] = maps[..., k] / top if top > 0 else 0
+    return mosaic
+
+
+def _probability_bars_html(probs, class_names, predicted, true_label):
+    rows = []
+    for k, p in enumerate(probs):
+        colour = "#2a7ab9" if k != predicted else ("#2e8b57" if k == true_label else "#c0392b")
+        mark = " ✔ true" if k == true_label else ""
+        rows.append(
+            f"<tr><td style='text-align:right;padding-right:6px'>{class_names[k]}</td>"
+            f"<td style='width:180px'><div style='background:{colour};height:12px;"
+            f"width:{max(p, 0.004) * 100:.1f}%'></div></td>"
+            f"<td style='padding-left:6px'>{p:.1%}{mark}</td></tr>"
+        )
+    return ("<b>Class probabilities</b> (softmax)<table style='font-size:12px;border-collapse:collapse'>"
+            + "".join(rows) + "</table>")
+
+
+def explorer(model, images, labels, class_names=None, scale=8):
+    """An interactive explorer for a live demo: pick an image, a method, a class, a layer.
+
+    Shows the image, the method's heatmap (or the chosen layer's feature maps), the
+    overlay and the class probabilities, and updates on every change. Errors raised
+    by a method are shown in the app. Returns an ``ipywidgets.VBox`` with extra
+    attributes for programmatic use: ``controls`` (dict of the control widgets),
+    ``last`` (what was shown last: method, index, class, layer, heatmap, seconds)
+    and ``refresh()``.
+    """
+    import time
+
+    import ipywidgets as widgets
+    import matplotlib
+
+    x_all = as_image_batch(images, model)
+    labels = np.asarray(labels).astype(int)
+    if len(labels) != len(x_all):
+        raise ValueError(f"explorer got {len(x_all)} images but {len(labels)} labels.")
+    n_classes = int(model.outputs[0].shape[-1])
+    class_names = list(class_names) if class_names is not None else [str(i) for i in range(n_classes)]
+    if len(class_names) != n_classes:
+        raise ValueError(f"class_names has {len(class_names)} names; the model has {n_classes} classes.")
+    probs_all = np.asarray(model.predict(x_all, batch_size=1000, verbose=0))
+    pred_all = probs_all.argmax(axis=1)
+    wrong = np.flatnonzero(pred_all != labels)
+    methods = explorer_methods()
+    spatial = [l for l in model.layers if type(l).__name__ != "InputLayer" and len(l.output.shape) == 4]
+    layers = [l.name for l in spatial]
+    conv_layers = [l.name for l in spatial if "Conv" in type(l).__name__]
+    jet = matplotlib.colormaps["jet"]
+    viridis = matplotlib.colormaps["viridis"]
+
+    style = {"description_width": "110px"}
+    layout = widgets.Layout(width="360px")
+    c_index = widgets.IntSlider(0, 0, len(x_all) - 1, description="image", style=style, layout=layout,
+                                continuous_update=False)
+    c_wrong = widgets.Checkbox(False, description=f"only misclassified ({len(wrong)})",
+                               disabled=len(wrong) == 0, style=style)
+    c_method = widgets.Dropdown(options=list(methods) + [ACTIVATIONS_METHOD], value="Grad-CAM",
+                                description="method", style=style, layout=layout)
+    c_class = widgets.Dropdown(options=[("predicted", -1)] + [(f"{k}: {n}", k) for k, n in enumerate(class_names)],
+                               value=-1, description="target class", style=style, layout=layout)
+    c_layer = widgets.Dropdown(options=layers, value=conv_layers[-1] if conv_layers else layers[-1],
+                               description="layer", style=style, layout=layout)
+    c_alpha = widgets.FloatSlider(0.4, min=0.0, max=1.0, step=0.05, description="overlay opacity",
+                                  style=style, layout=layout, continuous_update=False)
+    status = widgets.HTML()
+    caption = widgets.HTML()
+    size = f"{x_all.shape[2] * scale}px"
+    w_image = widgets.Image(format="png", layout=widgets.Layout(width=size))
+    w_heat = widgets.Image(format="png", layout=widgets.Layout(width=size))
+    w_overlay = widgets.Image(format="png", layout=widgets.Layout(width=size))
+    w_heat.add_class("explorer-heatmap")
+    w_image.add_class("explorer-image")
+    bar = np.repeat(jet(np.linspace(0, 1, 256))[None, :, :3], 10, axis=0)
+    w_colorbar = widgets.Image(value=_png(bar), format="png", layout=widgets.Layout(width=size, height="10px"))
+    colorbar_note = widgets.HTML("<div style='display:flex;justify-content:space-between;font-size:11px'>"
+                                 "<span>0 = least</span><span>importance</span><span>1 = most</span></div>")
+    probs_html = widgets.HTML()
+    heading = lambda text: widgets.HTML(f"<b>{text}</b>")  # noqa: E731
+    heat_title = widgets.HTML()
+
+    def pool():
+        return wrong if c_wrong.value and len(wrong) else np.arange(len(x_all))
+
+    def on_wrong(_change):
+        c_index.unobserve(refresh, names="value")
+        c_index.max = len(pool()) - 1
+        c_index.value = 0
+        c_index.observe(refresh, names="value")
+        refresh()
+
+    def refresh(*_):
+        start = time.perf_counter()
+        idx = int(pool()[min(c_index.value, len(pool()) - 1)])
+        method = c_method.value
+        target = int(pred_all[idx]) if c_class.value == -1 else int(c_class.value)
+        status.value = f"<span style='color:#777'>⏳ computing {method} …</span>"
+        try:
+            x = x_all[idx: idx + 1]
+            image = x[0, ..., 0] if x.shape[-1] == 1 else x[0]
+            if method == ACTIVATIONS_METHOD:
+                maps = get_activations(model, x, [c_layer.value])[c_layer.value][0]
+                heat = _tile_channels(maps)
+                heat_rgb = viridis(np.nan_to_num(heat, nan=1.0))[..., :3]
+                heat_rgb[np.isnan(heat)] = 1.0
+                w_heat.value = _png(heat_rgb, scale=max(1, scale * x.shape[2] // heat_rgb.shape[1]))
+                overlay = None
+                heat_title.value = f"<b>{maps.shape[-1]} feature maps of {c_layer.value}</b>"
+            else:
+                heat = methods[method](model, x, target, c_layer.value)[0]
+                w_heat.value = _png(jet(heat)[..., :3], scale)
+                overlay = overlay_heatmap(image, heat, alpha=c_alpha.value)
+                heat_title.value = f"<b>{method} for class {class_names[target]}</b>"
+            gray = np.repeat(image[..., None], 3, axis=-1) if image.ndim == 2 else image
+            w_image.value = _png(gray, scale)
+            w_overlay.value = _png(overlay, scale) if overlay is not None else _png(gray, scale)
+            probs_html.value = _probability_bars_html(probs_all[idx], class_names, pred_all[idx], labels[idx])
+            ok = "✔ correct" if pred_all[idx] == labels[idx] else "✘ wrong"
+            caption.value = (f"test image #{idx}: true <b>{class_names[labels[idx]]}</b>, predicted "
+                             f"<b>{class_names[pred_all[idx]]}</b> ({probs_all[idx, pred_all[idx]]:.1%}) {ok}")
+            seconds = time.perf_counter() - start
+            box.last = {"index": idx, "method": method, "class_index": target, "layer": c_layer.value,
+                        "heatmap": heat, "seconds": seconds}
+            status.value = f"<span style='color:#2e8b57'>✔ {method} in {seconds * 1000:.0f} ms</span>"
+        except Exception as err:  # shown in the app, not lost in a log
+            box.last = {"index": idx, "method": method, "error": err}
+            status.value = (f"<span style='color:#c0392b'><b>{type(err).__name__}:</b> "
+                            f"{str(err)[:400]}</span>")
+
+    controls = widgets.VBox([c_index, c_wrong, c_method, c_class, c_layer, c_alpha, status])
+    panels = widgets.HBox([
+        widgets.VBox([heading("input image"), w_image]),
+        widgets.VBox([heat_title, w_heat, w_colorbar, colorbar_note]),
+        widgets.VBox([heading("overlay"), w_overlay]),
+        probs_html,
+    ], layout=widgets.Layout(gap="12px", align_items="flex-start"))
+    box = widgets.VBox([widgets.HBox([controls, caption]), panels])
+    box.add_class("cnn-explorer")
+    box.controls = {"index": c_index, "only_misclassified": c_wrong, "method": c_method,
+                    "class_index": c_class, "layer": c_layer, "alpha": c_alpha}
+    box.images = {"image": w_image, "heatmap": w_heat, "overlay": w_overlay}
+    box.status = status
+    box.refresh = refresh
+    box.last = {}
+    for control in (c_index, c_method, c_class, c_layer, c_alpha):
+        control.observe(refresh, names="value")
+    c_wrong.observe(on_wrong, names="value")
+    refresh()
+    return box
+
 
 
 # ---------------------------------------------------------------------------
 # Exercise checks
 # ---------------------------------------------------------------------------
 
+# The exercise notebook (08) tests students' code with these helpers: each raises an
+# AssertionError whose message says what was expected, what came out and, with ``hint``,
+# what to fix. nbgrader shows that message in the feedback.
+
+def _as_numbers(value, name):
+    """``value`` (array, tensor, list or number) as a float64 array, or AssertionError."""
+    if value is None:
+        raise AssertionError(f"{name} returned None: did you forget the `return` statement?")
+    if hasattr(value, "numpy"):
+        value = value.numpy()
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise AssertionError(
+            f"{name} should be an array of numbers, got {type(value).__name__}."
+        ) from None
+    return arr
+
+
+def check_array(value, name, shape=None, low=None, high=None):
+    """Check that ``value`` is a finite array [of ``shape``] [within ``low``..``high``].
+
+    Returns it as a float64 NumPy array. Raises ``AssertionError`` with a message
+    naming ``name``, the expected and the actual shape or range otherwise.
+    """
+    arr = _as_numbers(value, name)
+    if shape is not None and arr.shape != tuple(shape):
+        raise AssertionError(f"{name} should have shape {tuple(shape)}, got {arr.shape}.")
+    if not np.all(np.isfinite(arr)):
+        bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+        raise AssertionError(f"{name} contains {bad} NaN or infinite value(s).")
+    if low is not None and arr.size and arr.min() < low:
+        raise AssertionError(f"{name} should be >= {low}, but its minimum is {arr.min():.6g}.")
+    if high is not None and arr.size and arr.max() > high:
+        raise AssertionError(f"{name} should be <= {high}, but its maximum is {arr.max():.6g}.")
+    return arr
+
+
+def check_close(actual, expected, name, rtol=1e-5, atol=1e-8, hint=""):
+    """Check ``|actual - expected| <= atol + rtol * |expected|`` elementwise.
+
+    On failure the ``AssertionError`` says how many values differ, the largest
+    difference, where it is and both values there, followed by ``hint``.
+    Returns None (so that a test cell ending with it prints nothing).
+    """
+    exp = np.asarray(expected, dtype=np.float64)
+    act = check_array(actual, name)
+    if act.shape != exp.shape:
+        if act.size == exp.size == 1:
+            act = act.reshape(exp.shape)
+        else:
+            raise AssertionError(f"{name} should have shape {exp.shape}, got {act.shape}. {hint}".strip())
+    bad = np.abs(act - exp) > atol + rtol * np.abs(exp)
+    if np.any(bad):
+        diff = np.where(bad, np.abs(act - exp), -np.inf)
+        where = np.unravel_index(int(np.argmax(diff)), diff.shape) if diff.ndim else ()
+        at = f" at index {tuple(int(i) for i in where)}" if where else ""
+        raise AssertionError(
+            f"{name} is wrong in {int(bad.sum())} of {bad.size} value(s); the largest difference is "
+            f"{np.abs(act - exp)[where]:.6g}{at} (got {act[where]:.6g}, expected {exp[where]:.6g}). {hint}".strip()
+        )
+
 
 # ---------------------------------------------------------------------------
 # Command line: train, prefetch, run the notebook series
 # ---------------------------------------------------------------------------
 
-DEFAULT_EPOCHS = {"mnist": 4, "fashion_mnist": 12}
+DEFAULT_EPOCHS = {"mnist": 4, "fashion_mnist": 15}
 
 
-def train_and_save(dataset="mnist", epochs=None, seed=DEFAULT_SEED, out_dir=None, verbose="auto"):
+def train_and_save(dataset="mnist", epochs=None, seed=DEFAULT_SEED, out_dir=None, verbose=None):
     """Train the course CNN on ``dataset`` and save it with its measured test accuracy.
 
-    This is the documented way to rebuild each file in ``saved_models/``.
-    Returns the metadata dict written beside the model.
+    This is the documented way to rebuild each file in ``saved_models/``
+    (``python -m cnn_utils train --dataset mnist``). The model is fitted on 90 % of
+    the training images; the other 10 % (``train_val_split(..., seed=42)``) stay
+    unseen, as an honest validation set (e.g. for temperature scaling).
+    Returns the metadata dict written beside the model, with the per-epoch history.
     """
     import time
 
     epochs = epochs or DEFAULT_EPOCHS[dataset]
+    if verbose is None:
+        verbose = 1 if sys.stdout.isatty() else 2
     (x_train, y_train), (x_test, y_test) = load_dataset(dataset)
+    (x_fit, y_fit), (x_val, y_val) = train_val_split(x_train, y_train, seed=seed)
     model = build_mnist_cnn(seed=seed)
     start = time.perf_counter()
-    train_model(model, x_train, y_train, epochs=epochs, seed=seed, verbose=verbose)
+    history = train_model(model, x_fit, y_fit, epochs=epochs, seed=seed, verbose=verbose,
+                          validation_data=(x_val, y_val))
     train_seconds = time.perf_counter() - start
     _, test_acc = model.evaluate(x_test, y_test, batch_size=1000, verbose=0)
     out = Path(out_dir) if out_dir else MODELS_DIR
@@ -1147,9 +3256,12 @@ def train_and_save(dataset="mnist", epochs=None, seed=DEFAULT_SEED, out_dir=None
         "test_accuracy": round(float(test_acc), 4),
         "epochs": epochs,
         "seed": seed,
+        "fit_images": int(len(x_fit)),
+        "validation": f"train_val_split(x_train, y_train, val_fraction=0.1, seed={seed})",
         "train_seconds": round(train_seconds, 1),
         "keras_version": keras.__version__,
         "command": f"python -m cnn_utils train --dataset {dataset}",
+        "history": {k: [round(float(v), 5) for v in vals] for k, vals in history.history.items()},
     }
     path.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
     return info
@@ -1174,9 +3286,11 @@ def prefetch(datasets=DATASETS, vgg16=True):
         np.savez_compressed(target, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
         print(f"{name}: saved to {target}")
     if vgg16:
-        code = (
-            "import torchvision; from torchvision.models import vgg16, VGG16_Weights; "
-            "vgg16(weights=VGG16_Weights.IMAGENET1K_V1); print('VGG16 ImageNet weights: cached')"
+        code = (  # the same weights enum and torchvision cache as load_vgg16
+            f"import sys; sys.path.insert(0, {str(PROJECT_DIR)!r}); import cnn_utils; "
+            "cnn_utils._download_vgg16_state_dict(timeout=60); "
+            "print('VGG16 ImageNet weights (VGG16_Weights.IMAGENET1K_V1): cached in', "
+            "cnn_utils.vgg16_weights_path())"
         )
         result = subprocess.run([sys.executable, "-c", code])
         if result.returncode != 0:
@@ -1243,6 +3357,108 @@ def _to_html(ipynb_path):
     Path(ipynb_path).with_suffix(".html").write_text(body, encoding="utf-8")
 
 
+#: nbgrader's course directory for the exercise notebook (git-ignored; see nbgrader_config.py).
+GRADING_DIR = PROJECT_DIR / "nbgrader"
+#: The assignment, and its one notebook, in nbgrader's layout.
+EXERCISE_ASSIGNMENT = "08_exercises"
+
+
+def grading_source(course_dir=None):
+    """Copy ``notebooks/08_exercises.ipynb`` to nbgrader's ``source/08_exercises/``.
+
+    The notebook in ``notebooks/`` is the instructor version (solutions, hidden
+    tests); nbgrader reads it from ``<course_dir>/source/<assignment>/``.
+    Returns the path written.
+    """
+    import shutil
+
+    course = Path(course_dir) if course_dir else GRADING_DIR
+    target = course / "source" / EXERCISE_ASSIGNMENT / f"{EXERCISE_ASSIGNMENT}.ipynb"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(NOTEBOOKS_DIR / f"{EXERCISE_ASSIGNMENT}.ipynb", target)
+    return target
+
+
+def grading_collect(folder, course_dir=None):
+    """Put a folder of submissions ``<student_id>.ipynb`` into nbgrader's layout.
+
+    Each file goes to ``<course_dir>/submitted/<student_id>/08_exercises/08_exercises.ipynb``
+    (replacing an earlier copy). Returns the student ids, sorted.
+    """
+    import shutil
+
+    import nbformat
+
+    folder = Path(folder)
+    files = sorted(folder.glob("*.ipynb"))
+    if not files:
+        raise ValueError(f"No submissions in {folder}: expected files named <student_id>.ipynb.")
+    course = Path(course_dir) if course_dir else GRADING_DIR
+    students = []
+    for path in files:
+        try:
+            nbformat.read(str(path), as_version=4)
+        except Exception as err:
+            raise ValueError(f"{path} is not a readable notebook ({type(err).__name__}: {err}).") from None
+        target = course / "submitted" / path.stem / EXERCISE_ASSIGNMENT / f"{EXERCISE_ASSIGNMENT}.ipynb"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+        students.append(path.stem)
+    return students
+
+
+def grading_scores(course_dir=None):
+    """Per-student, per-cell scores from nbgrader's gradebook (after ``nbgrader autograde``).
+
+    Returns ``{student: {grade_id: {"auto": float | None, "manual": float | None,
+    "max": float, "needs_manual": bool, "by_hand": bool}}}``. ``by_hand`` marks written
+    answers (markdown cells): the autograder gives them 0 when left unanswered and
+    leaves them to a human (``needs_manual``) otherwise.
+    """
+    from nbgrader.api import Gradebook, MissingEntry
+
+    course = Path(course_dir) if course_dir else GRADING_DIR
+    db = course / "gradebook.db"
+    if not db.is_file():
+        raise FileNotFoundError(f"No gradebook at {db}: run `nbgrader generate_assignment` and "
+                                "`nbgrader autograde` first (see README, for instructors).")
+    scores = {}
+    with Gradebook(f"sqlite:///{db}") as gb:
+        for student in gb.students:
+            try:
+                nb = gb.find_submission_notebook(EXERCISE_ASSIGNMENT, EXERCISE_ASSIGNMENT, student.id)
+            except MissingEntry:
+                continue
+            scores[student.id] = {
+                g.name: {"auto": g.auto_score, "manual": g.manual_score, "max": float(g.max_score),
+                         "needs_manual": bool(g.needs_manual_grade), "by_hand": g.cell_type == "markdown"}
+                for g in nb.grades
+            }
+    return scores
+
+
+def _print_scores(scores):
+    """A table: autograded points per exercise (grade ids ``exN_...``), in total, and by hand."""
+    exercises = sorted({gid.split("_")[0] for cells in scores.values()
+                        for gid, g in cells.items() if not g["by_hand"]})
+    print("student".ljust(20) + "".join(e.rjust(6) for e in exercises) + "   autograded   by hand")
+    for student, cells in sorted(scores.items()):
+        auto = {e: 0.0 for e in exercises}
+        auto_max = hand = hand_max = 0.0
+        to_grade = 0
+        for gid, g in cells.items():
+            if g["by_hand"]:
+                hand_max += g["max"]
+                hand += (g["manual"] if g["manual"] is not None else g["auto"] or 0.0)
+                to_grade += g["needs_manual"]
+            else:
+                auto[gid.split("_")[0]] += g["auto"] or 0.0
+                auto_max += g["max"]
+        pending = f" ({to_grade} to grade)" if to_grade else ""
+        print(student.ljust(20) + "".join(f"{auto[e]:6g}" for e in exercises)
+              + f"   {sum(auto.values()):g} / {auto_max:g}".ljust(13) + f"   {hand:g} / {hand_max:g}{pending}")
+
+
 def main(argv=None):
     import argparse
 
@@ -1258,15 +3474,32 @@ def main(argv=None):
     p_run.add_argument("names", nargs="*", help="only notebooks whose file name contains these")
     p_run.add_argument("--fast", action="store_true", help="run with FAST=True (as the tests do)")
     p_run.add_argument("--out", default=str(BUILD_DIR))
+    p_grade = sub.add_parser("grading", help="nbgrader glue for notebooks/08_exercises.ipynb (README: instructors)")
+    p_grade.add_argument("action", choices=["source", "collect", "scores"],
+                         help="source: copy the notebook to nbgrader's source/; collect FOLDER: copy "
+                              "<student_id>.ipynb files to submitted/; scores: print the gradebook")
+    p_grade.add_argument("folder", nargs="?", help="for collect: a folder of <student_id>.ipynb files")
+    p_grade.add_argument("--course-dir", default=str(GRADING_DIR), help="nbgrader course directory")
     args = parser.parse_args(argv)
 
     if args.command == "train":
         info = train_and_save(args.dataset, epochs=args.epochs, seed=args.seed)
-        print(json.dumps(info, indent=2))
+        print(f"{args.dataset}: test accuracy {info['test_accuracy']:.2%} after {info['epochs']} "
+              f"epochs ({info['train_seconds']:.0f} s); saved to {model_path(args.dataset)}")
     elif args.command == "prefetch":
         prefetch(vgg16=not args.no_vgg16)
     elif args.command == "run":
         run_notebooks(args.names, out_dir=args.out, parameters={"FAST": True} if args.fast else None)
+    elif args.command == "grading":
+        if args.action == "source":
+            print(f"Wrote {grading_source(args.course_dir)}")
+        elif args.action == "collect":
+            if not args.folder:
+                parser.error("grading collect needs a FOLDER of <student_id>.ipynb files")
+            students = grading_collect(args.folder, args.course_dir)
+            print(f"Collected {len(students)} submission(s): {', '.join(students)}")
+        else:
+            _print_scores(grading_scores(args.course_dir))
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ def test_garbage_file(monkeypatch, tmp_path):
 def test_wrong_layout(monkeypatch, tmp_path):
     np.savez(tmp_path / "mnist.npz", x_train=np.zeros((5, 28, 28), np.uint8))
     _point_data_dir(monkeypatch, tmp_path)
-    with pytest.raises(cnn_utils.DataError, match="missing array 'y_train'"):
+    with pytest.raises(cnn_utils.DataError, match="missing array 'y_train', 'x_test', 'y_test'"):
         cnn_utils.load_dataset("mnist")
 
 

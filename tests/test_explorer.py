@@ -1,0 +1,141 @@
+"""The live-demo explorer: every control changes what is shown, and what is shown is
+exactly what the course's functions return."""
+import matplotlib
+import numpy as np
+import pytest
+
+import cnn_utils
+
+
+@pytest.fixture(scope="module")
+def app_and_data(mnist_model, mnist):
+    _, (x_test, y_test) = mnist
+    probs = mnist_model.predict(x_test, batch_size=1000, verbose=0)
+    mistakes = cnn_utils.most_confident_mistakes(probs, y_test, k=5)
+    keep = np.concatenate([np.arange(50), mistakes])  # 50 images, then 5 certain mistakes
+    x, y = x_test[keep], y_test[keep]
+    app = cnn_utils.explorer(mnist_model, x, y, class_names=cnn_utils.CLASS_NAMES["mnist"])
+    return app, x, y
+
+
+def _shown_heatmap(app):
+    return app.images["heatmap"].value
+
+
+def test_starts_with_grad_cam_of_the_predicted_class(app_and_data, mnist_model):
+    app, x, _ = app_and_data
+    assert app.last["method"] == "Grad-CAM" and app.last["index"] == 0
+    expected = cnn_utils.grad_cam(mnist_model, x[:1])[0]
+    np.testing.assert_allclose(app.last["heatmap"], expected, atol=1e-6)
+    jet = matplotlib.colormaps["jet"]
+    assert _shown_heatmap(app) == cnn_utils._png(jet(expected)[..., :3], 8)
+    assert "✔" in app.status.value
+
+
+@pytest.mark.parametrize("method", list(cnn_utils.explorer_methods()))
+def test_each_method_matches_its_function(app_and_data, mnist_model, method):
+    app, x, _ = app_and_data
+    app.controls["index"].value = 3
+    before = _shown_heatmap(app)
+    app.controls["method"].value = method
+    assert app.last["method"] == method and "error" not in app.last, app.status.value
+    expected = cnn_utils.explorer_methods()[method](mnist_model, x[3:4], app.last["class_index"],
+                                                    app.last["layer"])[0]
+    np.testing.assert_allclose(app.last["heatmap"], expected, atol=1e-5)
+    if method != "Grad-CAM":
+        assert _shown_heatmap(app) != before
+    app.controls["method"].value = "Grad-CAM"
+
+
+def test_image_control_changes_image_and_heatmap(app_and_data):
+    app, x, _ = app_and_data
+    app.controls["index"].value = 0
+    image, heat = app.images["image"].value, _shown_heatmap(app)
+    app.controls["index"].value = 1
+    assert app.last["index"] == 1
+    assert app.images["image"].value != image and _shown_heatmap(app) != heat
+    gray = np.repeat(x[1, ..., 0][..., None], 3, axis=-1)
+    assert app.images["image"].value == cnn_utils._png(gray, 8)
+
+
+def test_target_class_control(app_and_data, mnist_model):
+    app, x, _ = app_and_data
+    app.controls["index"].value = 0
+    app.controls["class_index"].value = 3
+    assert app.last["class_index"] == 3
+    np.testing.assert_allclose(app.last["heatmap"], cnn_utils.grad_cam(mnist_model, x[:1], class_index=3)[0],
+                               atol=1e-6)
+    app.controls["class_index"].value = -1  # back to "predicted"
+
+
+def test_opacity_changes_only_the_overlay(app_and_data):
+    app, _, _ = app_and_data
+    overlay, heat = app.images["overlay"].value, _shown_heatmap(app)
+    app.controls["alpha"].value = 0.9
+    assert app.images["overlay"].value != overlay
+    assert _shown_heatmap(app) == heat
+    app.controls["alpha"].value = 0.4
+
+
+def test_layer_activations(app_and_data, mnist_model):
+    app, x, _ = app_and_data
+    app.controls["index"].value = 2
+    app.controls["method"].value = cnn_utils.ACTIVATIONS_METHOD
+    app.controls["layer"].value = "conv1"
+    assert "error" not in app.last, app.status.value
+    conv1 = cnn_utils.get_activations(mnist_model, x[2:3], ["conv1"])["conv1"][0]
+    np.testing.assert_allclose(app.last["heatmap"], cnn_utils._tile_channels(conv1), atol=1e-6)
+    shown = _shown_heatmap(app)
+    app.controls["layer"].value = "conv3"
+    assert _shown_heatmap(app) != shown
+    app.controls["method"].value = "Grad-CAM"
+
+
+def test_only_misclassified(app_and_data, mnist_model):
+    app, x, y = app_and_data
+    pred = mnist_model.predict(x, verbose=0).argmax(1)
+    wrong = np.flatnonzero(pred != y)
+    assert len(wrong) >= 5
+    app.controls["method"].value = "Grad-CAM"
+    app.controls["only_misclassified"].value = True
+    assert app.last["index"] == wrong[0]
+    assert app.controls["index"].max == len(wrong) - 1
+    app.controls["index"].value = len(wrong) - 1
+    assert app.last["index"] == wrong[-1] == len(x) - 1
+    assert "✘ wrong" in app.children[0].children[1].value
+    app.controls["only_misclassified"].value = False
+    assert app.controls["index"].max == len(x) - 1
+
+
+def test_error_in_a_callback_is_shown_in_the_app(app_and_data, monkeypatch):
+    app, _, _ = app_and_data
+
+    def broken(*args, **kwargs):
+        raise ValueError("layer 'pool2' is not what this method needs")
+
+    monkeypatch.setattr(cnn_utils, "score_cam", broken)
+    app.controls["method"].value = "Score-CAM"
+    assert "error" in app.last
+    assert "ValueError" in app.status.value and "pool2" in app.status.value
+    monkeypatch.undo()
+    app.controls["method"].value = "Grad-CAM"
+    assert "error" not in app.last and "✔" in app.status.value
+
+
+def test_bad_input(mnist_model):
+    with pytest.raises(ValueError, match="labels"):
+        cnn_utils.explorer(mnist_model, np.zeros((3, 28, 28, 1)), [1, 2])
+    with pytest.raises(ValueError, match="class_names"):
+        cnn_utils.explorer(mnist_model, np.zeros((2, 28, 28, 1)), [1, 2], class_names=["a"])
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("dataset", ["mnist", "fashion_mnist"])
+def test_notebook_09_runs_for_both_datasets(dataset, tmp_path):
+    from conftest import notebook_text, run_notebook
+
+    nb = run_notebook("09_live_explorer.ipynb", tmp_path, DATASET=dataset)
+    assert f"{dataset}: shipped model, 500 test images" in notebook_text(nb)
+    views = [out for cell in nb.cells for out in cell.get("outputs", [])
+             if "application/vnd.jupyter.widget-view+json" in out.get("data", {})]
+    assert len(views) == 1
