@@ -744,7 +744,14 @@ def _activation_maximization_fn(model, layer_name, spatial):
             out = tf.reduce_mean(out, axis=[1, 2])    # mean over positions of each channel
         return tf.reduce_sum(out * onehot, axis=-1)   # the target channel / unit, per image
 
-    @tf.function(reduce_retracing=True)
+    shape = tuple(model.inputs[0].shape[1:])
+    n_units = int(layer.output.shape[-1])
+    spec = tf.TensorSpec
+
+    # One trace per model and layer: batch size, step count and weights are all inputs.
+    @tf.function(input_signature=[
+        spec((None,) + shape, tf.float32), spec((None, n_units), tf.float32),
+        spec((None, 2), tf.int32), spec((), tf.float32), spec((), tf.float32), spec((), tf.float32)])
     def run(x0, onehot, shifts, lr, l2, tv):
         x = x0
         steps = tf.shape(shifts)[0]
@@ -2100,7 +2107,7 @@ def _grid(n, ncols, size, extra_width=0.0, title_space=0.5):
     return fig, axes
 
 
-def plot_feature_maps(maps, title=None, ncols=8, cmap="viridis", size=1.1, labels=None):
+def plot_activation_grid(maps, title=None, ncols=8, cmap="viridis", size=1.1, labels=None):
     """All channels of one image's feature maps (H, W, C), one panel per channel.
 
     One colour scale for all channels (0 .. the largest value), so panels compare
@@ -2112,7 +2119,7 @@ def plot_feature_maps(maps, title=None, ncols=8, cmap="viridis", size=1.1, label
     if maps.ndim == 4 and maps.shape[0] == 1:
         maps = maps[0]
     if maps.ndim != 3:
-        raise ValueError(f"plot_feature_maps expects one image's maps (H, W, C); got shape {maps.shape}.")
+        raise ValueError(f"plot_activation_grid expects one image's maps (H, W, C); got shape {maps.shape}.")
     n = maps.shape[-1]
     vmin = min(0.0, float(maps.min()))
     vmax = max(float(maps.max()), vmin + 1e-6)
