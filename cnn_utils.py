@@ -459,21 +459,31 @@ def get_layer(model, layer_name):
         f"Unknown layer {layer_name!r}. The model's layers are: {_layer_list(model)}."
     )
 
-# Sub-models are cached per model so repeated calls in a notebook do not rebuild them.
-_SUBMODEL_CACHE = None
+# Sub-models and compiled TensorFlow functions are cached per (model, key) so that a
+# notebook or a live demo pays the building and tracing cost once. The cache holds at
+# most _CACHE_SIZE entries (least recently used dropped); each entry keeps its model
+# alive, so an id() cannot be reused while cached.
+_CACHE = {}
+_CACHE_SIZE = 32
 
 
 def _cached(model, key, build):
-    """``build()`` once per (model, key); the cache forgets a model when it is deleted."""
-    import weakref
-
-    global _SUBMODEL_CACHE
-    if _SUBMODEL_CACHE is None:
-        _SUBMODEL_CACHE = weakref.WeakKeyDictionary()
-    per_model = _SUBMODEL_CACHE.setdefault(model, {})
-    if key not in per_model:
-        per_model[key] = build()
-    return per_model[key]
+    """``build()`` once per (model, key), kept in a small least-recently-used cache."""
+    full_key = (id(model),) + tuple(key)
+    entry = _CACHE.pop(full_key, None)
+    if entry is None:
+        built = build()
+        # A compiled function per (model, layer, method) has a fixed input signature and
+        # is traced once. TensorFlow's retracing detector keys on the source code, so it
+        # would count the first trace for a new model (e.g. the sanity check's randomised
+        # copies) as "retracing" and print a misleading warning: switch that warning off.
+        if hasattr(built, "_omit_frequent_tracing_warning"):
+            built._omit_frequent_tracing_warning = True
+        entry = (model, built)
+    _CACHE[full_key] = entry  # most recently used last
+    while len(_CACHE) > _CACHE_SIZE:
+        _CACHE.pop(next(iter(_CACHE)))
+    return entry[1]
 
 
 def _single_input(model):
@@ -864,33 +874,9 @@ def deprocess_image(x, crop=0, contrast=0.15):
 # Attribution
 # ---------------------------------------------------------------------------
 
-# The attribution methods share compiled TensorFlow functions, cached per
-# (model, layer, method, score kind) so that a live demo pays the tracing cost once.
-# The cache holds at most _ATTR_CACHE_SIZE entries (least recently used dropped);
-# each entry keeps its model alive, so an id() cannot be reused while cached.
-_ATTR_CACHE = {}
-_ATTR_CACHE_SIZE = 24
 #: Images per compiled call for the methods that multiply the batch (SmoothGrad,
 #: Integrated Gradients, Score-CAM): bounds memory, keeps every call one batch.
 _ATTR_CHUNK = 2048
-
-
-def _attr_cached(model, key, build):
-    full_key = (id(model),) + tuple(key)
-    fn = _ATTR_CACHE.pop(full_key, None)
-    if fn is None:
-        compiled = build()
-        # Each (model, layer, method) gets its own function with a fixed input signature,
-        # traced once. TensorFlow's retracing detector keys on the source code, so it would
-        # count the first trace for a new model (e.g. the sanity check's randomised copies)
-        # as "retracing" and print a misleading warning: switch that warning off.
-        if hasattr(compiled, "_omit_frequent_tracing_warning"):
-            compiled._omit_frequent_tracing_warning = True
-        fn = (model, compiled)
-    _ATTR_CACHE[full_key] = fn  # most recently used last
-    while len(_ATTR_CACHE) > _ATTR_CACHE_SIZE:
-        _ATTR_CACHE.pop(next(iter(_ATTR_CACHE)))
-    return fn[1]
 
 
 def _check_keras_model(model):
@@ -1041,7 +1027,7 @@ def _grad_fn(model, score, saliency=False):
                 return maps, _tf_minmax(maps)
             return target, cls, grads
         return fn
-    return _attr_cached(model, ("grad", score, saliency), build)
+    return _cached(model, ("grad", score, saliency), build)
 
 
 def _chunks(n, per_item):
@@ -1206,7 +1192,7 @@ def _cam_fn(model, layer_name, method, score):
             up = tf.image.resize(cam[..., None], size, method="bilinear")[..., 0]
             return up, _tf_minmax(up), w
         return fn
-    return _attr_cached(model, ("cam", layer_name, method, score), build)
+    return _cached(model, ("cam", layer_name, method, score), build)
 
 
 def _run_cam(method, model, images, class_index, layer_name, score, normalize, return_weights):
@@ -1283,7 +1269,7 @@ def _score_cam_fn(model, layer_name):
             cam = tf.nn.relu(tf.einsum("nhwk,nk->nhw", up, w))
             return cam, w, cls
         return fn
-    return _attr_cached(model, ("score_cam", layer_name), build)
+    return _cached(model, ("score_cam", layer_name), build)
 
 
 def score_cam(model, images, class_index=None, layer_name=None, *, normalize=True,
