@@ -3143,6 +3143,92 @@ def explorer(model, images, labels, class_names=None, scale=8):
 
 
 
+def vgg_layer_explorer(model, photos, size=224, layer="relu3_3"):
+    """A small interactive viewer of VGG16's feature maps (PyTorch), for a live demo.
+
+    ``photos`` is a dict name -> image (anything ``preprocess_image`` takes). Choose the
+    photo, the layer of ``model.features`` and a channel; it shows the photo, that
+    channel's feature map and the 16 strongest channels of the layer. Feature maps are
+    computed once per (photo, layer), so moving the channel slider is instant. Returns an
+    ``ipywidgets.VBox`` with ``controls``, ``images``, ``status``, ``last`` and ``refresh()``.
+    """
+    import ipywidgets as widgets
+    import matplotlib
+
+    if not photos:
+        raise ValueError("vgg_layer_explorer needs at least one photo: {name: image}.")
+    names = vgg_layer_names(model)
+    if layer not in names:
+        raise ValueError(f"Unknown layer {layer!r}; VGG16's layers are: {', '.join(names)}.")
+    inputs = {name: preprocess_image(img, size=size) for name, img in photos.items()}
+    viridis = matplotlib.colormaps["viridis"]
+    maps_cache = {}
+
+    def maps_for(photo, index):
+        if (photo, index) not in maps_cache:
+            maps_cache[(photo, index)] = vgg_feature_maps(model, inputs[photo], [index])[index]
+        return maps_cache[(photo, index)]
+
+    style = {"description_width": "80px"}
+    c_photo = widgets.Dropdown(options=list(inputs), description="photo", style=style)
+    c_layer = widgets.Dropdown(options=[(f"{i}: {n}", i) for i, n in enumerate(names)],
+                               value=names.index(layer), description="layer", style=style)
+    c_channel = widgets.IntSlider(0, 0, 1, description="channel", style=style, continuous_update=False)
+    status = widgets.HTML()
+    px = f"{size}px"
+    w_photo = widgets.Image(format="png", layout=widgets.Layout(width=px))
+    w_channel = widgets.Image(format="png", layout=widgets.Layout(width=px))
+    w_strongest = widgets.Image(format="png", layout=widgets.Layout(width=px))
+    titles = [widgets.HTML("<b>photo</b>"), widgets.HTML(), widgets.HTML()]
+
+    def refresh(*_):
+        try:
+            maps = maps_for(c_photo.value, c_layer.value)  # (C, H, W)
+            c = maps.shape[0]
+            if c_channel.max != c - 1:
+                c_channel.unobserve(refresh, names="value")
+                c_channel.max = c - 1
+                c_channel.value = min(c_channel.value, c - 1)
+                c_channel.observe(refresh, names="value")
+            fmap = maps[c_channel.value]
+            top = fmap.max()
+            w_channel.value = _png(viridis(fmap / top if top > 0 else fmap)[..., :3],
+                                   max(1, size // fmap.shape[-1]))
+            strongest = _strongest_channels(maps, 16)
+            mosaic = _tile_channels(np.transpose(maps[strongest], (1, 2, 0)), ncols=4)
+            rgb = viridis(np.nan_to_num(mosaic, nan=1.0))[..., :3]
+            rgb[np.isnan(mosaic)] = 1.0
+            w_strongest.value = _png(rgb, max(1, size // rgb.shape[1]))
+            w_photo.value = _png(recreate_image(inputs[c_photo.value]) / 255.0)
+            layer_name = names[c_layer.value]
+            titles[1].value = (f"<b>{layer_name}, channel {c_channel.value}</b> "
+                               f"(max {top:.2f}; {'silent' if top <= 0 else 'active'})")
+            titles[2].value = f"<b>16 strongest of {c} channels ({fmap.shape[0]}×{fmap.shape[1]})</b>"
+            box.last = {"photo": c_photo.value, "layer_index": c_layer.value, "channel": c_channel.value,
+                        "feature_map": fmap}
+            weights = "ImageNet weights" if getattr(model, "pretrained", False) else "RANDOM weights"
+            status.value = f"<span style='color:#2e8b57'>✔ {weights}; colour: yellow = strong, dark = zero</span>"
+        except Exception as err:  # shown in the app, not lost in a log
+            box.last = {"error": err}
+            status.value = f"<span style='color:#c0392b'><b>{type(err).__name__}:</b> {str(err)[:400]}</span>"
+
+    box = widgets.VBox([
+        widgets.HBox([c_photo, c_layer, c_channel]),
+        status,
+        widgets.HBox([widgets.VBox([titles[0], w_photo]), widgets.VBox([titles[1], w_channel]),
+                      widgets.VBox([titles[2], w_strongest])], layout=widgets.Layout(gap="12px")),
+    ])
+    box.controls = {"photo": c_photo, "layer": c_layer, "channel": c_channel}
+    box.images = {"photo": w_photo, "channel": w_channel, "strongest": w_strongest}
+    box.status = status
+    box.refresh = refresh
+    box.last = {}
+    for control in (c_photo, c_layer, c_channel):
+        control.observe(refresh, names="value")
+    refresh()
+    return box
+
+
 # ---------------------------------------------------------------------------
 # Exercise checks
 # ---------------------------------------------------------------------------
