@@ -20,7 +20,6 @@ Conventions
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -198,11 +197,10 @@ def _download_dataset(name):
 
 
 def _raw_dataset(name):
-    _check_dataset_name(name)
     for path in dataset_search_paths(name):
         if path.is_file():
-            return _read_npz(path), path
-    return _download_dataset(name), "download"
+            return _read_npz(path)
+    return _download_dataset(name)
 
 
 def load_dataset(name="mnist"):
@@ -213,7 +211,7 @@ def load_dataset(name="mnist"):
     Returns ``(x_train, y_train), (x_test, y_test)``: images float32 in [0, 1] of
     shape (N, 28, 28, 1), labels int64 in 0..9.
     """
-    ((x_train, y_train), (x_test, y_test)), _ = _raw_dataset(name)
+    (x_train, y_train), (x_test, y_test) = _raw_dataset(name)
 
     def prep(x):
         return (x.astype(np.float32) / 255.0)[..., np.newaxis]
@@ -229,14 +227,6 @@ def train_val_split(x, y, val_fraction=0.1, seed=DEFAULT_SEED):
         x, y, test_size=val_fraction, random_state=seed, stratify=y
     )
     return (x_fit, y_fit), (x_val, y_val)
-
-
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------
@@ -343,7 +333,8 @@ def logits_model(model):
             f"The model has no layer named {LOGITS_LAYER!r} (its layers: "
             f"{', '.join(l.name for l in model.layers)}). Build it with build_mnist_cnn()."
         ) from None
-    return keras.Model(model.inputs, layer.output, name=f"{model.name}_logits")
+    return _cached(model, ("logits_model",),
+                   lambda: keras.Model(model.inputs, layer.output, name=f"{model.name}_logits"))
 
 
 def as_image_batch(images, model=None, name="images"):
@@ -1536,14 +1527,8 @@ def extract_features(model, images, layer=FEATURE_LAYER, batch_size=512):
     Returns a float32 array (N, D) (D = 128 for ``dense1`` of the course CNN).
     Dropout is inactive at inference, so this is what the logits layer sees.
     """
-    keras = _keras()
-    names = [l.name for l in model.layers]
-    if layer not in names:
-        raise ValueError(f"The model has no layer named {layer!r}; its layers: {', '.join(names)}.")
-    x = as_image_batch(images, model)
-    sub = keras.Model(model.inputs, model.get_layer(layer).output, name=f"{model.name}_{layer}")
-    feats = np.asarray(sub.predict(x, batch_size=batch_size, verbose=0))
-    return feats.reshape(len(x), -1).astype(np.float32)
+    feats = get_activations(model, images, [layer], batch_size=batch_size)[layer]
+    return feats.reshape(len(feats), -1)
 
 
 def _as_points(x, name):
@@ -2791,28 +2776,17 @@ def plot_feature_maps(maps, channels=None, n=16, ncols=8, layer_name="layer", cm
     """Individual channels of one layer's feature maps (C, H, W), on one colour scale.
 
     ``channels`` defaults to the ``n`` channels with the largest mean activation.
+    Drawn by ``plot_activation_grid``, which takes the Keras layout (H, W, C).
     """
-    import matplotlib.pyplot as plt
-
     maps = np.asarray(maps)
     if maps.ndim != 3:
         raise ValueError(f"Expected feature maps (C, H, W), got shape {maps.shape}.")
     channels = _strongest_channels(maps, n) if channels is None else list(channels)
-    shown = maps[channels]
-    vmin, vmax = float(shown.min()), float(shown.max())
-    ncols = min(ncols, len(channels))
-    nrows = int(np.ceil(len(channels) / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols + 1, size * nrows + 0.7), squeeze=False)
-    im = None
-    for i, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if i < len(channels):
-            im = ax.imshow(shown[i], cmap=colormap(cmap), vmin=vmin, vmax=vmax)
-            ax.set_title(f"channel {channels[i]}", fontsize=7)
-    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="activation")
-    fig.suptitle(f"{layer_name}: {len(channels)} of {len(maps)} channels, "
-                 f"{maps.shape[1]} x {maps.shape[2]} each")
-    return fig
+    return plot_activation_grid(
+        np.moveaxis(maps[channels], 0, -1), ncols=ncols, cmap=cmap, size=size,
+        labels=[f"channel {c}" for c in channels],
+        title=f"{layer_name}: {len(channels)} of {len(maps)} channels, "
+              f"{maps.shape[1]} x {maps.shape[2]} each")
 
 
 def plot_feature_maps_by_depth(maps_by_layer, n=6, cmap="viridis", size=1.4):
@@ -3036,9 +3010,7 @@ def explorer(model, images, labels, class_names=None, scale=8):
     pred_all = probs_all.argmax(axis=1)
     wrong = np.flatnonzero(pred_all != labels)
     methods = explorer_methods()
-    spatial = [l for l in model.layers if type(l).__name__ != "InputLayer" and len(l.output.shape) == 4]
-    layers = [l.name for l in spatial]
-    conv_layers = [l.name for l in spatial if "Conv" in type(l).__name__]
+    layers = conv_and_pool_layer_names(model)
     jet = matplotlib.colormaps["jet"]
     viridis = matplotlib.colormaps["viridis"]
 
@@ -3052,7 +3024,7 @@ def explorer(model, images, labels, class_names=None, scale=8):
                                 description="method", style=style, layout=layout)
     c_class = widgets.Dropdown(options=[("predicted", -1)] + [(f"{k}: {n}", k) for k, n in enumerate(class_names)],
                                value=-1, description="target class", style=style, layout=layout)
-    c_layer = widgets.Dropdown(options=layers, value=conv_layers[-1] if conv_layers else layers[-1],
+    c_layer = widgets.Dropdown(options=layers, value=last_conv_layer_name(model),
                                description="layer", style=style, layout=layout)
     c_alpha = widgets.FloatSlider(0.4, min=0.0, max=1.0, step=0.05, description="overlay opacity",
                                   style=style, layout=layout, continuous_update=False)
