@@ -3,8 +3,6 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
-# The tests read the datasets shipped beside the checkout (no network needed).
-SHARED_DATA ?= $(abspath ../shared/data)
 
 .PHONY: setup setup-dev course course-fast test prefetch lab train-models clean
 
@@ -24,27 +22,27 @@ $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
 
 ## The main job: execute every notebook, in order, into build/ (ipynb + html).
 course: setup
-	$(BIN)/python -m cnn_utils run
+	$(BIN)/python -m course run
 
 ## The same in fast mode (FAST=True), as the tests run it.
 course-fast: setup
-	$(BIN)/python -m cnn_utils run --fast
+	$(BIN)/python -m course run --fast
 
-## The test suite.
+## The test suite. Datasets: $$CNN_COURSE_DATA, then data/, then a download.
 test: setup-dev
-	CNN_COURSE_DATA=$${CNN_COURSE_DATA:-$(SHARED_DATA)} $(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 ## Download datasets and VGG16 weights so the course runs offline.
 prefetch: setup
-	$(BIN)/python -m cnn_utils prefetch
+	$(BIN)/python -m course prefetch
 
 lab: setup
 	$(BIN)/jupyter lab notebooks/
 
-## Rebuild the shipped models in saved_models/.
+## Rebuild the shipped models (each replaces saved_models/ only if at least as accurate).
 train-models: setup
-	$(BIN)/python -m cnn_utils train --dataset mnist
-	$(BIN)/python -m cnn_utils train --dataset fashion_mnist
+	$(BIN)/python -m course train --dataset mnist --replace
+	$(BIN)/python -m course train --dataset fashion_mnist --replace
 
 clean:
 	rm -rf build .pytest_cache

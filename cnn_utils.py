@@ -34,7 +34,7 @@ NOTEBOOKS_DIR = PROJECT_DIR / "notebooks"
 BUILD_DIR = PROJECT_DIR / "build"
 
 #: Environment variable naming a directory with ``mnist.npz`` / ``fashion_mnist.npz``
-#: (tests and CI point it at ``../shared/data``).
+#: (tests and CI point it at a folder of dataset files).
 DATA_ENV_VAR = "CNN_COURSE_DATA"
 
 DEFAULT_SEED = 42
@@ -158,21 +158,21 @@ def _read_npz(path):
     except Exception as err:  # zipfile.BadZipFile, EOFError, OSError, ValueError ...
         raise DataError(
             f"{path} is corrupt or truncated and cannot be read ({type(err).__name__}: {err}). "
-            "Delete it and run `python -m cnn_utils prefetch` to download a fresh copy."
+            "Delete it and run `python -m course prefetch` to download a fresh copy."
         ) from None
     if missing:
         raise DataError(
             f"{path} is not a dataset file in the expected layout: missing array "
             f"{', '.join(repr(m) for m in missing)}. "
             f"Expected arrays {', '.join(_EXPECTED_SHAPES)}. Delete it and run "
-            "`python -m cnn_utils prefetch` to download a fresh copy."
+            "`python -m course prefetch` to download a fresh copy."
         )
     for key, shape in _EXPECTED_SHAPES.items():
         arr = arrays[key]
         if arr.shape != shape or arr.dtype != np.uint8:
             raise DataError(
                 f"{path}: array {key} has shape {arr.shape} and dtype {arr.dtype}, "
-                f"expected {shape} uint8. Delete the file and run `python -m cnn_utils prefetch`."
+                f"expected {shape} uint8. Delete the file and run `python -m course prefetch`."
             )
     for key in ("y_train", "y_test"):
         if arrays[key].max() > 9:
@@ -191,7 +191,7 @@ def _download_dataset(name):
         raise DataError(
             f"The {name} dataset is not on this machine (looked in: {searched}) and "
             f"downloading it failed ({type(err).__name__}: {err}). Connect to the internet "
-            f"and run `python -m cnn_utils prefetch`, or set {DATA_ENV_VAR} to a folder "
+            f"and run `python -m course prefetch`, or set {DATA_ENV_VAR} to a folder "
             f"holding {name}.npz."
         ) from None
 
@@ -306,14 +306,14 @@ def load_model(name="mnist"):
     if not path.is_file():
         raise FileNotFoundError(
             f"No saved model at {path}. Rebuild it with "
-            f"`python -m cnn_utils train --dataset {path.stem.replace('_cnn', '')}`."
+            f"`python -m course train --dataset {path.stem.replace('_cnn', '')}`."
         )
     try:
         return keras.models.load_model(path, safe_mode=True)
     except Exception as err:
         raise DataError(
             f"Could not load the model at {path} ({type(err).__name__}: {err}). The file may be "
-            "corrupt: rebuild it with `python -m cnn_utils train`."
+            "corrupt: rebuild it with `python -m course train`."
         ) from None
 
 
@@ -1658,7 +1658,7 @@ def _vgg16_weights_enum():
 
 def vgg16_weights_path():
     """Where torchvision's own cache keeps the VGG16 ImageNet weights (the file
-    ``python -m cnn_utils prefetch`` downloads): ``<torch hub dir>/checkpoints/<file>``."""
+    ``python -m course prefetch`` downloads): ``<torch hub dir>/checkpoints/<file>``."""
     from urllib.parse import urlparse
 
     torch, _ = _torch()
@@ -1740,7 +1740,7 @@ def load_vgg16(pretrained=True, device=None, seed=DEFAULT_SEED, timeout=10.0):
                 "predictions are meaningless and its filters are noise; the feature inversions "
                 "show what an untrained network keeps.\n"
                 "To use the real weights: on a machine with internet, run `make prefetch` (or "
-                "`python -m cnn_utils prefetch`) in the course folder, which saves them (528 MB) "
+                "`python -m course prefetch`) in the course folder, which saves them (528 MB) "
                 f"to {path}; then restart the kernel.",
                 flush=True,
             )
@@ -3266,292 +3266,3 @@ def check_close(actual, expected, name, rtol=1e-5, atol=1e-8, hint=""):
             f"{name} is wrong in {int(bad.sum())} of {bad.size} value(s); the largest difference is "
             f"{np.abs(act - exp)[where]:.6g}{at} (got {act[where]:.6g}, expected {exp[where]:.6g}). {hint}".strip()
         )
-
-
-# ---------------------------------------------------------------------------
-# Command line: train, prefetch, run the notebook series
-# ---------------------------------------------------------------------------
-
-DEFAULT_EPOCHS = {"mnist": 4, "fashion_mnist": 15}
-
-
-def train_and_save(dataset="mnist", epochs=None, seed=DEFAULT_SEED, out_dir=None, verbose=None):
-    """Train the course CNN on ``dataset`` and save it with its measured test accuracy.
-
-    This is the documented way to rebuild each file in ``saved_models/``
-    (``python -m cnn_utils train --dataset mnist``). The model is fitted on 90 % of
-    the training images; the other 10 % (``train_val_split(..., seed=42)``) stay
-    unseen, as an honest validation set (e.g. for temperature scaling).
-    Returns the metadata dict written beside the model, with the per-epoch history.
-    """
-    import time
-
-    epochs = epochs or DEFAULT_EPOCHS[dataset]
-    if verbose is None:
-        verbose = 1 if sys.stdout.isatty() else 2
-    (x_train, y_train), (x_test, y_test) = load_dataset(dataset)
-    (x_fit, y_fit), (x_val, y_val) = train_val_split(x_train, y_train, seed=seed)
-    model = build_mnist_cnn(seed=seed)
-    start = time.perf_counter()
-    history = train_model(model, x_fit, y_fit, epochs=epochs, seed=seed, verbose=verbose,
-                          validation_data=(x_val, y_val))
-    train_seconds = time.perf_counter() - start
-    _, test_acc = model.evaluate(x_test, y_test, batch_size=1000, verbose=0)
-    out = Path(out_dir) if out_dir else MODELS_DIR
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / model_path(dataset).name
-    model.save(path)
-    keras = _keras()
-    info = {
-        "dataset": dataset,
-        "test_accuracy": round(float(test_acc), 4),
-        "epochs": epochs,
-        "seed": seed,
-        "fit_images": int(len(x_fit)),
-        "validation": f"train_val_split(x_train, y_train, val_fraction=0.1, seed={seed})",
-        "train_seconds": round(train_seconds, 1),
-        "keras_version": keras.__version__,
-        "command": f"python -m cnn_utils train --dataset {dataset}",
-        "history": {k: [round(float(v), 5) for v in vals] for k, vals in history.history.items()},
-    }
-    path.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
-    return info
-
-
-def prefetch(datasets=DATASETS, vgg16=True):
-    """Download every dataset and weight file the course needs, ahead of a class.
-
-    Datasets are saved as ``data/<name>.npz``; VGG16 weights go to torchvision's
-    own cache. Runs the PyTorch part in a child process (see the import-order trap).
-    """
-    import subprocess
-
-    DATA_DIR.mkdir(exist_ok=True)
-    for name in datasets:
-        target = DATA_DIR / f"{name}.npz"
-        if target.is_file():
-            _read_npz(target)
-            print(f"{name}: already in {target}")
-            continue
-        (x_train, y_train), (x_test, y_test) = _download_dataset(name)
-        np.savez_compressed(target, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
-        print(f"{name}: saved to {target}")
-    if vgg16:
-        code = (  # the same weights enum and torchvision cache as load_vgg16
-            f"import sys; sys.path.insert(0, {str(PROJECT_DIR)!r}); import cnn_utils; "
-            "cnn_utils._download_vgg16_state_dict(timeout=60); "
-            "print('VGG16 ImageNet weights (VGG16_Weights.IMAGENET1K_V1): cached in', "
-            "cnn_utils.vgg16_weights_path())"
-        )
-        result = subprocess.run([sys.executable, "-c", code])
-        if result.returncode != 0:
-            raise SystemExit(
-                "Downloading the VGG16 weights failed (see above). Check the network and run "
-                "`python -m cnn_utils prefetch` again."
-            )
-
-
-def notebook_paths():
-    """The course notebooks, in teaching order."""
-    return sorted(NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
-
-
-def run_notebooks(names=None, out_dir=BUILD_DIR, parameters=None, html=True, kernel_name=None):
-    """Execute the notebook series headless, in order, each in a fresh kernel.
-
-    Writes the executed notebook and an HTML rendering of each to ``out_dir``.
-    Raises ``SystemExit`` naming the notebook and the failing cell when one errors.
-    """
-    import time
-
-    import papermill as pm
-
-    paths = notebook_paths()
-    if names:
-        paths = [p for p in paths if any(n in p.name for n in names)]
-        if not paths:
-            raise SystemExit(f"No notebook matches {names}; notebooks: "
-                             f"{', '.join(p.name for p in notebook_paths())}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    timings = []
-    for i, path in enumerate(paths, 1):
-        print(f"[{i}/{len(paths)}] {path.name}", flush=True)
-        out_path = out_dir / path.name
-        start = time.perf_counter()
-        try:
-            pm.execute_notebook(
-                str(path), str(out_path), parameters=parameters or {},
-                cwd=str(NOTEBOOKS_DIR), progress_bar=True, kernel_name=kernel_name,
-            )
-        except pm.PapermillExecutionError as err:
-            raise SystemExit(
-                f"\nFAILED: {path.name}, cell {err.exec_count} ({err.ename}: {err.evalue}).\n"
-                f"The partly executed notebook is at {out_path}."
-            ) from None
-        seconds = time.perf_counter() - start
-        timings.append((path.name, seconds))
-        if html:
-            _to_html(out_path)
-        print(f"    done in {seconds:.0f} s -> {out_path}", flush=True)
-    total = sum(s for _, s in timings)
-    print(f"All {len(timings)} notebooks ran in {total:.0f} s. Output in {out_dir}/")
-    return timings
-
-
-def _to_html(ipynb_path):
-    import nbformat
-    from nbconvert import HTMLExporter
-
-    nb = nbformat.read(str(ipynb_path), as_version=4)
-    body, _ = HTMLExporter().from_notebook_node(nb)
-    Path(ipynb_path).with_suffix(".html").write_text(body, encoding="utf-8")
-
-
-#: nbgrader's course directory for the exercise notebook (git-ignored; see nbgrader_config.py).
-GRADING_DIR = PROJECT_DIR / "nbgrader"
-#: The assignment, and its one notebook, in nbgrader's layout.
-EXERCISE_ASSIGNMENT = "08_exercises"
-
-
-def grading_source(course_dir=None):
-    """Copy ``notebooks/08_exercises.ipynb`` to nbgrader's ``source/08_exercises/``.
-
-    The notebook in ``notebooks/`` is the instructor version (solutions, hidden
-    tests); nbgrader reads it from ``<course_dir>/source/<assignment>/``.
-    Returns the path written.
-    """
-    import shutil
-
-    course = Path(course_dir) if course_dir else GRADING_DIR
-    target = course / "source" / EXERCISE_ASSIGNMENT / f"{EXERCISE_ASSIGNMENT}.ipynb"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(NOTEBOOKS_DIR / f"{EXERCISE_ASSIGNMENT}.ipynb", target)
-    return target
-
-
-def grading_collect(folder, course_dir=None):
-    """Put a folder of submissions ``<student_id>.ipynb`` into nbgrader's layout.
-
-    Each file goes to ``<course_dir>/submitted/<student_id>/08_exercises/08_exercises.ipynb``
-    (replacing an earlier copy). Returns the student ids, sorted.
-    """
-    import shutil
-
-    import nbformat
-
-    folder = Path(folder)
-    files = sorted(folder.glob("*.ipynb"))
-    if not files:
-        raise ValueError(f"No submissions in {folder}: expected files named <student_id>.ipynb.")
-    course = Path(course_dir) if course_dir else GRADING_DIR
-    students = []
-    for path in files:
-        try:
-            nbformat.read(str(path), as_version=4)
-        except Exception as err:
-            raise ValueError(f"{path} is not a readable notebook ({type(err).__name__}: {err}).") from None
-        target = course / "submitted" / path.stem / EXERCISE_ASSIGNMENT / f"{EXERCISE_ASSIGNMENT}.ipynb"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, target)
-        students.append(path.stem)
-    return students
-
-
-def grading_scores(course_dir=None):
-    """Per-student, per-cell scores from nbgrader's gradebook (after ``nbgrader autograde``).
-
-    Returns ``{student: {grade_id: {"auto": float | None, "manual": float | None,
-    "max": float, "needs_manual": bool, "by_hand": bool}}}``. ``by_hand`` marks written
-    answers (markdown cells): the autograder gives them 0 when left unanswered and
-    leaves them to a human (``needs_manual``) otherwise.
-    """
-    from nbgrader.api import Gradebook, MissingEntry
-
-    course = Path(course_dir) if course_dir else GRADING_DIR
-    db = course / "gradebook.db"
-    if not db.is_file():
-        raise FileNotFoundError(f"No gradebook at {db}: run `nbgrader generate_assignment` and "
-                                "`nbgrader autograde` first (see README, for instructors).")
-    scores = {}
-    with Gradebook(f"sqlite:///{db}") as gb:
-        for student in gb.students:
-            try:
-                nb = gb.find_submission_notebook(EXERCISE_ASSIGNMENT, EXERCISE_ASSIGNMENT, student.id)
-            except MissingEntry:
-                continue
-            scores[student.id] = {
-                g.name: {"auto": g.auto_score, "manual": g.manual_score, "max": float(g.max_score),
-                         "needs_manual": bool(g.needs_manual_grade), "by_hand": g.cell_type == "markdown"}
-                for g in nb.grades
-            }
-    return scores
-
-
-def _print_scores(scores):
-    """A table: autograded points per exercise (grade ids ``exN_...``), in total, and by hand."""
-    exercises = sorted({gid.split("_")[0] for cells in scores.values()
-                        for gid, g in cells.items() if not g["by_hand"]})
-    print("student".ljust(20) + "".join(e.rjust(6) for e in exercises) + "   autograded   by hand")
-    for student, cells in sorted(scores.items()):
-        auto = {e: 0.0 for e in exercises}
-        auto_max = hand = hand_max = 0.0
-        to_grade = 0
-        for gid, g in cells.items():
-            if g["by_hand"]:
-                hand_max += g["max"]
-                hand += (g["manual"] if g["manual"] is not None else g["auto"] or 0.0)
-                to_grade += g["needs_manual"]
-            else:
-                auto[gid.split("_")[0]] += g["auto"] or 0.0
-                auto_max += g["max"]
-        pending = f" ({to_grade} to grade)" if to_grade else ""
-        print(student.ljust(20) + "".join(f"{auto[e]:6g}" for e in exercises)
-              + f"   {sum(auto.values()):g} / {auto_max:g}".ljust(13) + f"   {hand:g} / {hand_max:g}{pending}")
-
-
-def main(argv=None):
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m cnn_utils", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p_train = sub.add_parser("train", help="train a course CNN and save it in saved_models/")
-    p_train.add_argument("--dataset", choices=DATASETS, default="mnist")
-    p_train.add_argument("--epochs", type=int, default=None)
-    p_train.add_argument("--seed", type=int, default=DEFAULT_SEED)
-    p_pre = sub.add_parser("prefetch", help="download datasets and VGG16 weights for offline use")
-    p_pre.add_argument("--no-vgg16", action="store_true", help="skip the 528 MB VGG16 weights")
-    p_run = sub.add_parser("run", help="execute the notebook series into build/")
-    p_run.add_argument("names", nargs="*", help="only notebooks whose file name contains these")
-    p_run.add_argument("--fast", action="store_true", help="run with FAST=True (as the tests do)")
-    p_run.add_argument("--out", default=str(BUILD_DIR))
-    p_grade = sub.add_parser("grading", help="nbgrader glue for notebooks/08_exercises.ipynb (README: instructors)")
-    p_grade.add_argument("action", choices=["source", "collect", "scores"],
-                         help="source: copy the notebook to nbgrader's source/; collect FOLDER: copy "
-                              "<student_id>.ipynb files to submitted/; scores: print the gradebook")
-    p_grade.add_argument("folder", nargs="?", help="for collect: a folder of <student_id>.ipynb files")
-    p_grade.add_argument("--course-dir", default=str(GRADING_DIR), help="nbgrader course directory")
-    args = parser.parse_args(argv)
-
-    if args.command == "train":
-        info = train_and_save(args.dataset, epochs=args.epochs, seed=args.seed)
-        print(f"{args.dataset}: test accuracy {info['test_accuracy']:.2%} after {info['epochs']} "
-              f"epochs ({info['train_seconds']:.0f} s); saved to {model_path(args.dataset)}")
-    elif args.command == "prefetch":
-        prefetch(vgg16=not args.no_vgg16)
-    elif args.command == "run":
-        run_notebooks(args.names, out_dir=args.out, parameters={"FAST": True} if args.fast else None)
-    elif args.command == "grading":
-        if args.action == "source":
-            print(f"Wrote {grading_source(args.course_dir)}")
-        elif args.action == "collect":
-            if not args.folder:
-                parser.error("grading collect needs a FOLDER of <student_id>.ipynb files")
-            students = grading_collect(args.folder, args.course_dir)
-            print(f"Collected {len(students)} submission(s): {', '.join(students)}")
-        else:
-            _print_scores(grading_scores(args.course_dir))
-
-
-if __name__ == "__main__":
-    main()

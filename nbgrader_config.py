@@ -1,11 +1,11 @@
-"""nbgrader configuration for the course's exercise notebook (notebooks/08_exercises.ipynb).
+"""nbgrader configuration for the course's exercise notebook (notebooks/09_exercises.ipynb).
 
 Run nbgrader from this folder (it reads this file from the working directory):
 
-    python -m cnn_utils grading source            # notebooks/08_exercises.ipynb -> nbgrader/source/08_exercises/
-    nbgrader generate_assignment 08_exercises --force   # student version -> nbgrader/release/08_exercises/
-    nbgrader autograde 08_exercises --force       # grades nbgrader/submitted/<student>/08_exercises/
-    nbgrader generate_feedback 08_exercises --force
+    python -m course grading source            # notebooks/09_exercises.ipynb -> nbgrader/source/09_exercises/
+    nbgrader generate_assignment 09_exercises --force   # student version -> nbgrader/release/09_exercises/
+    nbgrader autograde 09_exercises --force       # grades nbgrader/submitted/<student>/09_exercises/
+    nbgrader generate_feedback 09_exercises --force
 
 See README.md, "For instructors".
 """

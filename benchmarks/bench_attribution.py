@@ -1,6 +1,6 @@
 """Attribution speed: cnn_utils against tf-keras-vis 0.8.7, same model, same inputs, one run.
 
-    CNN_COURSE_DATA=../shared/data .venv/bin/python benchmarks/bench_attribution.py [--repeats 20]
+    CNN_COURSE_DATA=/path/to/datasets .venv/bin/python benchmarks/bench_attribution.py [--repeats 20]
 
 Prints milliseconds per call (median over repeats, after a warm-up call) for one
 image and for a batch, and the ratio ours / theirs (below 1 = we are faster).

@@ -6,7 +6,7 @@ same image in the same run (the reference), after a warm-up. Prints a table with
 the ratio callback / bare call. Goal: under 150 ms for gradient methods and under
 400 ms for Score-CAM on the MNIST model.
 
-    CNN_COURSE_DATA=../shared/data .venv/bin/python benchmarks/bench_explorer.py
+    CNN_COURSE_DATA=/path/to/datasets .venv/bin/python benchmarks/bench_explorer.py
 """
 import sys
 import time

@@ -1,6 +1,6 @@
 """Activation maximization speed: every filter of a layer in one batch vs one at a time.
 
-    CNN_COURSE_DATA=../shared/data .venv/bin/python benchmarks/bench_feature_visualization.py [--steps 100]
+    CNN_COURSE_DATA=/path/to/datasets .venv/bin/python benchmarks/bench_feature_visualization.py [--steps 100]
 
 For conv1 (32 filters), conv2 (64 filters) and the 10 classes (``logits``) of the shipped
 MNIST model, times ``cnn_utils.activation_maximization`` with ``index=None`` (all at once,

@@ -8,7 +8,7 @@ convnet" example (conv32-pool-conv64-pool-dropout-dense, Adam 1e-3, batch 128, 5
 epochs). After every epoch it records wall time and test accuracy, then prints the
 time each needs to reach 99.2 % test accuracy and the ratio.
 
-    CNN_COURSE_DATA=../shared/data .venv/bin/python benchmarks/bench_training.py
+    CNN_COURSE_DATA=/path/to/datasets .venv/bin/python benchmarks/bench_training.py
 """
 import os
 import sys

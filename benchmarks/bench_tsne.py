@@ -8,7 +8,7 @@ and prints each time, their ratio and each map's trustworthiness (k = 10).
 The goal is under 60 s on a 2-core CPU; the faster one is the notebook's default
 (``cnn_utils.tsne_embedding(method=...)``).
 
-    CNN_COURSE_DATA=../shared/data .venv/bin/python benchmarks/bench_tsne.py [--n 10000]
+    CNN_COURSE_DATA=/path/to/datasets .venv/bin/python benchmarks/bench_tsne.py [--n 10000]
 
 Not a test: timings depend on the machine and on its other load.
 """

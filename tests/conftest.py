@@ -1,7 +1,7 @@
 """Shared test fixtures.
 
 Import order matters with the pinned versions: importing torchvision after
-TensorFlow crashes the process (see DESIGN.md). pytest collects every test file
+TensorFlow crashes the process (see README, known trap). pytest collects every test file
 into one process, so torch and torchvision are imported here first, before any
 test module can import TensorFlow.
 """
@@ -21,10 +21,6 @@ try:  # torch before tensorflow, never the other way round
     import torchvision  # noqa: F401
 except ImportError:  # pragma: no cover - the PyTorch tests skip themselves
     pass
-
-SHARED_DATA = ROOT.parent / "shared" / "data"
-if "CNN_COURSE_DATA" not in os.environ and SHARED_DATA.is_dir():
-    os.environ["CNN_COURSE_DATA"] = str(SHARED_DATA)
 
 
 def pytest_configure(config):
@@ -47,22 +43,18 @@ def mnist_model():
 
 
 def run_notebook(name, tmp_path, **parameters):
-    """Execute ``notebooks/<name>`` in a fresh kernel with papermill, FAST=True.
+    """Execute ``notebooks/<name>`` with FAST=True through the runner of ``make course``.
 
     Returns the executed notebook (nbformat node). Fails with the failing cell.
     """
-    import papermill as pm
     import nbformat
+
+    import course
 
     src = ROOT / "notebooks" / name
     assert src.is_file(), f"missing notebook {src}"
-    out = Path(tmp_path) / name
-    params = {"FAST": True}
-    params.update(parameters)
-    pm.execute_notebook(
-        str(src), str(out), parameters=params, cwd=str(ROOT / "notebooks"),
-        progress_bar=False, kernel_name="python3",
-    )
+    out = course.execute_notebook(src, Path(tmp_path) / name, {"FAST": True, **parameters},
+                                  progress_bar=False, kernel_name="python3")
     return nbformat.read(str(out), as_version=4)
 
 

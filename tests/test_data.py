@@ -1,4 +1,4 @@
-"""The dataset loader against the facts in ../shared/data/README.md, and its errors."""
+"""The dataset loader against published facts about MNIST and Fashion-MNIST, and its errors."""
 import os
 import subprocess
 import sys

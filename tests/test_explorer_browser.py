@@ -37,7 +37,7 @@ def voila_url(tmp_path):
     port = _free_port()
     log = open(tmp_path / "voila.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "voila", str(ROOT / "notebooks" / "09_live_explorer.ipynb"),
+        [sys.executable, "-m", "voila", str(ROOT / "notebooks" / "10_live_explorer.ipynb"),
          "--no-browser", f"--port={port}", "--Voila.ip=127.0.0.1",
          "--VoilaConfiguration.preheat_kernel=False"],
         cwd=ROOT / "notebooks", stdout=log, stderr=subprocess.STDOUT,

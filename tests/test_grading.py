@@ -1,4 +1,4 @@
-"""The exercise notebook's grading flow with nbgrader (notebooks/08_exercises.ipynb).
+"""The exercise notebook's grading flow with nbgrader (notebooks/09_exercises.ipynb).
 
 One module-scoped run does the work, as course staff would: copy the source into a
 temporary nbgrader course directory, generate the student version, build a folder of
@@ -29,8 +29,9 @@ import pytest
 from conftest import ROOT, count_images, find_number, notebook_text, run_notebook
 
 import cnn_utils
+import course
 
-ASSIGNMENT = cnn_utils.EXERCISE_ASSIGNMENT
+ASSIGNMENT = course.EXERCISE_ASSIGNMENT
 SOURCE = ROOT / "notebooks" / f"{ASSIGNMENT}.ipynb"
 #: Per-cell limit for the test's autograde run: above the slowest instructor cell
 #: (about 10 s on a busy 2-core machine), and what the endless loop costs.
@@ -136,7 +137,7 @@ def nbgrader(*args, course):
 @pytest.fixture(scope="module")
 def graded(tmp_path_factory):
     course = tmp_path_factory.mktemp("course")
-    cnn_utils.grading_source(course)
+    course.grading_source(course)
     times = {}
     start = time.perf_counter()
     nbgrader("generate_assignment", ASSIGNMENT, "--force", course=course)
@@ -148,7 +149,7 @@ def graded(tmp_path_factory):
     inbox = tmp_path_factory.mktemp("inbox")
     for student, answers in submissions(source_nb).items():
         nbformat.write(fill(release_nb, answers), str(inbox / f"{student}.ipynb"))
-    students = cnn_utils.grading_collect(inbox, course)
+    students = course.grading_collect(inbox, course)
 
     start = time.perf_counter()
     log = nbgrader("autograde", ASSIGNMENT, "--force", f"--Execute.timeout={LOOP_TIMEOUT}", course=course)
@@ -159,7 +160,7 @@ def graded(tmp_path_factory):
     print("\nnbgrader run times: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
     return {
         "course": course, "students": students, "release": release_nb, "source": source_nb,
-        "scores": cnn_utils.grading_scores(course), "log": log.stdout + log.stderr,
+        "scores": course.grading_scores(course), "log": log.stdout + log.stderr,
     }
 
 
@@ -297,7 +298,7 @@ def test_feedback_is_generated_for_every_student(graded):
 
 
 def test_scores_table(graded, capsys):
-    cnn_utils.main(["grading", "scores", "--course-dir", str(graded["course"])])
+    course.main(["grading", "scores", "--course-dir", str(graded["course"])])
     out = capsys.readouterr().out
     assert out.split("\n")[0].split() == ["student", "ex1", "ex2", "ex3", "ex4", "autograded", "by", "hand"]
     assert re.search(r"instructor\s+4\s+6\s+5\s+3\s+18 / 18\s+0 / 12 \(7 to grade\)", out), out
@@ -324,27 +325,27 @@ def test_course_directory_is_git_ignored():
 
 
 def test_grading_command_line(tmp_path, capsys):
-    cnn_utils.main(["grading", "source", "--course-dir", str(tmp_path)])
+    course.main(["grading", "source", "--course-dir", str(tmp_path)])
     copied = tmp_path / "source" / ASSIGNMENT / f"{ASSIGNMENT}.ipynb"
     assert copied.read_bytes() == SOURCE.read_bytes()
     with pytest.raises(SystemExit):
-        cnn_utils.main(["grading", "collect", "--course-dir", str(tmp_path)])
+        course.main(["grading", "collect", "--course-dir", str(tmp_path)])
     assert "needs a FOLDER" in capsys.readouterr().err
 
 
 def test_grading_collect_layout_and_errors(tmp_path):
     inbox = tmp_path / "inbox"
     inbox.mkdir()
-    with pytest.raises(ValueError, match="No submissions"):
-        cnn_utils.grading_collect(inbox, tmp_path / "course")
+    with pytest.raises(course.CourseError, match="No submissions"):
+        course.grading_collect(inbox, tmp_path / "course")
     nbformat.write(nbformat.v4.new_notebook(), str(inbox / "alice.ipynb"))
-    assert cnn_utils.grading_collect(inbox, tmp_path / "course") == ["alice"]
+    assert course.grading_collect(inbox, tmp_path / "course") == ["alice"]
     assert (tmp_path / "course" / "submitted" / "alice" / ASSIGNMENT / f"{ASSIGNMENT}.ipynb").is_file()
     (inbox / "bob.ipynb").write_text("not a notebook")
-    with pytest.raises(ValueError, match="bob.ipynb is not a readable notebook"):
-        cnn_utils.grading_collect(inbox, tmp_path / "course")
-    with pytest.raises(FileNotFoundError, match="No gradebook"):
-        cnn_utils.grading_scores(tmp_path / "course")
+    with pytest.raises(course.CourseError, match="bob.ipynb is not a readable notebook"):
+        course.grading_collect(inbox, tmp_path / "course")
+    with pytest.raises(course.CourseError, match="No gradebook"):
+        course.grading_scores(tmp_path / "course")
 
 
 def test_check_array_messages():

@@ -64,7 +64,7 @@ def test_shipped_model_reaches_recorded_accuracy(name, target):
 
 
 def test_load_model_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="python -m cnn_utils train"):
+    with pytest.raises(FileNotFoundError, match="python -m course train"):
         cnn_utils.load_model(tmp_path / "missing.keras")
     bad = tmp_path / "broken.keras"
     bad.write_bytes(b"not a keras file")
@@ -99,10 +99,13 @@ def test_most_confident_mistakes():
 
 def test_train_cli_writes_model_and_accuracy(tmp_path, monkeypatch):
     """The rebuild command end to end, on a tiny budget (1 epoch, written to tmp_path)."""
+    import course
+
     monkeypatch.setattr(cnn_utils, "train_val_split",
                         lambda x, y, seed: ((x[:2000], y[:2000]), (x[-500:], y[-500:])))
-    info = cnn_utils.train_and_save("mnist", epochs=1, out_dir=tmp_path, verbose=0)
+    info = course.train_and_save("mnist", epochs=1, out_dir=tmp_path, verbose=0)
     saved = json.loads((tmp_path / "mnist_cnn.json").read_text())
-    assert saved == info
+    assert saved == {k: v for k, v in info.items() if k != "path"}
+    assert info["path"] == str(tmp_path / "mnist_cnn.keras") and info["replaced"] is False
     assert 0.5 < info["test_accuracy"] <= 1.0
     assert cnn_utils.load_model(tmp_path / "mnist_cnn.keras").count_params() > 0

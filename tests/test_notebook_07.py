@@ -23,7 +23,7 @@ def test_notebook_07_runs_fast_with_random_weights(tmp_path, monkeypatch):
 
     # says plainly that the weights are random, and how to get the real ones
     assert "RANDOM weights" in text and "RUNNING WITH RANDOM WEIGHTS" in text
-    assert "make prefetch" in text and "python -m cnn_utils prefetch" in text
+    assert "make prefetch" in text and "python -m course prefetch" in text
     assert "these classes are arbitrary" in text
     # top-5 for the three sample photos
     for name in ("chelsea:", "astronaut:", "coffee:"):

@@ -19,10 +19,10 @@ def _before_after(text, label):
 def _require(dataset):
     if not cnn_utils.model_path(dataset).is_file():
         pytest.skip(f"saved_models/{dataset}_cnn.keras is not on this branch yet "
-                    f"(rebuild with `python -m cnn_utils train --dataset {dataset}`)")
+                    f"(rebuild with `python -m course train --dataset {dataset}`)")
     for name in cnn_utils.DATASETS:  # 05 needs the other dataset for its out-of-distribution section
         if not any(p.is_file() for p in cnn_utils.dataset_search_paths(name)):
-            pytest.skip(f"{name}.npz not found (set CNN_COURSE_DATA to the shared data folder)")
+            pytest.skip(f"{name}.npz not found (set CNN_COURSE_DATA to a folder holding it)")
 
 
 def _check_05(nb, dataset):

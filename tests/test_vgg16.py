@@ -1,9 +1,8 @@
 """PyTorch part of cnn_utils: VGG16 loading, pre-processing, feature inversion.
 
 PyTorch only: this file never imports TensorFlow (conftest imports torch and
-torchvision first; see DESIGN.md's known trap).
+torchvision first; see the README's known trap).
 """
-import io
 
 import numpy as np
 import pytest
@@ -283,7 +282,7 @@ def test_load_vgg16_offline_fallback(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(cnn_utils, "_download_vgg16_state_dict", fail)
     model = cnn_utils.load_vgg16(device="cpu")
     out = capsys.readouterr().out
-    assert "RANDOM weights" in out and "make prefetch" in out and "python -m cnn_utils prefetch" in out
+    assert "RANDOM weights" in out and "make prefetch" in out and "python -m course prefetch" in out
     assert "no network (simulated)" in out and str(tmp_path) in out
     assert model.pretrained is False and not model.training
     assert len(model.class_names) == 1000 and model.class_names[281] == "tabby"
@@ -332,13 +331,15 @@ def test_prefetch_fills_the_cache_load_vgg16_reads(monkeypatch, tmp_path, capfd)
     path.parent.mkdir(parents=True)
     # a (tiny) valid checkpoint where load_vgg16 looks: the child must find it, not download
     torch.save({"w": torch.zeros(1)}, path)
-    cnn_utils.prefetch(datasets=(), vgg16=True)
+    import course
+
+    course.prefetch(datasets=(), vgg16=True)
     assert f"cached in {path}" in capfd.readouterr().out
     path.unlink()
     if _online():  # pragma: no cover - never download 528 MB in the tests
         return
-    with pytest.raises(SystemExit, match="prefetch"):
-        cnn_utils.prefetch(datasets=(), vgg16=True)
+    with pytest.raises(course.CourseError, match="python -m course prefetch"):
+        course.prefetch(datasets=(), vgg16=True)
 
 
 def _online():
@@ -350,7 +351,3 @@ def _online():
     except OSError:
         return False
 
-
-def test_this_file_does_not_import_tensorflow():
-    src = io.open(__file__, encoding="utf-8").read()
-    assert "import " + "tensorflow" not in src

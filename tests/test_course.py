@@ -1,0 +1,89 @@
+"""The course's command line (course.py): arguments are validated, nothing shipped is lost."""
+import json
+
+import pytest
+
+import cnn_utils
+import course
+
+
+@pytest.mark.parametrize("argv", [["train", "--epochs", "-1"], ["train", "--epochs", "0"],
+                                  ["train", "--epochs", "two"], ["train", "--dataset", "cifar"]])
+def test_train_rejects_bad_arguments_before_touching_anything(argv, capsys):
+    with pytest.raises(SystemExit) as err:
+        course.main(argv)
+    assert err.value.code == 2
+    assert "epochs" in capsys.readouterr().err or "dataset" in argv
+
+
+@pytest.mark.parametrize("epochs", [0, -1, 2.5, True, "3"])
+def test_train_and_save_rejects_bad_epochs(epochs):
+    with pytest.raises(course.CourseError, match="epochs must be a whole number"):
+        course.train_and_save("mnist", epochs=epochs)
+
+
+@pytest.fixture()
+def tiny_training(monkeypatch, tmp_path):
+    """Shipped models in a temporary folder; training on 2,000 images."""
+    shipped = tmp_path / "saved_models"
+    shipped.mkdir()
+    monkeypatch.setattr(cnn_utils, "MODELS_DIR", shipped)
+    monkeypatch.setattr(course, "BUILD_DIR", tmp_path / "build")
+    monkeypatch.setattr(cnn_utils, "train_val_split",
+                        lambda x, y, seed: ((x[:2000], y[:2000]), (x[-500:], y[-500:])))
+    return shipped
+
+
+def test_replace_keeps_a_more_accurate_shipped_model(tiny_training, tmp_path, capsys):
+    shipped = tiny_training
+    (shipped / "mnist_cnn.keras").write_bytes(b"the shipped model")
+    (shipped / "mnist_cnn.json").write_text(json.dumps({"test_accuracy": 0.9999}))
+    assert course.main(["train", "--epochs", "1", "--replace"]) == 0
+    out = capsys.readouterr().out
+    assert "more accurate and was kept" in out
+    assert (shipped / "mnist_cnn.keras").read_bytes() == b"the shipped model"
+    assert json.loads((shipped / "mnist_cnn.json").read_text()) == {"test_accuracy": 0.9999}
+    assert (tmp_path / "build" / "models" / "mnist_cnn.keras").is_file()
+
+
+def test_without_replace_nothing_shipped_is_touched(tiny_training, tmp_path):
+    shipped = tiny_training
+    (shipped / "mnist_cnn.keras").write_bytes(b"the shipped model")
+    info = course.train_and_save("mnist", epochs=1, verbose=0)
+    assert info["replaced"] is False and info["path"] == str(tmp_path / "build" / "models" / "mnist_cnn.keras")
+    assert (shipped / "mnist_cnn.keras").read_bytes() == b"the shipped model"
+
+
+def test_replace_writes_when_at_least_as_accurate(tiny_training):
+    shipped = tiny_training
+    (shipped / "mnist_cnn.json").write_text(json.dumps({"test_accuracy": 0.1}))
+    info = course.train_and_save("mnist", epochs=1, replace=True, verbose=0)
+    assert info["replaced"] is True
+    assert json.loads((shipped / "mnist_cnn.json").read_text())["test_accuracy"] == info["test_accuracy"] > 0.1
+
+
+def test_errors_become_one_line_messages(capsys, monkeypatch):
+    monkeypatch.setattr(course, "NOTEBOOKS_DIR", course.PROJECT_DIR / "no-such-folder")
+    assert course.main(["run", "01"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: No notebook matches 01") and "Traceback" not in err
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit):
+        course.main(["--help"])
+    out = capsys.readouterr().out
+    for command in ("run", "prefetch", "train", "grading"):
+        assert f"    {command}" in out
+
+
+def test_the_teaching_module_holds_no_course_tooling():
+    import ast
+
+    tree = ast.parse((course.PROJECT_DIR / "cnn_utils.py").read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.module}
+    assert not imported & {"argparse", "papermill", "nbconvert", "nbgrader"}
+    assert "main" not in {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
