@@ -996,6 +996,37 @@ def normalize_maps(maps):
     return np.where(span > 0, (m - lo) / safe, 0.0).astype(np.float32)
 
 
+def _linear_interpolation_matrix(centres, size):
+    """(size, len(centres)) float32: row p holds the linear-interpolation weights that
+    give pixel ``p`` from values sitting at the (increasing) positions ``centres``;
+    pixels beyond the first/last centre take the edge value."""
+    centres = np.asarray(centres, dtype=np.float64)
+    m = np.zeros((size, len(centres)), dtype=np.float32)
+    for p in range(size):
+        if len(centres) == 1 or p <= centres[0]:
+            m[p, 0] = 1.0
+        elif p >= centres[-1]:
+            m[p, -1] = 1.0
+        else:
+            j = int(np.searchsorted(centres, p, side="right")) - 1
+            t = (p - centres[j]) / (centres[j + 1] - centres[j])
+            m[p, j], m[p, j + 1] = 1.0 - t, t
+    return m
+
+
+def cam_upsampling_matrices(model, layer, input_hw):
+    """Matrices ``(R_y (H, h), R_x (W, w))`` that bring a map ``(h, w)`` of ``layer`` to
+    the input grid: ``up = R_y @ cam @ R_x.T``.
+
+    Placeholder: cell ``i`` sits where naive bilinear resizing puts it,
+    ``(i + 0.5) * H / h - 0.5`` (what ``tf.image.resize`` does).
+    """
+    h, w = (int(d) for d in get_layer(model, layer).output.shape[1:3])
+    H, W = (int(d) for d in input_hw)
+    return (_linear_interpolation_matrix((np.arange(h) + 0.5) * H / h - 0.5, H),
+            _linear_interpolation_matrix((np.arange(w) + 0.5) * W / w - 0.5, W))
+
+
 def _grad_fn(model, score, saliency=False):
     """Compiled (x, cls) -> (target scores, classes, d target / d x).
 
@@ -3266,3 +3297,50 @@ def check_close(actual, expected, name, rtol=1e-5, atol=1e-8, hint=""):
             f"{name} is wrong in {int(bad.sum())} of {bad.size} value(s); the largest difference is "
             f"{np.abs(act - exp)[where]:.6g}{at} (got {act[where]:.6g}, expected {exp[where]:.6g}). {hint}".strip()
         )
+
+
+# ---------------------------------------------------------------------------
+# Claims: what a notebook says about its own outputs, checked and recorded
+# ---------------------------------------------------------------------------
+
+#: The output type under which ``record`` stores values in an executed notebook.
+VALUES_MIMETYPE = "application/vnd.cnn-course.values+json"
+
+
+class ClaimError(AssertionError):
+    """A sentence of a notebook no longer holds for the numbers it describes."""
+
+
+def claim(condition, statement, evidence=""):
+    """Check a statement a notebook makes about its outputs; fail loudly if it does not hold.
+
+    ``condition`` is the test in code, ``statement`` the sentence shown to students,
+    ``evidence`` the numbers (put into the error). Returns ``statement``.
+    """
+    if not bool(condition):
+        raise ClaimError(f"The notebook says: \"{statement}\" but its output shows otherwise. {evidence}".strip())
+    return statement
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def record(**values):
+    """Store named results in the executed notebook, invisibly (no text is shown).
+
+    Tests and tools read them back from the output of type ``VALUES_MIMETYPE``,
+    so that they check numbers, not printed sentences.
+    """
+    from IPython.display import display
+
+    display({VALUES_MIMETYPE: _jsonable(values), "text/plain": ""}, raw=True)
+

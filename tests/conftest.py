@@ -70,6 +70,17 @@ def notebook_text(nb):
     return "\n".join(parts)
 
 
+def notebook_values(nb):
+    """Every value the notebook stored with ``cnn_utils.record`` (later ones win)."""
+    import cnn_utils
+
+    values = {}
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            values.update(out.get("data", {}).get(cnn_utils.VALUES_MIMETYPE, {}))
+    return values
+
+
 def count_images(nb):
     """Number of PNG figures in an executed notebook's outputs."""
     return sum(

@@ -87,3 +87,27 @@ def test_the_teaching_module_holds_no_course_tooling():
                  if isinstance(node, ast.ImportFrom) and node.module}
     assert not imported & {"argparse", "papermill", "nbconvert", "nbgrader"}
     assert "main" not in {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+
+
+def test_claims_fail_loudly_and_records_come_back(tmp_path):
+    """A notebook that records values and checks a claim, run through the course's runner."""
+    import nbformat
+    import numpy as np
+
+    from conftest import notebook_values
+
+    with pytest.raises(cnn_utils.ClaimError, match="says: \"most are 4s\" but .* 3 of 10"):
+        cnn_utils.claim(3 > 5, "most are 4s", "3 of 10")
+    assert cnn_utils.claim(np.bool_(True), "holds") == "holds"
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(
+        f"import sys; sys.path.insert(0, {str(course.PROJECT_DIR)!r})\n"
+        "import cnn_utils, numpy as np\n"
+        "cnn_utils.record(accuracy=np.float32(0.5), counts=np.arange(3), name='x')\n"
+        "cnn_utils.record(accuracy=0.75)")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    src = tmp_path / "values.ipynb"
+    nbformat.write(nb, str(src))
+    out = course.execute_notebook(src, tmp_path / "out.ipynb", progress_bar=False, kernel_name="python3")
+    values = notebook_values(nbformat.read(str(out), as_version=4))
+    assert values == {"accuracy": 0.75, "counts": [0, 1, 2], "name": "x"}
