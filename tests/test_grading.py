@@ -136,31 +136,31 @@ def nbgrader(*args, course):
 
 @pytest.fixture(scope="module")
 def graded(tmp_path_factory):
-    course = tmp_path_factory.mktemp("course")
-    course.grading_source(course)
+    course_dir = tmp_path_factory.mktemp("course")
+    course.grading_source(course_dir)
     times = {}
     start = time.perf_counter()
-    nbgrader("generate_assignment", ASSIGNMENT, "--force", course=course)
+    nbgrader("generate_assignment", ASSIGNMENT, "--force", course=course_dir)
     times["generate_assignment"] = time.perf_counter() - start
 
     source_nb = nbformat.read(str(SOURCE), as_version=4)
-    release_path = course / "release" / ASSIGNMENT / f"{ASSIGNMENT}.ipynb"
+    release_path = course_dir / "release" / ASSIGNMENT / f"{ASSIGNMENT}.ipynb"
     release_nb = nbformat.read(str(release_path), as_version=4)
     inbox = tmp_path_factory.mktemp("inbox")
     for student, answers in submissions(source_nb).items():
         nbformat.write(fill(release_nb, answers), str(inbox / f"{student}.ipynb"))
-    students = course.grading_collect(inbox, course)
+    students = course.grading_collect(inbox, course_dir)
 
     start = time.perf_counter()
-    log = nbgrader("autograde", ASSIGNMENT, "--force", f"--Execute.timeout={LOOP_TIMEOUT}", course=course)
+    log = nbgrader("autograde", ASSIGNMENT, "--force", f"--Execute.timeout={LOOP_TIMEOUT}", course=course_dir)
     times["autograde (all submissions)"] = time.perf_counter() - start
     start = time.perf_counter()
-    nbgrader("generate_feedback", ASSIGNMENT, "--force", course=course)
+    nbgrader("generate_feedback", ASSIGNMENT, "--force", course=course_dir)
     times["generate_feedback"] = time.perf_counter() - start
     print("\nnbgrader run times: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
     return {
-        "course": course, "students": students, "release": release_nb, "source": source_nb,
-        "scores": course.grading_scores(course), "log": log.stdout + log.stderr,
+        "course": course_dir, "students": students, "release": release_nb, "source": source_nb,
+        "scores": course.grading_scores(course_dir), "log": log.stdout + log.stderr,
     }
 
 
