@@ -1,0 +1,67 @@
+"""Notebooks 00 (why interpret: a shortcut model caught by saliency) and 11 (what each method
+is good for, what comes next) run top to bottom in FAST mode and measure what they say."""
+import json
+
+import pytest
+
+from conftest import ROOT, count_images, notebook_values, run_notebook
+
+NB00 = "00_why_interpret.ipynb"
+NB11 = "11_what_next.ipynb"
+
+
+@pytest.mark.parametrize("name", [NB00, NB11])
+def test_notebook_is_stored_without_outputs(name):
+    nb = json.loads((ROOT / "notebooks" / name).read_text())
+    tagged = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(tagged) == 1 and "FAST = False" in "".join(tagged[0]["source"])
+    assert all(not c.get("outputs") and c.get("execution_count") is None
+               for c in nb["cells"] if c["cell_type"] == "code")
+    text = "".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
+    assert "Learning objectives" in text and "Discussion questions" in text
+
+
+def test_lime_is_pinned_for_notebook_11():
+    pins = (ROOT / "requirements.txt").read_text().splitlines()
+    assert "lime==0.2.0.1" in pins
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("dataset", ["mnist", "fashion_mnist"])
+def test_notebook_00_shortcut_is_learned_and_caught(tmp_path, dataset):
+    nb = run_notebook(NB00, tmp_path, DATASET=dataset)
+    v = notebook_values(nb)
+    assert v["dataset"] == dataset
+    # right with the cue, wrong without it: the class depends on the cue
+    assert v["class_acc_cued"] >= 0.9
+    assert v["class_acc_cued"] - v["class_acc_plain"] >= 0.3, v
+    # the cue moved onto other classes' images pulls them into the cue class; not for the clean model
+    assert v["hijacked"] >= 0.15 and v["hijacked_clean"] < 0.02, v
+    # the clean (shipped) model is not fooled by the cue on the test set
+    assert v["clean_acc_cued"] > 0.85
+    # saliency: GradientTape by hand equals cnn_utils, and the mass sits on the cue
+    assert v["tape_gap"] < 1e-4
+    assert v["saliency_on_cue"] >= 3 * v["cue_area"] and v["saliency_on_cue_clean"] < v["cue_area"], v
+    # the course map lists this notebook and the first training notebook
+    assert {"00", "01", "04"} <= set(v["course_map"])
+    assert count_images(nb) >= 3
+
+
+@pytest.mark.notebook
+def test_notebook_11_measures_the_table(tmp_path):
+    nb = run_notebook(NB11, tmp_path)
+    v = notebook_values(nb)
+    methods = {"saliency", "SmoothGrad", "Integrated Gradients", "Grad-CAM", "Grad-CAM++", "Score-CAM", "occlusion"}
+    assert set(v["cost_ms"]) == methods and set(v["sanity"]) == methods
+    assert all(ms > 0 for ms in v["cost_ms"].values())
+    assert all(-1 <= r <= 1 for r in v["sanity"].values())
+    # Grad-CAM of a fully randomised model is unrelated to the trained one (notebook 04 finds the same)
+    assert v["sanity"]["Grad-CAM"] < 0.5
+    # t-SNE: the trained features keep classes together far better than random features
+    assert v["tsne_agreement"]["trained"] > v["tsne_agreement"]["randomised"] + 0.1
+    # LIME ran through the lime package; exact Shapley values are efficient
+    assert v["lime_segments"] >= 5 and 0 <= v["lime_r2"] <= 1
+    assert v["shapley_gap"] < 1e-2 and len(v["shapley"]) == 9
+    assert 0.5 <= v["cav_accuracy"] <= 1 and len(v["tcav"]) == 10
+    assert set(v["tcav_outside_random"]) <= set(range(10))
+    assert count_images(nb) >= 4  # the methods, their agreement, LIME, Shapley values
