@@ -587,6 +587,30 @@ def get_filter_weights(model, layer_name):
     return kernel, bias
 
 
+def top_activating_images(model, layer_name, images, index=None, k=5, batch_size=256):
+    """The ``k`` images that excite each filter (or class score) of ``layer_name`` most.
+
+    A filter's response to an image is its mean activation over all positions
+    (after the layer's ReLU: what the next layer sees), the objective that
+    ``activation_maximization`` raises with ``spatial="mean"``; for a layer of
+    class scores (N, K) it is the score itself. ``index``: an int, a list of ints or
+    None (every filter). Returns ``(indices, values)``, both (n_filters, k), row
+    ``i`` sorted by decreasing response: ``images[indices[i]]`` are the dataset
+    examples to show beside the synthetic image (Zeiler & Fergus 2014; Olah et al. 2017).
+    """
+    acts = get_activations(model, images, [layer_name], batch_size=batch_size)[layer_name]
+    if acts.ndim not in (2, 4):
+        raise ValueError(f"Layer {layer_name!r} has output shape {acts.shape[1:]}; choose a "
+                         f"convolutional layer or the class scores ({LOGITS_LAYER!r}).")
+    response = acts.mean(axis=(1, 2)) if acts.ndim == 4 else acts          # (N, units)
+    idx = _check_unit_indices(index, response.shape[1], layer_name, acts.ndim)
+    k = int(k)
+    if not 1 <= k <= len(response):
+        raise ValueError(f"k must be between 1 and the number of images ({len(response)}); got {k}.")
+    order = np.argsort(-response[:, idx], axis=0, kind="stable")[:k].T     # (filters, k)
+    return order, np.take_along_axis(response[:, idx].T, order, axis=1)
+
+
 # ---------------------------------------------------------------------------
 # Feature visualization
 # ---------------------------------------------------------------------------
@@ -2946,6 +2970,95 @@ def colormap(name):
     import matplotlib
 
     return matplotlib.colormaps[name]
+
+
+def format_confidence(p, max_decimals=6):
+    """A probability as a percentage with just enough decimals to stay honest:
+    never "100 %" for p < 1 nor "0 %" for p > 0 (0.9997 -> "99.97 %", 0.55 -> "55 %",
+    1 - 1e-9 -> "> 99.999999 %" with the default ``max_decimals``)."""
+    p = float(p)
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"p must be a probability in [0, 1], got {p!r}.")
+    pct = 100.0 * p
+    for d in range(max_decimals + 1):
+        text = f"{pct:.{d}f}"
+        if 0.0 < p < 1.0 and float(text) in (0.0, 100.0):
+            continue
+        return f"{text} %"
+    tiny = 10.0 ** -max_decimals                     # even max_decimals round to 0 or 100
+    return f"> {100 - tiny:.{max_decimals}f} %" if p > 0.5 else f"< {tiny:.{max_decimals}f} %"
+
+
+def plot_dataset_examples(synthetic, examples, values, labels, synthetic_values=None, crop=0,
+                          size=1.2, title=None):
+    """One row per filter or class: its activation-maximization image (deprocessed), then
+    the real images that excite it most, each titled with its response.
+
+    ``synthetic`` (F, H, W, 1) raw optimised images; ``examples`` (F, k, H, W, 1) images in
+    [0, 1]; ``values`` (F, k) their responses; ``labels`` F row names;
+    ``synthetic_values`` (F,) the synthetic images' responses (optional).
+    """
+    import matplotlib.pyplot as plt
+
+    examples = np.asarray(examples)
+    values = np.asarray(values)
+    n, k = examples.shape[:2]
+    if len(synthetic) != n or values.shape != (n, k) or len(labels) != n:
+        raise ValueError(f"synthetic ({len(synthetic)}), examples {examples.shape[:2]}, values "
+                         f"{values.shape} and labels ({len(labels)}) must describe the same rows.")
+    shown = deprocess_image(synthetic, crop=crop)
+    fig, axes = plt.subplots(n, k + 1, squeeze=False, layout="constrained",
+                             figsize=(size * (k + 1) + 1.6, size * n + 0.8))
+    im_syn = im_real = None
+    for r in range(n):
+        ax = axes[r, 0]
+        im_syn = ax.imshow(shown[r, ..., 0], cmap="gray", vmin=0, vmax=255)
+        extra = "" if synthetic_values is None else f"\nresponse {synthetic_values[r]:.2f}"
+        ax.set_title(f"synthetic{extra}", fontsize=7, color="tab:blue")
+        ax.set_ylabel(str(labels[r]), fontsize=8)
+        for c in range(k):
+            im_real = axes[r, c + 1].imshow(examples[r, c, ..., 0], cmap="gray", vmin=0, vmax=1)
+            axes[r, c + 1].set_title(f"{values[r, c]:.2f}", fontsize=7)
+        for ax in axes[r]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.colorbar(im_syn, ax=axes[:, 0], shrink=0.6, location="left", pad=0.08,
+                 label="synthetic, deprocessed")
+    fig.colorbar(im_real, ax=axes[:, 1:], shrink=0.6, label="pixel value (test images)")
+    fig.suptitle(title or f"Synthetic image and the {k} test images with the largest response")
+    return fig
+
+
+def plot_raw_and_deprocessed(images, labels, title=None, size=1.8, crop=0):
+    """Optimised images (K, H, W, 1) twice: top row raw, on ONE shared grey scale (so a
+    regularizer that shrinks the image shows as fainter); bottom row each image
+    deprocessed on its own (``deprocess_image``: the pattern, whatever its size)."""
+    import matplotlib.pyplot as plt
+
+    raw = np.asarray(images, dtype=np.float32)
+    if raw.ndim != 4 or raw.shape[-1] != 1 or len(labels) != len(raw):
+        raise ValueError(f"images must be (K, H, W, 1) with one label each; got {raw.shape} "
+                         f"and {len(labels)} labels.")
+    if crop:
+        raw = raw[:, crop:-crop, crop:-crop]
+    n = len(raw)
+    lim = float(np.abs(raw).max()) or 1.0
+    shown = deprocess_image(raw)
+    fig, axes = plt.subplots(2, n, squeeze=False, layout="constrained",
+                             figsize=(size * n + 1.5, 2 * size + 0.7))
+    for i in range(n):
+        im_raw = axes[0, i].imshow(raw[i, ..., 0], cmap="gray", vmin=-lim, vmax=lim)
+        im_dep = axes[1, i].imshow(shown[i, ..., 0], cmap="gray", vmin=0, vmax=255)
+        axes[0, i].set_title(str(labels[i]), fontsize=9)
+        for ax in axes[:, i]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    axes[0, 0].set_ylabel("raw, shared scale", fontsize=8)
+    axes[1, 0].set_ylabel("each standardised", fontsize=8)
+    fig.colorbar(im_raw, ax=axes[0, :], shrink=0.9, label="pixel value")
+    fig.colorbar(im_dep, ax=axes[1, :], shrink=0.9, label="deprocessed")
+    fig.suptitle(title or "Optimised images: raw and deprocessed")
+    return fig
 
 
 # ---------------------------------------------------------------------------

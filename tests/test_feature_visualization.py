@@ -155,3 +155,26 @@ def test_plot_feature_visualizations_marks_dead():
     assert list(fig.axes[0].texts) == []
     import matplotlib.pyplot as plt
     plt.close("all")
+
+
+def test_readable_ascent_loop_equals_the_compiled_function(mnist_model):
+    """The loop notebook 03 shows (GradientTape, regularizers, jitter, L2-normalised step),
+    run step by step in eager mode, gives the compiled batched function's images."""
+    tf, keras = cnn_utils._tf(), cnn_utils._keras()
+    to_scores = keras.Model(mnist_model.inputs, mnist_model.get_layer("logits").output)
+    targets, steps, lr, l2, tv, seed = [3, 7], 8, 0.1, 0.05, 0.05, 0
+    rng = np.random.default_rng(seed)
+    x = tf.constant(0.5 + 0.1 * rng.standard_normal((2, 28, 28, 1)), tf.float32)
+    shifts = rng.integers(-1, 2, size=(steps, 2))
+    for t in range(steps):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            score = tf.gather(to_scores(tf.roll(x, shifts[t].tolist(), axis=[1, 2])), targets, axis=1, batch_dims=0)
+            score = tf.linalg.diag_part(score)                     # image i's score for targets[i]
+            objective = score - l2 * tf.reduce_sum(x ** 2, axis=[1, 2, 3]) - tv * cnn_utils.total_variation(x)
+        g = tape.gradient(objective, x)
+        x = x + lr * g / (tf.sqrt(tf.reduce_sum(g ** 2, axis=[1, 2, 3], keepdims=True)) + 1e-8)
+    fast = cnn_utils.activation_maximization(mnist_model, "logits", targets, steps=steps, lr=lr, l2=l2,
+                                             tv=tv, jitter=1, seed=seed)
+    assert np.abs(x.numpy() - 0.5).max() > 0.2                     # the images really moved
+    np.testing.assert_allclose(x.numpy(), fast.images, atol=1e-4)

@@ -1,8 +1,9 @@
-"""Notebook 01 runs top to bottom in a fresh kernel in fast mode, for both datasets."""
+"""Notebook 01 runs top to bottom in a fresh kernel in fast mode, for both datasets; the
+tests read the values it records (``cnn_utils.record``), not its printed sentences."""
 import pytest
 
 import cnn_utils
-from conftest import count_images, find_number, notebook_text, run_notebook
+from conftest import count_images, notebook_values, run_notebook
 
 pytestmark = [pytest.mark.notebook]
 
@@ -10,16 +11,35 @@ pytestmark = [pytest.mark.notebook]
 @pytest.mark.parametrize("dataset", ["mnist", "fashion_mnist"])
 def test_notebook_01_loads_shipped_model(dataset, tmp_path):
     nb = run_notebook("01_train_mnist_cnn.ipynb", tmp_path, DATASET=dataset)
-    text = notebook_text(nb)
-    acc = find_number(text, "Test accuracy") / 100
-    assert acc == pytest.approx(cnn_utils.model_info(dataset)["test_accuracy"], abs=2e-4)
-    assert "Most frequent confusions" in text
+    v = notebook_values(nb)
+    info = cnn_utils.model_info(dataset)
+    assert v["test_accuracy"] == pytest.approx(info["test_accuracy"], abs=2e-4)
+    assert v["test_errors"] == round((1 - v["test_accuracy"]) * 10_000)
+    assert v["total_parameters"] == 130_890 and 0.5 < v["dense1_share"] < 0.6
+    assert 1.0 <= v["class_count_ratio"] < 1.5
+    # the shipped history: every epoch, the best validation epoch among them
+    assert v["epochs"] == info["epochs"] and 1 <= v["best_val_epoch"] <= v["epochs"]
+    assert 0 <= v["val_above_train_epochs"] <= v["epochs"]
+    # confusions: five off-diagonal pairs, largest first, each counted at most once per class
+    counts = [n for _, _, n in v["top_confusions"]]
+    assert len(counts) == 5 and counts == sorted(counts, reverse=True) and counts[-1] > 0
+    assert all(true != pred for true, pred, _ in v["top_confusions"])
+    assert counts[0] <= v["worst_class_errors"] <= v["test_errors"]
+    a, b, ab, ba = v["asymmetric_pair"]
+    assert a != b and ab > ba
+    if dataset == "fashion_mnist":
+        assert v["worst_class"] == "Shirt"
+        assert set(v["worst_class_predicted_as"]) <= {"T-shirt/top", "Pullover", "Coat"}
+    # confident predictions are right more often, yet some mistakes are confident
+    assert v["accuracy_over_99"] > v["accuracy_under_99"] and v["mistakes_over_99"] > 0
     assert count_images(nb) == 4  # samples, curves, confusion matrix, mistakes
 
 
 def test_notebook_01_trains_a_new_model(tmp_path):
     nb = run_notebook("01_train_mnist_cnn.ipynb", tmp_path, TRAIN_NEW_MODEL=True,
                       MODEL_OUT_DIR=str(tmp_path / "models"))
-    text = notebook_text(nb)
-    assert find_number(text, "Test accuracy") > 90  # one epoch on 6,000 images
-    assert "reloaded model gives the same predictions: True" in text
+    v = notebook_values(nb)
+    assert v["epochs"] == 1
+    assert v["test_accuracy"] > 0.90  # one epoch on 6,000 images
+    assert v["reloaded_same_scores"] is True
+    assert (tmp_path / "models" / "mnist_cnn.keras").is_file()
