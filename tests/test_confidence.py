@@ -153,3 +153,19 @@ def test_reliability_diagram_draws_the_bins():
     assert fig.axes[2].get_ylabel() == "predictions" and ax.get_ylabel() == "accuracy"
     with pytest.raises(ValueError, match="titles"):
         cu.plot_reliability_diagram([bins], titles=["a", "b"])
+
+
+def test_format_probability_keeps_enough_digits():
+    assert cu.format_probability(0.9997) == "99.97 %"
+    assert cu.format_probability(0.99999) == "99.999 %"
+    assert cu.format_probability(0.488) == "48.8 %"
+    assert cu.format_probability(0.0004) == "0.04 %"
+    assert cu.format_probability(np.float32(0.5), decimals=0) == "50 %"
+    assert cu.format_probability(1.0) == "100.0 %" and cu.format_probability(0.0) == "0.0 %"
+    # never reads 100 % (or 0 %) for a probability strictly between 0 and 1
+    for p in (1 - 1e-12, 1e-12, np.nextafter(1.0, 0.0)):
+        assert cu.format_probability(p) not in ("100.0 %", "0.0 %")
+    for bad, err in ((1.2, ValueError), (-0.1, ValueError), (float("nan"), ValueError),
+                     ([0.5], TypeError), ("0.5", TypeError)):
+        with pytest.raises(err, match="p must be"):
+            cu.format_probability(bad)
