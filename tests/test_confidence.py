@@ -169,3 +169,17 @@ def test_format_probability_keeps_enough_digits():
                      ([0.5], TypeError), ("0.5", TypeError)):
         with pytest.raises(err, match="p must be"):
             cu.format_probability(bad)
+
+
+def test_probability_bars_titles_keep_enough_digits():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    p = np.full((2, 10), 0.0003 / 9)
+    p[0, 3] = 0.9997
+    p[1] = 0.1
+    fig = cu.plot_probability_bars(np.zeros((2, 28, 28)), p, np.array([3, 0]))
+    titles = [ax.get_title() for ax in fig.axes]
+    plt.close(fig)
+    assert "max p = 99.97 %" in titles and "max p = 10.0 %" in titles
