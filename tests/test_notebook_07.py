@@ -42,7 +42,7 @@ def test_notebook_07_runs_fast_with_random_weights(tmp_path, monkeypatch):
     # predictions, filters, 2 feature-map figures + depth, 2 inversions, 5 depths, SSIM/PSNR, saliency
     assert count_images(nb) == 10
     # PyTorch only: the notebook and cnn_utils' PyTorch code never import TensorFlow
-    assert v["tensorflow_imported"] is False
+    assert v["tf_in_kernel"] is False
     code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
     assert "tensorflow" not in code.replace('"tensorflow" in sys.modules', "")
     assert "cnn_utils._" not in code   # only the public API
