@@ -1570,6 +1570,27 @@ def confidence_groups(probs, labels, high=0.99, low=0.9):
     }
 
 
+def format_probability(p, decimals=1):
+    """A probability as a percentage with enough decimals not to round to 0 % or 100 %.
+
+    ``decimals`` is the least number of decimals; more are added while the rounded
+    value would read 100 (or 0) for ``0 < p < 1``: 0.9997 -> ``"99.97 %"``,
+    0.488 -> ``"48.8 %"``, 1.0 -> ``"100.0 %"``.
+    """
+    if isinstance(p, (bool, np.bool_)) or not np.isscalar(p) or not np.isreal(p):
+        raise TypeError(f"p must be one probability (a real number), got {p!r}.")
+    p = float(p)
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"p must be a probability in [0, 1], got {p!r}.")
+    if isinstance(decimals, bool) or not isinstance(decimals, (int, np.integer)) or decimals < 0:
+        raise ValueError(f"decimals must be a non-negative integer, got {decimals!r}.")
+    for d in range(int(decimals), 17):
+        text = f"{100 * p:.{d}f}"
+        if (p in (0.0, 1.0)) or 0.0 < float(text) < 100.0:
+            return f"{text} %"
+    return f"{100 * p:.17g} %"
+
+
 # -- Embeddings --------------------------------------------------------------
 
 #: The layer whose activations serve as the learned feature space (penultimate layer).
@@ -2608,7 +2629,7 @@ def plot_probability_bars(images, probs, labels, class_names=None, title=None):
             axes[1, i].set_ylabel("probability")
         else:
             axes[1, i].set_yticklabels([])
-        axes[1, i].set_title(f"max p = {p[i].max():.3f}", fontsize=8)
+        axes[1, i].set_title(f"max p = {format_probability(p[i].max())}", fontsize=8)
     fig.suptitle(title or "Predicted class probabilities (black outline: true class)")
     fig.tight_layout()
     return fig

@@ -153,3 +153,33 @@ def test_reliability_diagram_draws_the_bins():
     assert fig.axes[2].get_ylabel() == "predictions" and ax.get_ylabel() == "accuracy"
     with pytest.raises(ValueError, match="titles"):
         cu.plot_reliability_diagram([bins], titles=["a", "b"])
+
+
+def test_format_probability_keeps_enough_digits():
+    assert cu.format_probability(0.9997) == "99.97 %"
+    assert cu.format_probability(0.99999) == "99.999 %"
+    assert cu.format_probability(0.488) == "48.8 %"
+    assert cu.format_probability(0.0004) == "0.04 %"
+    assert cu.format_probability(np.float32(0.5), decimals=0) == "50 %"
+    assert cu.format_probability(1.0) == "100.0 %" and cu.format_probability(0.0) == "0.0 %"
+    # never reads 100 % (or 0 %) for a probability strictly between 0 and 1
+    for p in (1 - 1e-12, 1e-12, np.nextafter(1.0, 0.0)):
+        assert cu.format_probability(p) not in ("100.0 %", "0.0 %")
+    for bad, err in ((1.2, ValueError), (-0.1, ValueError), (float("nan"), ValueError),
+                     ([0.5], TypeError), ("0.5", TypeError)):
+        with pytest.raises(err, match="p must be"):
+            cu.format_probability(bad)
+
+
+def test_probability_bars_titles_keep_enough_digits():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    p = np.full((2, 10), 0.0003 / 9)
+    p[0, 3] = 0.9997
+    p[1] = 0.1
+    fig = cu.plot_probability_bars(np.zeros((2, 28, 28)), p, np.array([3, 0]))
+    titles = [ax.get_title() for ax in fig.axes]
+    plt.close(fig)
+    assert "max p = 99.97 %" in titles and "max p = 10.0 %" in titles

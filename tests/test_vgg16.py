@@ -351,3 +351,27 @@ def _online():
     except OSError:
         return False
 
+
+
+def test_the_inversion_loop_shown_in_notebook_07_equals_feature_inversion(chelsea):
+    # The notebook's readable loop (cell tagged "inversion-loop") and the fast function, from the
+    # same noise for the same steps, on a small network and on two settings of the regularizers.
+    import json
+    from pathlib import Path
+
+    nb = json.loads((Path(__file__).resolve().parents[1] / "notebooks" /
+                     "07_vgg16_feature_inversion.ipynb").read_text())
+    cells = [c for c in nb["cells"] if "inversion-loop" in c.get("metadata", {}).get("tags", [])]
+    assert len(cells) == 1, "notebook 07 must have exactly one cell tagged 'inversion-loop'"
+    namespace = {"torch": torch, "cnn_utils": cnn_utils, "SEED": 7}
+    exec("".join(cells[0]["source"]), namespace)
+    net = TinyNet().requires_grad_(False)
+    x0 = cnn_utils.preprocess_image(chelsea, size=24)
+    for kwargs in ({}, {"tv_beta": 1.5, "tv_weight": 1.0, "alpha_weight": 1e-3, "lr": 0.05}):
+        readable = namespace["invert"](net, x0, 4, steps=7, seed=7, **kwargs)
+        fast = cnn_utils.feature_inversion(net, x0, 4, iterations=7, seed=7, progress=False, **kwargs)
+        assert readable.shape == fast["tensor"].shape == x0.shape
+        torch.testing.assert_close(readable, fast["tensor"], rtol=1e-5, atol=1e-6)
+        # and both moved away from the starting noise (the comparison is not of two untouched inputs)
+        start = namespace["invert"](net, x0, 4, steps=1, seed=7, lr=0.0, **{k: v for k, v in kwargs.items() if k != "lr"})
+        assert (readable - start).abs().max() > 1e-3
