@@ -2993,23 +2993,6 @@ def colormap(name):
     return matplotlib.colormaps[name]
 
 
-def format_confidence(p, max_decimals=6):
-    """A probability as a percentage with just enough decimals to stay honest:
-    never "100 %" for p < 1 nor "0 %" for p > 0 (0.9997 -> "99.97 %", 0.55 -> "55 %",
-    1 - 1e-9 -> "> 99.999999 %" with the default ``max_decimals``)."""
-    p = float(p)
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"p must be a probability in [0, 1], got {p!r}.")
-    pct = 100.0 * p
-    for d in range(max_decimals + 1):
-        text = f"{pct:.{d}f}"
-        if 0.0 < p < 1.0 and float(text) in (0.0, 100.0):
-            continue
-        return f"{text} %"
-    tiny = 10.0 ** -max_decimals                     # even max_decimals round to 0 or 100
-    return f"> {100 - tiny:.{max_decimals}f} %" if p > 0.5 else f"< {tiny:.{max_decimals}f} %"
-
-
 def plot_dataset_examples(synthetic, examples, values, labels, synthetic_values=None, crop=0,
                           size=1.2, title=None):
     """One row per filter or class: its activation-maximization image (deprocessed), then

@@ -55,16 +55,16 @@ def test_top_activating_images_class_scores_and_errors():
 @pytest.mark.parametrize("p, text", [
     (0.55, "55 %"), (0.5, "50 %"), (0.994, "99 %"), (0.996, "99.6 %"), (0.9997, "99.97 %"),
     (0.99996, "99.996 %"), (1.0, "100 %"), (0.0, "0 %"), (1e-5, "0.001 %"),
-    (1 - 1e-9, "> 99.999999 %"), (1e-9, "< 0.000001 %"),
+    (1 - 1e-9, "99.9999999 %"), (1e-9, "0.0000001 %"),
 ])
-def test_format_confidence_never_rounds_to_certainty(p, text):
-    assert cnn_utils.format_confidence(p) == text
+def test_format_probability_never_rounds_to_certainty(p, text):
+    assert cnn_utils.format_probability(p, decimals=0) == text
 
 
-def test_format_confidence_rejects_non_probabilities():
+def test_format_probability_rejects_non_probabilities():
     for bad in (-0.1, 1.2, float("nan")):
         with pytest.raises(ValueError, match="probability"):
-            cnn_utils.format_confidence(bad)
+            cnn_utils.format_probability(bad)
 
 
 def test_plot_dataset_examples_and_raw_plot_draw():
