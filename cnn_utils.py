@@ -2347,11 +2347,22 @@ def plot_objective_history(history, labels=None, title=None, max_lines=12):
     return fig
 
 
+def _two_row_figure(n, size, extra_width, extra_height):
+    """A (2, n) grid of axes without ticks (images on top, maps below)."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, n, squeeze=False, layout="constrained",
+                             figsize=(size * n + extra_width, 2 * size + extra_height))
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return fig, axes
+
+
 def plot_maps_across_images(images, maps, labels=None, title=None, cmap="viridis", size=1.4):
     """Inputs (top row) and one channel's feature map for each (bottom row), one shared
     colour scale for the maps."""
     import matplotlib
-    import matplotlib.pyplot as plt
 
     images = np.asarray(images)
     maps = np.asarray(maps)
@@ -2360,8 +2371,7 @@ def plot_maps_across_images(images, maps, labels=None, title=None, cmap="viridis
     if maps.ndim != 3 or len(maps) != len(images):
         raise ValueError(f"maps must be (N, h, w) with N = {len(images)} images; got shape {maps.shape}.")
     n = len(images)
-    fig, axes = plt.subplots(2, n, squeeze=False, layout="constrained",
-                             figsize=(size * n + 1.2, 2 * size + 0.6))
+    fig, axes = _two_row_figure(n, size, extra_width=1.2, extra_height=0.6)
     vmax = max(float(maps.max()), 1e-6)
     im = None
     for i in range(n):
@@ -2369,9 +2379,6 @@ def plot_maps_across_images(images, maps, labels=None, title=None, cmap="viridis
         im = axes[1, i].imshow(maps[i], cmap=matplotlib.colormaps[cmap], vmin=0, vmax=vmax)
         if labels is not None:
             axes[0, i].set_title(str(labels[i]), fontsize=8)
-        for ax in axes[:, i]:
-            ax.set_xticks([])
-            ax.set_yticks([])
     axes[0, 0].set_ylabel("input", fontsize=8)
     axes[1, 0].set_ylabel("feature map", fontsize=8)
     fig.colorbar(im, ax=axes[1, :], shrink=0.9, label="activation")
@@ -3037,7 +3044,6 @@ def plot_raw_and_deprocessed(images, labels, title=None, size=1.8, crop=0):
     """Optimised images (K, H, W, 1) twice: top row raw, on ONE shared grey scale (so a
     regularizer that shrinks the image shows as fainter); bottom row each image
     deprocessed on its own (``deprocess_image``: the pattern, whatever its size)."""
-    import matplotlib.pyplot as plt
 
     raw = np.asarray(images, dtype=np.float32)
     if raw.ndim != 4 or raw.shape[-1] != 1 or len(labels) != len(raw):
@@ -3048,15 +3054,11 @@ def plot_raw_and_deprocessed(images, labels, title=None, size=1.8, crop=0):
     n = len(raw)
     lim = float(np.abs(raw).max()) or 1.0
     shown = deprocess_image(raw)
-    fig, axes = plt.subplots(2, n, squeeze=False, layout="constrained",
-                             figsize=(size * n + 1.5, 2 * size + 0.7))
+    fig, axes = _two_row_figure(n, size, extra_width=1.5, extra_height=0.7)
     for i in range(n):
         im_raw = axes[0, i].imshow(raw[i, ..., 0], cmap="gray", vmin=-lim, vmax=lim)
         im_dep = axes[1, i].imshow(shown[i, ..., 0], cmap="gray", vmin=0, vmax=255)
         axes[0, i].set_title(str(labels[i]), fontsize=9)
-        for ax in axes[:, i]:
-            ax.set_xticks([])
-            ax.set_yticks([])
     axes[0, 0].set_ylabel("raw, shared scale", fontsize=8)
     axes[1, 0].set_ylabel("each standardised", fontsize=8)
     fig.colorbar(im_raw, ax=axes[0, :], shrink=0.9, label="pixel value")
