@@ -13,8 +13,10 @@ Each function imports its framework when it is called (see ``_tf()`` and
 
 Conventions
 -----------
-* Images are float32 batches ``(N, H, W, C)`` in [0, 1] for Keras models;
-  a single image ``(H, W, C)`` is accepted and treated as a batch of one.
+* Images are float32 batches ``(N, H, W, C)`` in the model's input range, [0, 1]
+  for the course's models and by default (``set_input_range`` declares another;
+  uint8 images are mapped onto it); a single image ``(H, W, C)`` is a batch of one.
+* Layers inside nested models (a transfer-learning base) are reached by name.
 * Attribution uses pre-softmax class scores (the ``logits`` layer) by default.
 * Bad input raises ``ValueError`` / ``TypeError`` that says what was expected.
 """
@@ -366,17 +368,14 @@ def model_info(name="mnist"):
 
 
 def logits_model(model):
-    """A model from the same input to the pre-softmax class scores."""
+    """A model from the same input to the pre-softmax class scores: the layer named
+    ``"logits"`` (the course's models), the input of a final Softmax layer, or the
+    output of a model that ends without a softmax (the attribution methods' rule)."""
     keras = _keras()
-    try:
-        layer = model.get_layer(LOGITS_LAYER)
-    except ValueError:
-        raise ValueError(
-            f"The model has no layer named {LOGITS_LAYER!r} (its layers: "
-            f"{', '.join(l.name for l in model.layers)}). Build it with build_mnist_cnn()."
-        ) from None
+    _model_input_shape(model)
+    scores = _score_output(model, "logits")
     return _cached(model, ("logits_model",),
-                   lambda: keras.Model(model.inputs, layer.output, name=f"{model.name}_logits"))
+                   lambda: keras.Model(model.inputs, scores, name=f"{model.name}_logits"))
 
 
 #: The input range of the course's models (and the default for every model): pixels in [0, 1].
@@ -468,8 +467,10 @@ def as_image_batch(images, model=None, name="images", input_range="model"):
     def matches(shape, target):
         return len(shape) == len(target) and all(e is None or e == s for e, s in zip(target, shape))
 
-    if expected is not None and expected[-1] == 1 and matches(x.shape, expected[:-1]):
-        x = x[..., np.newaxis]
+    if expected is not None and expected[-1] == 1 and (
+            matches(x.shape, expected[:-1]) or (x.ndim == len(expected) and matches(x.shape[1:], expected[:-1])
+                                                and not matches(x.shape, expected))):
+        x = x[..., np.newaxis]      # one grey image (H, W) or a batch of them (N, H, W)
     if expected is not None and x.ndim == len(expected):
         x = x[np.newaxis]
     elif expected is None and x.ndim == 3:
@@ -541,6 +542,7 @@ def predict_logits(model, images, batch_size=512, input_range="model"):
     ``input_range``: see ``as_image_batch`` (``None`` for images outside the model's
     range on purpose, e.g. from ``activation_maximization``).
     """
+    batch_size = _check_batch_size(batch_size)
     x = as_image_batch(images, model, input_range=input_range)
     return np.asarray(logits_model(model).predict(x, batch_size=batch_size, verbose=0))
 
@@ -1147,6 +1149,10 @@ def deprocess_image(x, crop=0, contrast=0.15):
     a = a - a.mean(axis=axes, keepdims=True)
     a = a / (a.std(axis=axes, keepdims=True) + 1e-5)
     a = np.clip(a * contrast + 0.5, 0.0, 1.0)
+    if isinstance(crop, bool) or not isinstance(crop, (int, np.integer)) or crop < 0:
+        raise ValueError(f"crop must be an integer >= 0 (pixels per border), got {crop!r}.")
+    if not _is_number(contrast) or contrast <= 0:
+        raise ValueError(f"contrast must be a positive number, got {contrast!r}.")
     crop = int(crop)
     if crop:
         h_axis = 1 if a.ndim == 4 else 0
@@ -2580,6 +2586,28 @@ def image_similarity(original, reconstruction):
 # Plotting
 # ---------------------------------------------------------------------------
 
+def _display_images(images, name="images"):
+    """Images for display on the [0, 1] scale: uint8 / 255; floats must lie in [0, 1]
+    (so that nothing is silently clipped to white or black)."""
+    a = np.asarray(images)
+    if a.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must be an array of numbers, got dtype {a.dtype}.")
+    if a.size == 0:
+        raise ValueError(f"{name} is empty (shape {a.shape}).")
+    if a.dtype == np.uint8:
+        return a.astype(np.float32) / np.float32(255.0)
+    a = a.astype(np.float32)
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{name} contain NaN or infinite values.")
+    if a.min() < -1e-3 or a.max() > 1 + 1e-3:
+        raise ValueError(
+            f"{name} are shown on the scale [0, 1], but hold values from {a.min():.4g} to {a.max():.4g}. "
+            "Divide 0..255 values by 255 (uint8 images are scaled automatically); show optimised "
+            "images with deprocess_image."
+        )
+    return np.clip(a, 0.0, 1.0)
+
+
 def _grid(n, ncols, size, extra_width=0.0, title_space=0.5):
     """A figure with ``n`` small axes (constrained layout), all axis frames off."""
     import matplotlib.pyplot as plt
@@ -2604,11 +2632,19 @@ def plot_activation_grid(maps, title=None, ncols=8, cmap="viridis", size=1.1, la
     """
     import matplotlib
 
+    if isinstance(maps, dict):
+        raise TypeError("maps must be one layer's array (H, W, C), not the dict of get_activations: "
+                        "pick a layer and an image, e.g. acts['conv1'][0].")
     maps = np.asarray(maps)
     if maps.ndim == 4 and maps.shape[0] == 1:
         maps = maps[0]
     if maps.ndim != 3:
-        raise ValueError(f"plot_activation_grid expects one image's maps (H, W, C); got shape {maps.shape}.")
+        raise ValueError(f"plot_activation_grid expects one image's maps (H, W, C); got shape {maps.shape} "
+                         "(a batch: pick one image, e.g. maps[0]).")
+    if maps.size == 0 or not np.all(np.isfinite(maps)):
+        raise ValueError("maps must be non-empty and finite (no NaN or infinite values).")
+    if labels is not None and len(labels) != maps.shape[-1]:
+        raise ValueError(f"labels has {len(labels)} entries for {maps.shape[-1]} channels.")
     n = maps.shape[-1]
     vmin = min(0.0, float(maps.min()))
     vmax = max(float(maps.max()), vmin + 1e-6)
@@ -2631,8 +2667,14 @@ def plot_layer_sparsity(sparsity, spread=None, title=None):
     """
     import matplotlib.pyplot as plt
 
+    if not isinstance(sparsity, dict) or not sparsity:
+        raise TypeError("sparsity must be a non-empty dict {layer name: fraction}, as layer_sparsity returns.")
     names = list(sparsity)
-    values = np.array([sparsity[n] for n in names]) * 100
+    values = np.array([sparsity[n] for n in names], dtype=np.float64) * 100
+    if not np.all((values >= 0) & (values <= 100)):
+        raise ValueError("sparsity values must be fractions in [0, 1].")
+    if spread is not None and set(spread) != set(names):
+        raise ValueError("spread must have the same layer names as sparsity.")
     err = None if spread is None else np.array([spread[n] for n in names]) * 100
     fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 3.6), layout="constrained")
     bars = ax.bar(names, values, yerr=err, capsize=4, color="tab:blue")
@@ -2667,8 +2709,11 @@ def plot_kernels(kernel, in_channel=0, annotate=True, ncols=8, size=1.25, title=
     k = np.asarray(kernel)
     if k.ndim != 4:
         raise ValueError(f"kernel must be (kh, kw, in_channels, out_channels); got shape {k.shape}.")
-    if not 0 <= in_channel < k.shape[2]:
-        raise ValueError(f"in_channel {in_channel} out of range: valid 0 to {k.shape[2] - 1}.")
+    if isinstance(in_channel, bool) or not isinstance(in_channel, (int, np.integer)) \
+            or not 0 <= in_channel < k.shape[2]:
+        raise ValueError(f"in_channel must be an integer from 0 to {k.shape[2] - 1}, got {in_channel!r}.")
+    if bias is not None and np.shape(bias) != (k.shape[-1],):
+        raise ValueError(f"bias must have one value per filter, shape ({k.shape[-1]},); got {np.shape(bias)}.")
     k = k[:, :, in_channel, :]
     n = k.shape[-1]
     norm = _symmetric_norm(k)
@@ -2772,9 +2817,11 @@ def plot_objective_history(history, labels=None, title=None, max_lines=12):
     ``max_lines``, the rest summarised by the mean)."""
     import matplotlib.pyplot as plt
 
-    h = np.asarray(history)
+    h = np.asarray(getattr(history, "history", history), dtype=np.float64)
     if h.ndim == 1:
         h = h[:, np.newaxis]
+    if h.ndim != 2 or len(h) == 0:
+        raise ValueError(f"history must be (steps, K), as FeatureVisualization.history; got shape {h.shape}.")
     fig, ax = plt.subplots(figsize=(6, 3.5), layout="constrained")
     steps = np.arange(len(h))
     for k in range(min(h.shape[1], max_lines)):
@@ -2795,11 +2842,11 @@ def plot_maps_across_images(images, maps, labels=None, title=None, cmap="viridis
     import matplotlib
     import matplotlib.pyplot as plt
 
-    images = np.asarray(images)
+    images = _display_images(images)
     maps = np.asarray(maps)
-    if images.ndim == 4:
+    if images.ndim == 4 and images.shape[-1] == 1:
         images = images[..., 0]
-    if maps.ndim != 3 or len(maps) != len(images):
+    if maps.ndim != 3 or len(maps) != len(images) or not np.all(np.isfinite(maps)):
         raise ValueError(f"maps must be (N, h, w) with N = {len(images)} images; got shape {maps.shape}.")
     n = len(images)
     fig, axes = plt.subplots(2, n, squeeze=False, layout="constrained",
@@ -2831,11 +2878,16 @@ def plot_image_grid(images, titles=None, ncols=10, cmap="gray", title=None, size
     import matplotlib.pyplot as plt
 
     images = np.asarray(images)
+    if images.ndim < 3 or len(images) == 0:
+        raise ValueError(f"plot_image_grid needs a batch of at least one image (N, H, W[, C]); got shape "
+                         f"{images.shape}.")
+    if (vmin, vmax) == (0.0, 1.0):      # the default grey scale: refuse images on another scale
+        images = _display_images(images)
     if images.ndim == 4 and images.shape[-1] == 1:
         images = images[..., 0]
     n = len(images)
-    if n == 0:
-        raise ValueError("plot_image_grid needs at least one image.")
+    if titles is not None and len(titles) != n:
+        raise ValueError(f"titles has {len(titles)} entries for {n} images.")
     ncols = min(ncols, n)
     nrows = int(np.ceil(n / ncols))
     title_lines = max((str(t).count("\n") + 1 for t in titles), default=0) if titles is not None else 0
@@ -2913,7 +2965,7 @@ def overlay_heatmap(image, heatmap, alpha=0.4, cmap="jet"):
     """
     import matplotlib
 
-    img = np.asarray(image, dtype=np.float32)
+    img = _display_images(image, "image")
     heat = np.asarray(heatmap, dtype=np.float32)
     if img.ndim == 4 and img.shape[0] == 1:
         img = img[0]
@@ -2929,8 +2981,8 @@ def overlay_heatmap(image, heatmap, alpha=0.4, cmap="jet"):
         raise ValueError(f"heatmap must be (H, W) = {img.shape[:2]} like the image; got shape {np.shape(heatmap)}.")
     if not (np.all(np.isfinite(img)) and np.all(np.isfinite(heat))):
         raise ValueError("image and heatmap must not contain NaN or infinite values.")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
+    if not _is_number(alpha) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}.")
     colored = matplotlib.colormaps[cmap](np.clip(heat, 0.0, 1.0))[..., :3].astype(np.float32)
     return np.clip((1.0 - alpha) * img + alpha * colored, 0.0, 1.0).astype(np.float32)
 
@@ -2946,7 +2998,7 @@ def plot_attribution_maps(images, maps, image_titles=None, overlay=True, alpha=0
     import matplotlib
     import matplotlib.pyplot as plt
 
-    images = np.asarray(images, dtype=np.float32)
+    images = _display_images(images)
     if images.ndim == 3:
         images = images[..., None]
     if not isinstance(maps, dict) or not maps:
@@ -3004,8 +3056,10 @@ def plot_signed_attributions(images, attributions, image_titles=None, title=None
     """
     import matplotlib.pyplot as plt
 
-    images = np.asarray(images, dtype=np.float32)
+    images = _display_images(images)
     attr = np.asarray(attributions, dtype=np.float32)
+    if not np.all(np.isfinite(attr)):
+        raise ValueError("attributions contain NaN or infinite values.")
     if attr.ndim == 4:
         attr = attr.sum(axis=-1)
     if images.ndim == 4:
@@ -3041,7 +3095,7 @@ def plot_probability_bars(images, probs, labels, class_names=None, title=None):
 
     p = _as_probs(probs)
     y = _as_labels(labels, len(p), p.shape[1])
-    imgs = np.asarray(images)
+    imgs = _display_images(images)
     if imgs.ndim == 4 and imgs.shape[-1] == 1:
         imgs = imgs[..., 0]
     if len(imgs) != len(p):

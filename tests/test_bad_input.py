@@ -276,3 +276,54 @@ def test_tsne_of_duplicate_rows_is_refused_not_nan():
         cnn_utils.tsne_embedding(x, perplexity=15, n_iter=300)
     with pytest.raises(TypeError, match="perplexity must be a number"):
         cnn_utils.tsne_embedding(x, perplexity="5")
+
+
+# --- plotting: nothing silently clipped to white, no raw matplotlib errors ---------------
+
+def test_overlay_of_a_uint8_image_equals_the_unit_scale_overlay():
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (6, 6, 3)).astype(np.uint8)
+    heat = rng.uniform(0, 1, (6, 6))
+    np.testing.assert_allclose(cnn_utils.overlay_heatmap(pixels, heat),
+                               cnn_utils.overlay_heatmap(pixels / 255.0, heat), atol=1e-6)
+
+
+PIXELS_255 = np.full((2, 6, 6, 1), 200.0)
+PLOT_CASES = {
+    "overlay of 0..255 floats": (lambda: cnn_utils.overlay_heatmap(PIXELS_255[0], np.zeros((6, 6))), ValueError,
+                                 r"shown on the scale \[0, 1\].*Divide 0\.\.255 values by 255"),
+    "attribution maps of 0..255 floats": (lambda: cnn_utils.plot_attribution_maps(
+        PIXELS_255, {"m": np.zeros((2, 6, 6))}), ValueError, r"scale \[0, 1\]"),
+    "image grid of 0..255 floats": (lambda: cnn_utils.plot_image_grid(PIXELS_255), ValueError, r"scale \[0, 1\]"),
+    "image grid of nothing": (lambda: cnn_utils.plot_image_grid(np.zeros((0, 6, 6))), ValueError,
+                              "at least one image"),
+    "image grid titles": (lambda: cnn_utils.plot_image_grid(GOOD, titles=["a"]), ValueError,
+                          "titles has 1 entries for 2 images"),
+    "probability bars of 0..255": (lambda: cnn_utils.plot_probability_bars(
+        PIXELS_255, cnn_utils.softmax(LOGITS[:2]), LABELS[:2]), ValueError, r"scale \[0, 1\]"),
+    "signed attributions NaN": (lambda: cnn_utils.plot_signed_attributions(
+        GOOD, np.full((2, 6, 6), np.nan)), ValueError, "NaN"),
+    "activation grid of the dict": (lambda: cnn_utils.plot_activation_grid({"conv": GOOD[0]}), TypeError,
+                                    "pick a layer"),
+    "activation grid of a batch": (lambda: cnn_utils.plot_activation_grid(GOOD), ValueError, "pick one image"),
+    "activation grid NaN": (lambda: cnn_utils.plot_activation_grid(np.full((3, 3, 2), np.nan)), ValueError,
+                            "finite"),
+    "sparsity not a dict": (lambda: cnn_utils.plot_layer_sparsity([0.1, 0.2]), TypeError, "non-empty dict"),
+    "sparsity in percent": (lambda: cnn_utils.plot_layer_sparsity({"conv": 40.0}), ValueError, "fractions"),
+    "kernels in_channel": (lambda: cnn_utils.plot_kernels(np.zeros((3, 3, 1, 2)), in_channel=1), ValueError,
+                           "in_channel must be an integer from 0 to 0"),
+    "objective history of nothing": (lambda: cnn_utils.plot_objective_history([]), ValueError,
+                                     r"history must be \(steps, K\)"),
+    "overlay alpha text": (lambda: cnn_utils.overlay_heatmap(GOOD[0], np.zeros((6, 6)), alpha="0.5"), ValueError,
+                           "alpha must be in"),
+}
+
+
+@pytest.mark.parametrize("case", list(PLOT_CASES))
+def test_plotting_bad_input(case):
+    import matplotlib.pyplot as plt
+
+    try:
+        raises_as_listed(PLOT_CASES, case)
+    finally:
+        plt.close("all")

@@ -244,3 +244,25 @@ def test_keras_applications_model_nested(mobilenet):
     assert fv.images.shape == (2, 32, 32, 3)
     assert abs(float(fv.images.mean())) < 0.5          # started at the middle of [-1, 1]
     assert np.all(fv.objective > fv.start_objective)
+
+
+def test_predict_logits_of_models_without_a_logits_layer():
+    k = keras()
+    inp = k.Input((8, 8, 1))
+    x = k.layers.Flatten()(k.layers.Conv2D(2, 3, name="c1")(inp))
+    scores = k.layers.Dense(4, name="scores")(x)
+    raw = k.Model(inp, scores, name="raw_scores")                       # ends without softmax
+    with_softmax = k.Model(inp, k.layers.Softmax(name="sm")(scores), name="with_softmax")
+    x = images()
+    direct_scores = np.asarray(raw(x))
+    np.testing.assert_allclose(cnn_utils.predict_logits(raw, x), direct_scores, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(cnn_utils.predict_logits(with_softmax, x), direct_scores, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(cnn_utils.softmax(cnn_utils.predict_logits(with_softmax, x)),
+                               with_softmax.predict(x, verbose=0), rtol=1e-4, atol=1e-6)
+
+
+def test_a_batch_of_grey_images_without_channel_axis():
+    model = sequential_with_input()
+    x = images(5)
+    np.testing.assert_array_equal(cnn_utils.as_image_batch(x[..., 0], model), x)       # (N, H, W)
+    np.testing.assert_array_equal(cnn_utils.as_image_batch(x[0, ..., 0], model), x[:1])  # (H, W)
