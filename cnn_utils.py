@@ -236,6 +236,10 @@ def train_val_split(x, y, val_fraction=0.1, seed=DEFAULT_SEED):
         raise ValueError(f"val_fraction must be a fraction strictly between 0 and 1, got {val_fraction!r}.")
     if len(x) != len(y):
         raise ValueError(f"x and y must hold the same number of images and labels; got {len(x)} and {len(y)}.")
+    _, counts = np.unique(np.asarray(y), return_counts=True)
+    if counts.size == 0 or counts.min() < 2:
+        raise ValueError("The split is stratified by label: every class needs at least 2 examples; "
+                         f"the rarest class here has {counts.min() if counts.size else 0}.")
 
     x_fit, x_val, y_fit, y_val = train_test_split(
         x, y, test_size=val_fraction, random_state=seed, stratify=y
@@ -879,7 +883,11 @@ def total_variation(images):
 
 def _total_variation(tf, images):
     """``total_variation`` given the TensorFlow module (so tf.function can trace it)."""
-    x = tf.convert_to_tensor(images, dtype=tf.float32)
+    try:
+        x = tf.convert_to_tensor(images, dtype=tf.float32)
+    except (TypeError, ValueError):
+        raise TypeError(f"total_variation expects images (N, H, W, C) or (H, W, C) of numbers, got "
+                        f"{type(images).__name__}.") from None
     if x.shape.rank == 3:
         x = x[tf.newaxis]
     if x.shape.rank != 4:
@@ -1098,6 +1106,8 @@ def activation_maximization(model, layer_name, index, steps=100, lr=0.1, l2=0.0,
         if not _is_number(value) or (value < 0 and name != "init_mean"):
             raise ValueError(f"{name} must be a finite number{'' if name == 'init_mean' else ' >= 0'}, "
                              f"got {value!r}.")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+        raise ValueError(f"seed must be None or an integer >= 0, got {seed!r}.")
     shape = _model_input_shape(model)
     if image_shape is not None:
         image_shape = tuple(image_shape)
@@ -1143,6 +1153,8 @@ def deprocess_image(x, crop=0, contrast=0.15):
     a = np.asarray(x, dtype=np.float64)
     if a.ndim not in (2, 3, 4):
         raise ValueError(f"deprocess_image expects (H, W), (H, W, C) or (N, H, W, C); got shape {a.shape}.")
+    if a.size == 0:
+        raise ValueError(f"deprocess_image: the image is empty (shape {a.shape}).")
     if not np.all(np.isfinite(a)):
         raise ValueError("deprocess_image: the image contains NaN or infinite values.")
     axes = (1, 2, 3) if a.ndim == 4 else None
@@ -1945,6 +1957,11 @@ def tsne_embedding(features, perplexity=30.0, method="opentsne", n_iter=750, see
     if n_iter <= 250:
         raise ValueError(f"n_iter counts the 250 early-exaggeration iterations too; it must exceed 250, "
                          f"got {n_iter}.")
+    if pca_components is not None and (isinstance(pca_components, bool)
+                                       or not isinstance(pca_components, (int, np.integer))
+                                       or not 2 <= pca_components <= min(x.shape)):
+        raise ValueError(f"pca_components must be None or an integer from 2 to min(N, D) = {min(x.shape)}, "
+                         f"got {pca_components!r}.")
     n_distinct = len(np.unique(x, axis=0))
     if n_distinct < 3 * perplexity + 1:
         raise ValueError(
@@ -2548,12 +2565,16 @@ def feature_inversion(model, image, layer_index, iterations=200, lr=0.1, optimiz
 def _as_unit_image(image, name):
     """An image as float64 in [0, 1]: uint8 / 255, floats checked to lie in [0, 1]."""
     a = np.asarray(image)
+    if a.size == 0:
+        raise ValueError(f"{name} is empty (shape {a.shape}).")
     if a.dtype == np.uint8:
         return a.astype(np.float64) / 255.0
     if a.dtype.kind != "f":
         raise TypeError(f"{name} must be uint8 (0..255) or float in [0, 1], got dtype {a.dtype}.")
     a = a.astype(np.float64)
-    if not np.all(np.isfinite(a)) or a.min() < 0 or a.max() > 1:
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{name} contains NaN or infinite values.")
+    if a.min() < 0 or a.max() > 1:
         raise ValueError(f"{name} is float with values from {np.nanmin(a):.3g} to {np.nanmax(a):.3g}; "
                          "a float image must lie in [0, 1] (divide 0..255 values by 255, or pass uint8).")
     return a

@@ -519,3 +519,10 @@ def test_feature_inversion_refuses_other_models_and_nan_images():
         cnn_utils.feature_inversion("vgg16", torch.zeros(1, 3, 16, 16), 0)
     with pytest.raises(ValueError, match="NaN"):
         cnn_utils.feature_inversion(TinyNet(), torch.full((1, 3, 16, 16), float("nan")), 0, progress=False)
+
+
+def test_image_similarity_of_empty_or_nan_images():
+    with pytest.raises(ValueError, match="original is empty"):
+        cnn_utils.image_similarity(np.zeros((0, 0, 3)), np.zeros((0, 0, 3)))
+    with pytest.raises(ValueError, match="reconstruction contains NaN"):
+        cnn_utils.image_similarity(np.zeros((8, 8, 3)), np.full((8, 8, 3), np.nan))
