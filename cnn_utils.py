@@ -379,7 +379,7 @@ def logits_model(model):
     _model_input_shape(model)
     scores = _score_output(model, "logits")
     return _cached(model, ("logits_model",),
-                   lambda: keras.Model(model.inputs, scores, name=f"{model.name}_logits"))
+                   lambda: keras.Model(_single_input(model), scores, name=f"{model.name}_logits"))
 
 
 #: The input range of the course's models (and the default for every model): pixels in [0, 1].

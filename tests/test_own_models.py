@@ -98,7 +98,7 @@ def nested_functional():
 # (builder, a conv layer name, the independent computation of that layer's output)
 def direct(model, layer):
     k = keras()
-    return k.Model(model.inputs, model.get_layer(layer).output)
+    return k.Model(model.inputs[0], model.get_layer(layer).output)
 
 
 CASES = {
@@ -192,7 +192,7 @@ def test_softmax_output_model_maximizes_the_pre_softmax_score():
     model = functional_softmax_output()
     fv = cnn_utils.activation_maximization(model, "out", [2], steps=15, seed=0)
     k = keras()
-    features = k.Model(model.inputs, model.get_layer("f").output)(fv.images)
+    features = k.Model(model.inputs[0], model.get_layer("f").output)(fv.images)
     w, b = model.get_layer("out").get_weights()
     logits = np.asarray(features) @ w + b
     np.testing.assert_allclose(fv.objective, logits[:, 2], rtol=1e-4, atol=1e-5)
