@@ -13,8 +13,10 @@ Each function imports its framework when it is called (see ``_tf()`` and
 
 Conventions
 -----------
-* Images are float32 batches ``(N, H, W, C)`` in [0, 1] for Keras models;
-  a single image ``(H, W, C)`` is accepted and treated as a batch of one.
+* Images are float32 batches ``(N, H, W, C)`` in the model's input range, [0, 1]
+  for the course's models and by default (``set_input_range`` declares another;
+  uint8 images are mapped onto it); a single image ``(H, W, C)`` is a batch of one.
+* Layers inside nested models (a transfer-learning base) are reached by name.
 * Attribution uses pre-softmax class scores (the ``logits`` layer) by default.
 * Bad input raises ``ValueError`` / ``TypeError`` that says what was expected.
 """
@@ -131,6 +133,12 @@ class DataError(RuntimeError):
     """A dataset could not be found, read or validated."""
 
 
+def _is_number(value):
+    """True for a finite real number (not a bool, not a string)."""
+    return (not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
+            and bool(np.isfinite(value)))
+
+
 def _check_dataset_name(name):
     if name not in DATASETS:
         raise ValueError(
@@ -223,6 +231,16 @@ def train_val_split(x, y, val_fraction=0.1, seed=DEFAULT_SEED):
     """Stratified split of a training set into (x_fit, y_fit), (x_val, y_val)."""
     from sklearn.model_selection import train_test_split
 
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (float, np.floating)) \
+            or not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be a fraction strictly between 0 and 1, got {val_fraction!r}.")
+    if len(x) != len(y):
+        raise ValueError(f"x and y must hold the same number of images and labels; got {len(x)} and {len(y)}.")
+    _, counts = np.unique(np.asarray(y), return_counts=True)
+    if counts.size == 0 or counts.min() < 2:
+        raise ValueError("The split is stratified by label: every class needs at least 2 examples; "
+                         f"the rarest class here has {counts.min() if counts.size else 0}.")
+
     x_fit, x_val, y_fit, y_val = train_test_split(
         x, y, test_size=val_fraction, random_state=seed, stratify=y
     )
@@ -276,8 +294,20 @@ def train_model(model, x_train, y_train, epochs=4, batch_size=128, validation_da
     """Compile and train ``model`` with Adam and a cosine learning-rate decay.
 
     Returns the Keras ``History``. Deterministic for a given seed on one machine.
+    Images are checked as by ``as_image_batch`` (uint8 scaled to the model's range),
+    labels must be class indices of the model's output.
     """
     keras = _keras()
+    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    x_train = as_image_batch(x_train, model, name="x_train")
+    n_classes = int(model.outputs[0].shape[-1])
+    y_train = _as_labels(y_train, len(x_train), n_classes, "y_train")
+    if validation_data is not None:
+        x_val, y_val = validation_data
+        x_val = as_image_batch(x_val, model, name="validation images")
+        validation_data = (x_val, _as_labels(y_val, len(x_val), n_classes, "validation labels"))
     set_seed(seed)
     steps = epochs * int(np.ceil(len(x_train) / batch_size))
     schedule = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=max(steps, 1))
@@ -300,20 +330,38 @@ def model_path(name):
 
 
 def load_model(name="mnist"):
-    """Load a shipped model (``"mnist"`` or ``"fashion_mnist"``) with ``safe_mode=True``."""
+    """Load a shipped model (``"mnist"`` or ``"fashion_mnist"``) or a ``.keras`` file
+    (``safe_mode=True``, so a file cannot run code when it is loaded)."""
     keras = _keras()
-    path = Path(name) if str(name).endswith(".keras") else model_path(name)
+    if isinstance(name, (str, os.PathLike)) and str(name) in DATASETS:
+        path = model_path(str(name))
+        rebuild = f"Rebuild it with `python -m course train --dataset {name} --replace`."
+    elif isinstance(name, (str, os.PathLike)):
+        path = Path(name).expanduser()
+        if path.suffix != ".keras":
+            if path.suffix in (".h5", ".hdf5"):
+                raise ValueError(
+                    f"{path} is a legacy HDF5 (.h5) file; load_model reads Keras 3 `.keras` files. "
+                    "Load it with keras.models.load_model(path) in the Keras version that saved it "
+                    "and save it again with model.save('my_model.keras')."
+                )
+            raise ValueError(
+                f"Cannot load {str(name)!r}: name a shipped model ({', '.join(DATASETS)}) or the "
+                "path of a `.keras` file."
+            )
+        rebuild = ("Check the path; the shipped models are rebuilt with "
+                   "`python -m course train --dataset mnist`.")
+    else:
+        raise TypeError(f"name must be a dataset name ({', '.join(DATASETS)}) or the path of a "
+                        f"`.keras` file, got {type(name).__name__}.")
     if not path.is_file():
-        raise FileNotFoundError(
-            f"No saved model at {path}. Rebuild it with "
-            f"`python -m course train --dataset {path.stem.replace('_cnn', '')}`."
-        )
+        raise FileNotFoundError(f"No saved model at {path} (resolved: {path.resolve()}). {rebuild}")
     try:
         return keras.models.load_model(path, safe_mode=True)
     except Exception as err:
         raise DataError(
             f"Could not load the model at {path} ({type(err).__name__}: {err}). The file may be "
-            "corrupt: rebuild it with `python -m course train`."
+            f"corrupt or from another Keras version. {rebuild}"
         ) from None
 
 
@@ -324,37 +372,109 @@ def model_info(name="mnist"):
 
 
 def logits_model(model):
-    """A model from the same input to the pre-softmax class scores."""
+    """A model from the same input to the pre-softmax class scores: the layer named
+    ``"logits"`` (the course's models), the input of a final Softmax layer, or the
+    output of a model that ends without a softmax (the attribution methods' rule)."""
     keras = _keras()
-    try:
-        layer = model.get_layer(LOGITS_LAYER)
-    except ValueError:
-        raise ValueError(
-            f"The model has no layer named {LOGITS_LAYER!r} (its layers: "
-            f"{', '.join(l.name for l in model.layers)}). Build it with build_mnist_cnn()."
-        ) from None
+    _model_input_shape(model)
+    scores = _score_output(model, "logits")
     return _cached(model, ("logits_model",),
-                   lambda: keras.Model(model.inputs, layer.output, name=f"{model.name}_logits"))
+                   lambda: keras.Model(_single_input(model), scores, name=f"{model.name}_logits"))
 
 
-def as_image_batch(images, model=None, name="images"):
-    """Validate images and return a float32 batch (N, H, W, C).
+#: The input range of the course's models (and the default for every model): pixels in [0, 1].
+DEFAULT_INPUT_RANGE = (0.0, 1.0)
+
+
+def set_input_range(model, input_range):
+    """Declare the pixel range a model takes, for every helper that feeds it images.
+
+    The course's models take [0, 1] (the default for any model). For your own model
+    trained on another range, declare it once, e.g. ``set_input_range(model, (-1, 1))``
+    (``keras.applications.MobileNetV2``), ``(0, 255)`` (models with built-in
+    preprocessing); ``None`` switches the range check off (e.g. standardised inputs).
+    Float images outside the range are then refused, and uint8 images (0..255) are
+    mapped linearly onto it. Stored as ``model.input_range``; not saved with the model.
+    Returns the model.
+    """
+    model.input_range = _check_input_range(input_range)
+    return model
+
+
+def _check_input_range(input_range):
+    if input_range is None:
+        return None
+    try:
+        low, high = (float(v) for v in input_range)
+    except (TypeError, ValueError):
+        raise TypeError(f"input_range must be a pair (low, high) or None, got {input_range!r}.") from None
+    if not (np.isfinite(low) and np.isfinite(high) and low < high):
+        raise ValueError(f"input_range must be finite with low < high, got {input_range!r}.")
+    return (low, high)
+
+
+def model_input_range(model):
+    """The pixel range ``model`` takes: ``model.input_range`` if declared
+    (see ``set_input_range``), else [0, 1]; ``None`` when the check is switched off."""
+    if model is None or not hasattr(model, "input_range"):
+        return DEFAULT_INPUT_RANGE
+    return _check_input_range(model.input_range)
+
+
+def _model_input_shape(model):
+    """The model's input shape without the batch axis; a clear error for unbuilt models."""
+    keras = _keras()
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"model must be a Keras model, got {type(model).__name__}.")
+    try:
+        inputs = model.inputs
+    except (AttributeError, ValueError):
+        inputs = None
+    if not inputs:
+        raise ValueError(
+            f"The model {model.name!r} has no defined input yet (a Sequential model without an "
+            "Input, never called on data). Start it with an input, "
+            "keras.Sequential([keras.Input((28, 28, 1)), ...]), or build it once with "
+            "model.build((None, 28, 28, 1))."
+        )
+    if len(inputs) != 1:
+        raise ValueError(f"The helpers need a model with one image input; this one has {len(inputs)}.")
+    return tuple(inputs[0].shape[1:])
+
+
+def as_image_batch(images, model=None, name="images", input_range="model"):
+    """Validate images and return a float32 batch (N, H, W, C) in the model's input range.
 
     A single image (H, W, C) becomes a batch of one; a (H, W) image of a
     one-channel model gets its channel axis. With ``model``, the shape must match
-    the model's input.
+    the model's input (``None`` dimensions match any size).
+
+    Pixel scale: ``input_range="model"`` uses the model's range (``set_input_range``;
+    [0, 1] by default and for the course's models). uint8 images (0..255) are mapped
+    linearly onto it; float images outside it are refused (1e-3 of the range is
+    tolerated for rounding). Pass a pair ``(low, high)`` for this call only, or ``None``
+    to accept any finite value (e.g. images found by activation maximization).
     """
     if hasattr(images, "numpy"):
         images = images.numpy()
     try:
-        x = np.asarray(images, dtype=np.float32)
+        raw = np.asarray(images)
+        x = raw.astype(np.float32)
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be an array of numbers, got {type(images).__name__}.") from None
+    if raw.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must be an array of numbers, got dtype {raw.dtype}.")
     expected = None
     if model is not None:
-        expected = tuple(model.inputs[0].shape[1:])
-    if expected is not None and x.ndim == len(expected) - 1 and expected[-1] == 1 and x.shape == expected[:-1]:
-        x = x[..., np.newaxis]
+        expected = _model_input_shape(model)
+
+    def matches(shape, target):
+        return len(shape) == len(target) and all(e is None or e == s for e, s in zip(target, shape))
+
+    if expected is not None and expected[-1] == 1 and (
+            matches(x.shape, expected[:-1]) or (x.ndim == len(expected) and matches(x.shape[1:], expected[:-1])
+                                                and not matches(x.shape, expected))):
+        x = x[..., np.newaxis]      # one grey image (H, W) or a batch of them (N, H, W)
     if expected is not None and x.ndim == len(expected):
         x = x[np.newaxis]
     elif expected is None and x.ndim == 3:
@@ -363,12 +483,44 @@ def as_image_batch(images, model=None, name="images"):
         raise ValueError(
             f"{name} must be a batch (N, H, W, C) or a single image (H, W, C); got shape {x.shape}."
         )
-    if expected is not None and any(e is not None and e != s for e, s in zip(expected, x.shape[1:])):
+    if expected is not None and not matches(x.shape[1:], expected):
+        hint = ""
+        if x.shape[-1] != expected[-1] and x.shape[1] == expected[-1]:
+            hint = " The channels seem to come first: move them last with np.moveaxis(images, 1, -1)."
         raise ValueError(
-            f"{name} have shape {x.shape[1:]} per image, but the model expects {expected}."
+            f"{name} have shape {x.shape[1:]} per image, but the model expects {expected}.{hint}"
         )
+    if len(x) == 0:
+        raise ValueError(f"{name} is an empty batch (0 images); pass at least one image.")
     if not np.all(np.isfinite(x)):
         raise ValueError(f"{name} contain NaN or infinite values.")
+    rng = model_input_range(model) if isinstance(input_range, str) and input_range == "model" \
+        else _check_input_range(input_range)
+    if raw.dtype == np.uint8:
+        if rng is None:
+            raise ValueError(
+                f"{name} are uint8 (0..255) but the model's input range is not declared, so they "
+                "cannot be scaled: convert them yourself, or declare the range with "
+                "cnn_utils.set_input_range(model, (low, high))."
+            )
+        low, high = rng
+        # x / 255 first: for [0, 1] exactly what load_dataset gives
+        return ((x / np.float32(255.0)) * np.float32(high - low) + np.float32(low)).astype(np.float32)
+    if rng is not None:
+        low, high = rng
+        tol = 1e-3 * (high - low)
+        lo_x, hi_x = float(x.min()), float(x.max())
+        if lo_x < low - tol or hi_x > high + tol:
+            hint = ""
+            if hi_x > 1.5 and hi_x <= 255.0 + tol and high <= 1.0 + tol and lo_x >= -tol:
+                hint = ("They look like pixel values 0..255: divide by 255.0 (or pass them as "
+                        "uint8, which is scaled automatically). ")
+            raise ValueError(
+                f"{name} hold values from {lo_x:.4g} to {hi_x:.4g}, outside the model's input range "
+                f"[{low:g}, {high:g}]. {hint}If the model really takes another range, declare it "
+                "once with cnn_utils.set_input_range(model, (low, high)) (None switches the check "
+                "off); pass input_range=None for images that leave the range on purpose."
+            )
     return x
 
 
@@ -378,20 +530,24 @@ def most_confident_mistakes(probs, labels, k=16):
     ``probs`` is (N, classes) softmax output, ``labels`` the true classes. Sorted
     from most to least confident.
     """
-    probs = np.asarray(probs)
-    labels = np.asarray(labels)
-    if probs.ndim != 2 or len(probs) != len(labels):
-        raise ValueError(f"probs must be (N, classes) with N = len(labels); got {probs.shape} "
-                         f"and {labels.shape}.")
+    probs = _as_probs(probs)
+    labels = _as_labels(labels, len(probs), probs.shape[1])
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+        raise ValueError(f"k must be an integer >= 0, got {k!r}.")
     pred = probs.argmax(axis=1)
     wrong = np.flatnonzero(pred != labels)
     order = np.argsort(-probs[wrong, pred[wrong]], kind="stable")
     return wrong[order[:k]]
 
 
-def predict_logits(model, images, batch_size=512):
-    """Pre-softmax class scores for a batch, as a NumPy array."""
-    x = as_image_batch(images, model)
+def predict_logits(model, images, batch_size=512, input_range="model"):
+    """Pre-softmax class scores for a batch, as a NumPy array (N, classes).
+
+    ``input_range``: see ``as_image_batch`` (``None`` for images outside the model's
+    range on purpose, e.g. from ``activation_maximization``).
+    """
+    batch_size = _check_batch_size(batch_size)
+    x = as_image_batch(images, model, input_range=input_range)
     return np.asarray(logits_model(model).predict(x, batch_size=batch_size, verbose=0))
 
 
@@ -416,9 +572,13 @@ def conv_layer_names(model):
 
 
 def conv_and_pool_layer_names(model):
-    """Names of the model's convolutional and pooling layers, in model order."""
-    return [l.name for l in model.layers
-            if _layer_type(l) in _CONV_TYPES + _POOL_TYPES]
+    """Names of the model's convolutional and pooling layers, in model order.
+
+    Layers inside nested models (``Sequential([base, pooling, head])``) are included,
+    by their own name, or ``"base/name"`` where a name occurs twice.
+    """
+    return [name for name, chain in _nested_layers(model)
+            if _layer_type(chain[-1]) in _CONV_TYPES + _POOL_TYPES]
 
 
 def last_conv_layer_name(model):
@@ -482,33 +642,127 @@ def _single_input(model):
     return model.inputs[0] if len(model.inputs) == 1 else model.inputs
 
 
-def activation_model(model, layer_names):
-    """A multi-output Keras model from the model's input to the named layers' outputs."""
+def _is_model(layer):
+    return hasattr(layer, "layers") and hasattr(layer, "inputs") and hasattr(layer, "_inbound_nodes")
+
+
+def _nested_layers(model):
+    """Every layer, nested models' layers right after the model holding them, as
+    ``(name, chain)``; ``chain`` is ``[nested model, ..., layer]`` and ``name`` the
+    layer's own name, or its path ``"base/name"`` when the name occurs twice."""
+    found = []
+
+    def walk(m, prefix, chain):
+        for layer in m.layers:
+            found.append((prefix + layer.name, chain + [layer]))
+            if _is_model(layer):
+                walk(layer, prefix + layer.name + "/", chain + [layer])
+
+    walk(model, "", [])
+    counts = {}
+    for path, chain in found:
+        counts[chain[-1].name] = counts.get(chain[-1].name, 0) + 1
+    return [(chain[-1].name if counts[chain[-1].name] == 1 else path, chain) for path, chain in found]
+
+
+def _layer_chain(model, layer_name):
+    """``[nested model, ..., layer]`` for a layer of ``model`` or of a model nested in it,
+    by name or by path ``"base/name"``; errors list every layer."""
+    if not isinstance(layer_name, str):
+        raise TypeError(f"layer_name must be a string, got {type(layer_name).__name__}.")
+    top = [l for l in model.layers if l.name == layer_name]
+    if top:
+        return [top[0]]
+    nested = _nested_layers(model)
+    paths = {}
+    for name, chain in nested:
+        paths["/".join(l.name for l in chain)] = chain
+    if layer_name in paths:
+        return paths[layer_name]
+    matches = [path for path, chain in paths.items() if chain[-1].name == layer_name]
+    if len(matches) == 1:
+        return paths[matches[0]]
+    if matches:
+        raise ValueError(f"Layer name {layer_name!r} occurs in several nested models; name it by its "
+                         f"path, one of: {', '.join(matches)}.")
+    listing = ", ".join(f"{path} ({_layer_type(chain[-1])})" for path, chain in paths.items())
+    raise ValueError(f"Unknown layer {layer_name!r}. The model's layers are: {listing}.")
+
+
+def _feeding_tensor(model, inner):
+    """The symbolic tensor of ``model``'s graph that ``inner`` (a nested model) is applied to."""
     keras = _keras()
+    for node in getattr(inner, "_inbound_nodes", []):
+        tensors = list(node.input_tensors)
+        feed = tensors[0] if len(tensors) == 1 else tensors
+        try:
+            keras.Model(_single_input(model), feed)
+        except Exception:  # a node of another graph (e.g. the nested model's own input)
+            continue
+        return feed
+    raise ValueError(f"Cannot trace the layers inside the nested model {inner.name!r} back to the "
+                     f"input of {model.name!r}; build the model with the functional API.")
+
+
+def _symbolic(model, chain, attr="output"):
+    """The symbolic ``input`` / ``output`` of ``chain[-1]`` in ``model``'s own graph
+    (so that ``keras.Model(model.inputs, ...)`` reaches layers inside nested models)."""
+    if len(chain) == 1:
+        return getattr(chain[0], attr)
+    keras = _keras()
+    inner = chain[0]
+    sub = keras.Model(_single_input(inner), _symbolic(inner, chain[1:], attr))
+    return sub(_feeding_tensor(model, inner))
+
+
+def activation_model(model, layer_names):
+    """A multi-output Keras model from the model's input to the named layers' outputs
+    (layers inside nested models included)."""
+    keras = _keras()
+    _model_input_shape(model)
     layer_names = tuple(layer_names)
-    layers = [get_layer(model, name) for name in layer_names]
+    chains = [_layer_chain(model, name) for name in layer_names]
     return _cached(model, ("activations",) + layer_names,
-                   lambda: keras.Model(_single_input(model), [l.output for l in layers],
+                   lambda: keras.Model(_single_input(model), [_symbolic(model, c) for c in chains],
                                        name=f"{model.name}_activations"))
 
 
-def get_activations(model, images, layer_names=None, batch_size=256):
+def _check_batch_size(batch_size):
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    return int(batch_size)
+
+
+def get_activations(model, images, layer_names=None, batch_size=256, input_range="model"):
     """Outputs of the named layers for a batch of images, in one forward pass.
 
     ``layer_names=None`` means every convolutional and pooling layer, in model
-    order. Returns a dict ``layer name -> np.ndarray`` (N, H, W, C) float32, in the
+    order, including those inside nested models (a transfer-learning base); a layer
+    inside a nested model is named by its own name or by its path ``"base/name"``.
+    Returns a dict ``layer name -> np.ndarray`` (N, H, W, C) float32, in the
     order of ``layer_names``. A single image is treated as a batch of one.
     Unknown layer names raise ``ValueError`` listing the model's layers; a wrong
-    image shape raises ``ValueError`` naming the expected shape.
+    image shape raises ``ValueError`` naming the expected shape; ``input_range`` as in
+    ``as_image_batch``. Models with a variable input size take any image size.
     """
-    x = as_image_batch(images, model)
+    batch_size = _check_batch_size(batch_size)
+    x = as_image_batch(images, model, input_range=input_range)
     if layer_names is None:
         layer_names = conv_and_pool_layer_names(model)
+        if not layer_names:
+            raise ValueError(f"The model {model.name!r} has no convolutional or pooling layer; name the "
+                             f"layers you want with layer_names (its layers: {_layer_list(model)}).")
     elif isinstance(layer_names, str):
         layer_names = [layer_names]
-    layer_names = list(layer_names)
+    try:
+        layer_names = list(layer_names)
+    except TypeError:
+        raise TypeError(f"layer_names must be a layer name, a list of names or None, got "
+                        f"{type(layer_names).__name__}.") from None
     if not layer_names:
         raise ValueError("layer_names is empty: name at least one layer, or pass None.")
+    if len(set(layer_names)) != len(layer_names):
+        raise ValueError(f"layer_names contains a name twice: {layer_names}.")
     sub = activation_model(model, layer_names)
     outputs = [[] for _ in layer_names]
     for start in range(0, len(x), batch_size):
@@ -520,19 +774,35 @@ def get_activations(model, images, layer_names=None, batch_size=256):
     return {name: np.concatenate(parts) for name, parts in zip(layer_names, outputs)}
 
 
+def _as_feature_maps(activations):
+    """Activations as a non-empty, finite (N, H, W, C) array; (H, W, C) is one image."""
+    if isinstance(activations, dict):
+        raise TypeError("activations must be one layer's array (N, H, W, C), not the dict of "
+                        "get_activations: pick a layer, e.g. acts['conv1'].")
+    a = np.asarray(activations)
+    if a.dtype.kind not in "biuf":
+        raise TypeError(f"activations must be an array of numbers, got dtype {a.dtype}.")
+    if a.ndim == 3:
+        a = a[np.newaxis]
+    if a.ndim != 4:
+        raise ValueError(
+            f"activations must be feature maps (N, H, W, C) or (H, W, C); got shape {a.shape} "
+            "(a dense layer's output has no feature maps: use a convolutional or pooling layer)."
+        )
+    if a.size == 0:
+        raise ValueError(f"activations are empty (shape {a.shape}).")
+    if not np.all(np.isfinite(a)):
+        raise ValueError("activations contain NaN or infinite values.")
+    return a
+
+
 def channel_sparsity(activations, per_image=False):
     """Fraction of channels whose whole feature map is exactly zero, averaged over images.
 
     ``activations`` is (N, H, W, C) (or (H, W, C) for one image). With
     ``per_image=True`` returns the fraction for each image, shape (N,).
     """
-    a = np.asarray(activations)
-    if a.ndim == 3:
-        a = a[np.newaxis]
-    if a.ndim != 4:
-        raise ValueError(
-            f"activations must be (N, H, W, C) or (H, W, C); got shape {a.shape}."
-        )
+    a = _as_feature_maps(activations)
     zero = np.all(a == 0, axis=(1, 2))          # (N, C): the channel's map is all zero
     fractions = zero.mean(axis=1)
     return fractions if per_image else float(fractions.mean())
@@ -549,11 +819,9 @@ def layer_sparsity(model, images, layer_names=None, batch_size=256):
 
 def dead_channels(activations, threshold=0.0):
     """Indices of channels that never exceed ``threshold`` at any position of any image."""
-    a = np.asarray(activations)
-    if a.ndim == 3:
-        a = a[np.newaxis]
-    if a.ndim != 4:
-        raise ValueError(f"activations must be (N, H, W, C); got shape {a.shape}.")
+    a = _as_feature_maps(activations)
+    if not _is_number(threshold):
+        raise ValueError(f"threshold must be a finite number, got {threshold!r}.")
     return np.flatnonzero(a.max(axis=(0, 1, 2)) <= threshold)
 
 
@@ -564,6 +832,9 @@ def dead_filters(model, layer_name, images, threshold=0.0):
     Use a few hundred real images: a filter silent on all of them is "dead" and its
     activation-maximization image would only show noise.
     """
+    if _layer_type(_layer_chain(model, layer_name)[-1]) == "InputLayer":
+        raise ValueError(f"{layer_name!r} is the input layer; choose one of the convolutional "
+                         f"layers: {', '.join(conv_and_pool_layer_names(model))}.")
     acts = get_activations(model, images, [layer_name])[layer_name]
     if acts.ndim != 4:
         raise ValueError(
@@ -574,12 +845,14 @@ def dead_filters(model, layer_name, images, threshold=0.0):
 
 
 def get_filter_weights(model, layer_name):
-    """The kernel (kh, kw, in_channels, out_channels) and bias (out_channels,) of a conv layer."""
-    layer = get_layer(model, layer_name)
+    """The kernel (kh, kw, in_channels, out_channels) and bias (out_channels,) of a conv layer
+    (layers inside nested models included, by name or ``"base/name"``)."""
+    layer = _layer_chain(model, layer_name)[-1]
     if _layer_type(layer) != "Conv2D":
+        convs = [name for name, chain in _nested_layers(model) if _layer_type(chain[-1]) == "Conv2D"]
         raise ValueError(
             f"Layer {layer_name!r} is a {_layer_type(layer)}, not a Conv2D layer; the model's "
-            f"convolutional layers are: {', '.join(conv_layer_names(model))}."
+            f"Conv2D layers are: {', '.join(convs) or 'none'}."
         )
     weights = layer.get_weights()
     kernel = np.asarray(weights[0], dtype=np.float32)
@@ -634,7 +907,11 @@ def total_variation(images):
 
 def _total_variation(tf, images):
     """``total_variation`` given the TensorFlow module (so tf.function can trace it)."""
-    x = tf.convert_to_tensor(images, dtype=tf.float32)
+    try:
+        x = tf.convert_to_tensor(images, dtype=tf.float32)
+    except (TypeError, ValueError):
+        raise TypeError(f"total_variation expects images (N, H, W, C) or (H, W, C) of numbers, got "
+                        f"{type(images).__name__}.") from None
     if x.shape.rank == 3:
         x = x[tf.newaxis]
     if x.shape.rank != 4:
@@ -691,14 +968,18 @@ class FeatureVisualization:
 
 def _layer_units(model, layer_name):
     """(rank of the layer's output, number of channels / units) with clear errors."""
-    layer = get_layer(model, layer_name)
+    _model_input_shape(model)
+    layer = _layer_chain(model, layer_name)[-1]
     shape = tuple(layer.output.shape)
     if len(shape) not in (2, 4):
         raise ValueError(
             f"Layer {layer_name!r} has output shape {shape}; activation maximization needs a "
             f"convolutional layer (N, H, W, C) or a layer of class scores (N, K), e.g. "
-            f"{', '.join(conv_layer_names(model) + [LOGITS_LAYER])}."
+            f"{', '.join(conv_and_pool_layer_names(model) + [LOGITS_LAYER])}."
         )
+    if _layer_type(layer) == "InputLayer":
+        raise ValueError(f"{layer_name!r} is the input layer; choose a convolutional layer or the "
+                         "layer of class scores.")
     return len(shape), int(shape[-1])
 
 
@@ -707,7 +988,7 @@ def _check_unit_indices(index, n_units, layer_name, rank):
     if index is None:
         return np.arange(n_units)
     idx = np.atleast_1d(np.asarray(index))
-    if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
+    if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer) or idx.dtype == bool or idx.size == 0:
         raise TypeError(f"index must be an int or a list of ints (or None for all {what}); got {index!r}.")
     bad = idx[(idx < 0) | (idx >= n_units)]
     if bad.size:
@@ -747,13 +1028,16 @@ def _activation_maximization_fn(model, layer_name, spatial):
     """
     tf = _tf()
     keras = _keras()
-    layer = get_layer(model, layer_name)
+    chain = _layer_chain(model, layer_name)
+    layer = chain[-1]
     rank = len(layer.output.shape)
     pre, activation = _pre_activation(layer)
     if pre is None:
-        sub = keras.Model(_single_input(model), layer.output, name=f"{model.name}_to_{layer_name}")
+        sub = keras.Model(_single_input(model), _symbolic(model, chain, "output"),
+                          name=f"{model.name}_to_{layer.name}")
     else:
-        sub = keras.Model(_single_input(model), layer.input, name=f"{model.name}_to_{layer_name}_input")
+        sub = keras.Model(_single_input(model), _symbolic(model, chain, "input"),
+                          name=f"{model.name}_to_{layer.name}_input")
 
     def pre_and_post(x):
         out = sub(x, training=False)
@@ -763,13 +1047,13 @@ def _activation_maximization_fn(model, layer_name, spatial):
         return z, activation(z)
 
     def unit_mean(out, onehot):
-        if rank == 4 and spatial == "center":
-            out = out[:, out.shape[1] // 2, out.shape[2] // 2, :]   # the centre neuron only
+        if rank == 4 and spatial == "center":                     # the centre neuron only
+            out = out[:, tf.shape(out)[1] // 2, tf.shape(out)[2] // 2, :]
         elif rank == 4:
             out = tf.reduce_mean(out, axis=[1, 2])    # mean over positions of each channel
         return tf.reduce_sum(out * onehot, axis=-1)   # the target channel / unit, per image
 
-    shape = tuple(model.inputs[0].shape[1:])
+    shape = _model_input_shape(model)      # None for a variable size: traced once for all sizes
     n_units = int(layer.output.shape[-1])
     spec = tf.TensorSpec
 
@@ -799,16 +1083,19 @@ def _activation_maximization_fn(model, layer_name, spatial):
 
 
 def activation_maximization(model, layer_name, index, steps=100, lr=0.1, l2=0.0, tv=0.0,
-                            jitter=0, seed=None, init_mean=0.5, init_std=0.1, spatial="mean"):
+                            jitter=0, seed=None, init_mean=None, init_std=0.1, spatial="mean",
+                            image_shape=None):
     """Gradient ascent in input space: the input that most excites a filter or a class.
 
     The objective is the mean over positions of channel ``index`` of a convolutional
     layer, taken before its ReLU (so that a filter that is off at the start still has a
     gradient), or, for a layer of class scores (``"logits"``, pre-softmax), the score
-    of class ``index``. With ``spatial="center"`` a conv filter's objective is its
+    of class ``index``. Layers inside nested models are reached by name (or
+    ``"base/name"``). With ``spatial="center"`` a conv filter's objective is its
     activation at the centre position only (one neuron and its receptive field) instead
     of the mean over all positions. Starting from a small random image
-    ``init_mean + init_std * N(0, 1)``, each of ``steps`` steps moves the image by
+    ``init_mean + init_std * N(0, 1)`` (``init_mean=None``: the middle of the model's
+    input range, 0.5 for the course's models), each of ``steps`` steps moves the image by
     ``lr`` along the L2-normalised gradient of
 
         objective(roll(x, jitter)) - l2 * sum(x**2) - tv * TV(x)
@@ -818,7 +1105,9 @@ def activation_maximization(model, layer_name, index, steps=100, lr=0.1, l2=0.0,
     for every filter / class of the layer. ``jitter`` (pixels) shifts the image
     randomly (with wrap-around) before each step, so no single pixel alignment can be
     exploited. ``seed`` makes the start and the jitter repeatable. The image is not
-    clipped; display it with ``deprocess_image``.
+    clipped; display it with ``deprocess_image``. ``image_shape`` (H, W, C) is the size
+    of the image to optimise, required for a model with a variable input size
+    (``Input((None, None, 3))``), by default the model's input shape.
 
     Only the part of the model up to ``layer_name`` runs, and the whole ascent is one
     compiled TensorFlow function, cached per model and layer. Returns a
@@ -830,13 +1119,33 @@ def activation_maximization(model, layer_name, index, steps=100, lr=0.1, l2=0.0,
         raise ValueError(f"spatial must be 'mean' or 'center', got {spatial!r}.")
     rank, n_units = _layer_units(model, layer_name)
     idx = _check_unit_indices(index, n_units, layer_name, rank)
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps must be an integer of at least 1, got {steps!r}.")
     steps = int(steps)
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}.")
-    for name, value in (("lr", lr), ("l2", l2), ("tv", tv), ("jitter", jitter), ("init_std", init_std)):
-        if not np.isfinite(value) or value < 0:
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
-    shape = tuple(model.inputs[0].shape[1:])
+    if init_mean is None:
+        span = model_input_range(model) or DEFAULT_INPUT_RANGE
+        init_mean = 0.5 * (span[0] + span[1])
+    for name, value in (("lr", lr), ("l2", l2), ("tv", tv), ("jitter", jitter), ("init_std", init_std),
+                        ("init_mean", init_mean)):
+        if not _is_number(value) or (value < 0 and name != "init_mean"):
+            raise ValueError(f"{name} must be a finite number{'' if name == 'init_mean' else ' >= 0'}, "
+                             f"got {value!r}.")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+        raise ValueError(f"seed must be None or an integer >= 0, got {seed!r}.")
+    shape = _model_input_shape(model)
+    if image_shape is not None:
+        image_shape = tuple(image_shape)
+        if len(image_shape) != len(shape) or any(
+                not isinstance(d, (int, np.integer)) or d < 1 or (e is not None and e != d)
+                for d, e in zip(image_shape, shape)):
+            raise ValueError(f"image_shape must be a shape (H, W, C) of positive integers that the "
+                             f"model accepts, {shape}; got {image_shape!r}.")
+        shape = tuple(int(d) for d in image_shape)
+    elif any(d is None for d in shape):
+        raise ValueError(f"The model accepts images of any size {shape}: say which size to optimise "
+                         "with image_shape=(H, W, C), e.g. image_shape=(64, 64, 3).")
+    if jitter and 2 * int(jitter) >= min(shape[0], shape[1]):
+        raise ValueError(f"jitter={jitter} pixels is too large for images of {shape[0]}x{shape[1]}.")
     rng = np.random.default_rng(seed)
     x0 = (init_mean + init_std * rng.standard_normal((len(idx),) + shape)).astype(np.float32)
     jitter = int(jitter)
@@ -868,12 +1177,18 @@ def deprocess_image(x, crop=0, contrast=0.15):
     a = np.asarray(x, dtype=np.float64)
     if a.ndim not in (2, 3, 4):
         raise ValueError(f"deprocess_image expects (H, W), (H, W, C) or (N, H, W, C); got shape {a.shape}.")
+    if a.size == 0:
+        raise ValueError(f"deprocess_image: the image is empty (shape {a.shape}).")
     if not np.all(np.isfinite(a)):
         raise ValueError("deprocess_image: the image contains NaN or infinite values.")
     axes = (1, 2, 3) if a.ndim == 4 else None
     a = a - a.mean(axis=axes, keepdims=True)
     a = a / (a.std(axis=axes, keepdims=True) + 1e-5)
     a = np.clip(a * contrast + 0.5, 0.0, 1.0)
+    if isinstance(crop, bool) or not isinstance(crop, (int, np.integer)) or crop < 0:
+        raise ValueError(f"crop must be an integer >= 0 (pixels per border), got {crop!r}.")
+    if not _is_number(contrast) or contrast <= 0:
+        raise ValueError(f"contrast must be a positive number, got {contrast!r}.")
     crop = int(crop)
     if crop:
         h_axis = 1 if a.ndim == 4 else 0
@@ -1400,7 +1715,11 @@ def rank_correlation(maps_a, maps_b):
 # -- Confidence: softmax, entropy, likelihood --------------------------------
 
 def _as_logits(logits, name="logits"):
-    z = np.asarray(logits, dtype=np.float64)
+    try:
+        z = np.asarray(logits, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be an array of numbers (N, num_classes), got "
+                        f"{type(logits).__name__}.") from None
     if z.ndim != 2 or z.shape[1] < 2:
         raise ValueError(f"{name} must be a 2-D array (N, num_classes) with at least 2 classes; "
                          f"got shape {z.shape}.")
@@ -1409,24 +1728,37 @@ def _as_logits(logits, name="logits"):
     return z
 
 
-def _as_labels(labels, n, num_classes):
+def _as_labels(labels, n, num_classes, name="labels"):
     y = np.asarray(labels)
+    if y.ndim == 2 and y.shape == (n, num_classes):
+        raise ValueError(f"{name} must be class indices of shape ({n},); got one-hot rows {y.shape}: "
+                         "use labels.argmax(axis=1).")
+    if y.ndim == 1 and len(y) != n:
+        raise ValueError(f"There must be the same number of images and labels (one label per row): "
+                         f"{n} rows, but {name} has {len(y)} (shape {y.shape}).")
     if y.shape != (n,):
-        raise ValueError(f"labels must have shape ({n},), one per row; got shape {y.shape}.")
+        raise ValueError(f"{name} must have shape ({n},), one per row; got shape {y.shape}.")
     if not np.issubdtype(y.dtype, np.integer):
-        raise TypeError(f"labels must be integer class indices, got dtype {y.dtype}.")
+        raise TypeError(f"{name} must be integer class indices, got dtype {y.dtype}.")
     if n and (y.min() < 0 or y.max() >= num_classes):
-        raise ValueError(f"labels must lie in 0..{num_classes - 1}; got {y.min()}..{y.max()}.")
+        raise ValueError(f"{name} must lie in 0..{num_classes - 1}; got {y.min()}..{y.max()}.")
     return y.astype(np.int64)
 
 
 def _as_probs(probs):
-    p = np.asarray(probs, dtype=np.float64)
+    try:
+        p = np.asarray(probs, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"probs must be an array of numbers (N, num_classes), got "
+                        f"{type(probs).__name__}.") from None
     if p.ndim != 2 or p.shape[1] < 2:
         raise ValueError(f"probs must be a 2-D array (N, num_classes) with at least 2 classes; "
                          f"got shape {p.shape}.")
-    if not np.all(np.isfinite(p)) or p.min() < 0:
-        raise ValueError("probs must be finite and non-negative.")
+    if not np.all(np.isfinite(p)):
+        raise ValueError("probs contain NaN or infinite values.")
+    if p.size and p.min() < 0:
+        raise ValueError(f"probs must be non-negative (softmax outputs); got values down to {p.min():.4g}. "
+                         "Did you pass logits? Use cnn_utils.softmax(logits) first.")
     sums = p.sum(axis=1)
     if len(p) and not np.allclose(sums, 1.0, atol=1e-3):
         raise ValueError("Each row of probs must sum to 1 (softmax outputs); "
@@ -1436,7 +1768,7 @@ def _as_probs(probs):
 
 
 def _check_temperature(temperature):
-    if not np.isscalar(temperature) or not np.isfinite(temperature) or temperature <= 0:
+    if not _is_number(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be a positive number, got {temperature!r}.")
 
 
@@ -1447,7 +1779,11 @@ def softmax(logits, temperature=1.0):
     The arg-max is the same for every T, so accuracy does not depend on T.
     """
     _check_temperature(temperature)
-    z = np.asarray(logits, dtype=np.float64)
+    try:
+        z = np.asarray(logits, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"logits must be an array of numbers (N, num_classes), got "
+                        f"{type(logits).__name__}.") from None
     single = z.ndim == 1
     z = _as_logits(z[np.newaxis] if single else z)
     z = z / temperature
@@ -1460,9 +1796,11 @@ def softmax(logits, temperature=1.0):
 def entropy(probs, base=None):
     """Predictive entropy ``-sum_k p_k log p_k`` of each row of ``probs`` (N, K).
 
-    In nats by default (``base=2`` for bits). 0 for a one-hot row, ``log K`` for a
-    uniform one. Terms with p = 0 count as 0.
+    In nats by default (``base=2`` for bits; any base > 1). 0 for a one-hot row,
+    ``log K`` for a uniform one. Terms with p = 0 count as 0.
     """
+    if base is not None and (not _is_number(base) or base <= 1):
+        raise ValueError(f"base must be None (nats) or a number > 1, e.g. 2 for bits; got {base!r}.")
     p = _as_probs(probs)
     with np.errstate(divide="ignore", invalid="ignore"):
         terms = np.where(p > 0, p * np.log(p), 0.0)
@@ -1488,6 +1826,8 @@ def fit_temperature(logits, labels, bounds=(0.05, 20.0)):
     Fit it on held-out validation logits, never on the test set you report on.
     The NLL is convex in 1/T, so a bounded 1-D search over log T finds the
     global minimum. Returns T as a float (T > 1: the model was over-confident).
+    Refuses probabilities passed as logits, and raises when the minimum lies at
+    a bound of the search (the NLL still falls beyond it: widen ``bounds``).
     """
     from scipy.optimize import minimize_scalar
 
@@ -1495,14 +1835,32 @@ def fit_temperature(logits, labels, bounds=(0.05, 20.0)):
     y = _as_labels(labels, len(z), z.shape[1])
     if len(z) == 0:
         raise ValueError("fit_temperature needs at least one validation example.")
-    lo, hi = bounds
-    if not 0 < lo < hi:
+    if z.min() >= 0 and z.max() <= 1 and np.allclose(z.sum(axis=1), 1.0, atol=1e-3):
+        raise ValueError("logits look like probabilities (each row is in [0, 1] and sums to 1). "
+                         "Temperature scaling divides the pre-softmax scores: pass "
+                         "cnn_utils.predict_logits(model, x_val), or np.log(probs).")
+    try:
+        lo, hi = (float(b) for b in bounds)
+    except (TypeError, ValueError):
+        raise TypeError(f"bounds must be a pair (low, high) of numbers, got {bounds!r}.") from None
+    if not 0 < lo < hi < np.inf:
         raise ValueError(f"bounds must satisfy 0 < low < high, got {bounds}.")
     result = minimize_scalar(
         lambda log_t: negative_log_likelihood(z, y, float(np.exp(log_t))),
         bounds=(np.log(lo), np.log(hi)), method="bounded", options={"xatol": 1e-6},
     )
-    return float(np.exp(result.x))
+    t = float(np.exp(result.x))
+    for bound in (lo, hi):
+        if abs(np.log(t) - np.log(bound)) < 1e-3:
+            # the minimiser of a convex function sits at the bound: check the NLL still falls there
+            inside = bound * (1.01 if bound == lo else 1 / 1.01)
+            if negative_log_likelihood(z, y, bound) < negative_log_likelihood(z, y, inside):
+                raise ValueError(
+                    f"The best temperature lies at the search bound T = {bound:g} (the NLL still "
+                    f"falls beyond it), so it is not the minimum. Widen bounds (now {bounds}); a "
+                    "temperature this extreme usually means the logits do not belong to the labels."
+                )
+    return t
 
 
 # -- Calibration -------------------------------------------------------------
@@ -1555,7 +1913,7 @@ def confidence_groups(probs, labels, high=0.99, low=0.9):
     right), ``"confident wrong"`` (confidence >= high, wrong; most confident first)
     and ``"unsure correct"`` (confidence < low, right; least confident first).
     """
-    if not 0 < low <= high <= 1:
+    if not (_is_number(low) and _is_number(high)) or not 0 < low <= high <= 1:
         raise ValueError(f"Thresholds must satisfy 0 < low <= high <= 1, got low={low}, high={high}.")
     p = _as_probs(probs)
     y = _as_labels(labels, len(p), p.shape[1])
@@ -1597,18 +1955,21 @@ def format_probability(p, decimals=1):
 FEATURE_LAYER = "dense1"
 
 
-def extract_features(model, images, layer=FEATURE_LAYER, batch_size=512):
+def extract_features(model, images, layer=FEATURE_LAYER, batch_size=512, input_range="model"):
     """Activations of ``layer`` (default the penultimate ``dense1``) for a batch, flattened.
 
     Returns a float32 array (N, D) (D = 128 for ``dense1`` of the course CNN).
     Dropout is inactive at inference, so this is what the logits layer sees.
     """
-    feats = get_activations(model, images, [layer], batch_size=batch_size)[layer]
+    feats = get_activations(model, images, [layer], batch_size=batch_size, input_range=input_range)[layer]
     return feats.reshape(len(feats), -1)
 
 
 def _as_points(x, name):
-    a = np.asarray(x, dtype=np.float64)
+    try:
+        a = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be an array of numbers (N, D), got {type(x).__name__}.") from None
     if a.ndim != 2:
         raise ValueError(f"{name} must be a 2-D array (N, D), one row per point; got shape {a.shape}.")
     if not np.all(np.isfinite(a)):
@@ -1633,12 +1994,27 @@ def tsne_embedding(features, perplexity=30.0, method="opentsne", n_iter=750, see
     x = _as_points(features, "features")
     if method not in TSNE_METHODS:
         raise ValueError(f"Unknown t-SNE method {method!r}; choose one of {', '.join(TSNE_METHODS)}.")
+    if not _is_number(perplexity) or isinstance(n_iter, bool) or not isinstance(n_iter, (int, np.integer)):
+        raise TypeError(f"perplexity must be a number and n_iter an integer; got {perplexity!r}, {n_iter!r}.")
     if not 1 <= perplexity < len(x):
         raise ValueError(f"perplexity must be at least 1 and below the number of points ({len(x)}), "
                          f"got {perplexity}.")
     if n_iter <= 250:
         raise ValueError(f"n_iter counts the 250 early-exaggeration iterations too; it must exceed 250, "
                          f"got {n_iter}.")
+    if pca_components is not None and (isinstance(pca_components, bool)
+                                       or not isinstance(pca_components, (int, np.integer))
+                                       or not 2 <= pca_components <= min(x.shape)):
+        raise ValueError(f"pca_components must be None or an integer from 2 to min(N, D) = {min(x.shape)}, "
+                         f"got {pca_components!r}.")
+    n_distinct = len(np.unique(x, axis=0))
+    if n_distinct < 3 * perplexity + 1:
+        raise ValueError(
+            f"features have only {n_distinct} distinct rows (of {len(x)}); t-SNE with perplexity "
+            f"{perplexity} needs at least 3 * perplexity + 1 = {int(3 * perplexity + 1)} distinct "
+            "points (duplicates have zero distance and break the perplexity calibration). Remove "
+            "duplicates (np.unique(features, axis=0)) or lower perplexity."
+        )
     if pca_components:
         from sklearn.decomposition import PCA
 
@@ -1649,11 +2025,16 @@ def tsne_embedding(features, perplexity=30.0, method="opentsne", n_iter=750, see
         emb = TSNE(n_components=2, perplexity=perplexity, early_exaggeration_iter=250,
                    n_iter=n_iter - 250, initialization="pca", negative_gradient_method="auto",
                    n_jobs=n_jobs, random_state=seed, verbose=False).fit(x)
-        return np.asarray(emb, dtype=np.float64)
-    from sklearn.manifold import TSNE
+        emb = np.asarray(emb, dtype=np.float64)
+    else:
+        from sklearn.manifold import TSNE
 
-    return TSNE(n_components=2, perplexity=perplexity, max_iter=n_iter, init="pca",
-                learning_rate="auto", n_jobs=n_jobs, random_state=seed).fit_transform(x).astype(np.float64)
+        emb = TSNE(n_components=2, perplexity=perplexity, max_iter=n_iter, init="pca",
+                   learning_rate="auto", n_jobs=n_jobs, random_state=seed).fit_transform(x).astype(np.float64)
+    if not np.all(np.isfinite(emb)):
+        raise FloatingPointError(f"t-SNE ({method}) produced NaN coordinates; check features for "
+                                 "near-duplicate rows or a constant column, or lower perplexity.")
+    return emb
 
 
 def trustworthiness(features, embedding, n_neighbors=10, chunk_size=500):
@@ -1861,27 +2242,82 @@ def _check_layer_index(model, layer_index):
     return int(layer_index)
 
 
+#: The largest photo ``preprocess_image`` accepts, in pixels (height x width): 50 megapixels
+#: (a phone's full-resolution photo fits; a 20,000 x 20,000 scan would take minutes and
+#: tens of GB). Shrink larger images first, e.g. ``img.thumbnail((4000, 4000))``.
+MAX_IMAGE_PIXELS = 50_000_000
+
+
+def _check_image_size(height, width, what):
+    if height < 1 or width < 1:
+        raise ValueError(f"{what} is empty ({height} x {width} pixels).")
+    if height * width > MAX_IMAGE_PIXELS:
+        raise ValueError(
+            f"{what} has {height} x {width} = {height * width / 1e6:.0f} megapixels, more than the "
+            f"limit of {MAX_IMAGE_PIXELS / 1e6:.0f} (cnn_utils.MAX_IMAGE_PIXELS). It is resized to "
+            "224 x 224 anyway: shrink it first, e.g. img.thumbnail((4000, 4000)) with Pillow."
+        )
+
+
+def _open_photo(path):
+    """A photo file as an upright PIL image (EXIF orientation applied), 16-bit kept as float."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"No image file at {path} (resolved: {path.resolve()}).")
+    try:
+        with Image.open(path) as img:
+            _check_image_size(img.height, img.width, f"The image {path}")
+            img.load()
+            img = ImageOps.exif_transpose(img)      # phone photos: stored sideways + EXIF tag
+    except UnidentifiedImageError:
+        raise ValueError(f"{path} is not an image file Pillow can read (JPEG, PNG, ...).") from None
+    except (OSError, SyntaxError) as err:
+        raise ValueError(f"{path} could not be read: the file is truncated or corrupt ({err}).") from None
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16-bit grey: Pillow's convert("RGB") would clip every value above 255 to white
+        arr = np.asarray(img, dtype=np.float64) / 65535.0
+        if arr.max() > 1.0:
+            raise ValueError(f"{path}: a {img.mode} image with values above 65535 is not a photo.")
+        return arr
+    if img.mode == "F":
+        return np.asarray(img, dtype=np.float64)
+    return img
+
+
 def preprocess_image(image, size=224):
     """A photo as VGG16 input: a float32 tensor (1, 3, size, size), ImageNet-normalised.
 
     ``image`` is a PIL image, a path to an image file, or an array (H, W, 3) / (H, W)
-    of uint8 in 0..255 or floats in [0, 1]. It is resized (bicubic, Pillow's
+    of uint8 in 0..255, uint16 in 0..65535 or floats in [0, 1] (other integer arrays
+    must hold 0..255). A file's EXIF orientation is applied (phone photos come upright)
+    and 16-bit PNGs keep their range. It is resized (bicubic, Pillow's
     ``Image.Resampling``) to ``size`` x ``size`` (``size`` may also be ``(height, width)``),
     scaled to [0, 1] and normalised with ``IMAGENET_MEAN`` / ``IMAGENET_STD``.
-    ``recreate_image`` is its inverse.
+    Images above ``MAX_IMAGE_PIXELS`` are refused. ``recreate_image`` is its inverse.
     """
     from PIL import Image
 
     torch, _ = _torch()
-    if isinstance(image, (str, Path)):
-        path = Path(image).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"No image file at {path} (resolved: {path.resolve()}).")
-        with Image.open(path) as img:
-            image = img.convert("RGB")
+    try:
+        height, width = (size, size) if np.isscalar(size) else tuple(size)
+        if isinstance(height, bool) or isinstance(width, bool) or height != int(height) or width != int(width):
+            raise ValueError
+        height, width = int(height), int(width)
+    except (TypeError, ValueError):
+        raise ValueError(f"size must be an integer or a pair (height, width) of integers, got {size!r}.") from None
+    if height < 1 or width < 1 or height * width > MAX_IMAGE_PIXELS:
+        raise ValueError(f"size must be positive and at most {MAX_IMAGE_PIXELS} pixels, got {size!r}.")
+    if isinstance(image, (str, os.PathLike)):
+        image = _open_photo(image)
     if isinstance(image, Image.Image):
-        pil = image.convert("RGB")
-    else:
+        _check_image_size(image.height, image.width, "The image")
+        if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+            image = np.asarray(image, dtype=np.float64) / (1.0 if image.mode == "F" else 65535.0)
+        else:
+            pil = image.convert("RGB")
+    if not isinstance(image, Image.Image):
         if hasattr(image, "detach"):
             image = image.detach().cpu().numpy()
         arr = np.asarray(image)
@@ -1890,23 +2326,32 @@ def preprocess_image(image, size=224):
                             f"got {type(image).__name__}.")
         if arr.ndim == 3 and arr.shape[-1] == 1:
             arr = arr[..., 0]
-        if arr.ndim == 2:
-            arr = np.repeat(arr[..., np.newaxis], 3, axis=-1)
-        if arr.ndim != 3 or arr.shape[-1] != 3:
+        if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
+            raise ValueError(f"image has shape {arr.shape}, channels first; pass it channels last "
+                             "(H, W, 3), e.g. np.moveaxis(image, 0, -1).")
+        if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] != 3):
             hint = " (drop the alpha channel with image[..., :3])" if arr.ndim == 3 and arr.shape[-1] == 4 else ""
             raise ValueError(f"image must have shape (H, W, 3) (RGB, channels last) or (H, W); "
                              f"got shape {arr.shape}{hint}.")
+        _check_image_size(arr.shape[0], arr.shape[1], "The image")
         if arr.dtype != np.uint8:
-            arr = arr.astype(np.float64)
+            if arr.dtype == np.uint16:
+                arr = arr.astype(np.float32) / 65535.0
+            elif arr.dtype.kind in "iu":
+                if arr.min() < 0 or arr.max() > 255:
+                    raise ValueError(f"An integer image must hold 0..255 (or be uint16, 0..65535); got "
+                                     f"values from {arr.min()} to {arr.max()}.")
+                arr = arr.astype(np.float32) / 255.0
+            arr = arr.astype(np.float32)
             if not np.all(np.isfinite(arr)) or arr.min() < 0 or arr.max() > 1:
+                hint = " They look like 0..255: divide by 255 or pass uint8." if np.nanmax(arr) <= 255 else ""
                 raise ValueError("A float image must hold values in [0, 1] (or pass uint8 in 0..255); "
-                                 f"got values from {np.nanmin(arr):.3g} to {np.nanmax(arr):.3g}.")
+                                 f"got values from {np.nanmin(arr):.3g} to {np.nanmax(arr):.3g}.{hint}")
             arr = np.round(arr * 255).astype(np.uint8)
+        if arr.ndim == 2:
+            arr = np.repeat(arr[..., np.newaxis], 3, axis=-1)
         pil = Image.fromarray(arr)
-    height, width = (size, size) if np.isscalar(size) else tuple(size)
-    if int(height) < 1 or int(width) < 1:
-        raise ValueError(f"size must be positive, got {size!r}.")
-    pil = pil.resize((int(width), int(height)), Image.Resampling.BICUBIC)
+    pil = pil.resize((width, height), Image.Resampling.BICUBIC)
     x = torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255.0).permute(2, 0, 1)
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
@@ -1916,25 +2361,57 @@ def preprocess_image(image, size=224):
 def recreate_image(tensor):
     """Inverse of ``preprocess_image``: un-normalise, clip to [0, 1], uint8 (H, W, 3)."""
     torch, _ = _torch()
-    x = tensor.detach().cpu().float() if isinstance(tensor, torch.Tensor) else torch.as_tensor(
-        np.asarray(tensor, dtype=np.float32))
+    if isinstance(tensor, torch.Tensor):
+        x = tensor.detach().cpu().float()
+    else:
+        try:
+            x = torch.as_tensor(np.asarray(tensor, dtype=np.float32))
+        except (TypeError, ValueError):
+            raise TypeError(f"recreate_image expects a tensor (1, 3, H, W) or (3, H, W), got "
+                            f"{type(tensor).__name__}.") from None
     if x.ndim == 4 and x.shape[0] == 1:
         x = x[0]
-    if x.ndim != 3 or x.shape[0] != 3:
-        raise ValueError(f"Expected a tensor (1, 3, H, W) or (3, H, W), got shape {tuple(tensor.shape)}.")
+    if x.ndim != 3 or x.shape[0] != 3 or x.shape[1] < 1 or x.shape[2] < 1:
+        raise ValueError(f"recreate_image expects a tensor (1, 3, H, W) or (3, H, W) as made by "
+                         f"preprocess_image; got shape {tuple(x.shape)}.")
+    if not torch.isfinite(x).all():
+        raise ValueError("recreate_image: the tensor contains NaN or infinite values.")
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     x = (x * std + mean).clamp(0, 1)
     return np.round(x.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
 
 
-def euclidian_loss(original, target):
-    """Relative squared error ||target - original||^2 / ||original||^2 (Mahendran & Vedaldi)."""
-    return (target - original).pow(2).sum() / original.pow(2).sum().clamp_min(1e-12)
+def _check_tensor(x, name):
+    torch, _ = _torch()
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch tensor, got {type(x).__name__} "
+                        "(convert with torch.as_tensor).")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}.")
+
+
+def _check_positive(value, name):
+    if not _is_number(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}.")
+
+
+def euclidian_loss(target, current):
+    """Relative squared error ||current - target||^2 / ||target||^2 (Mahendran & Vedaldi):
+    ``target`` the features of the original image, ``current`` those of the reconstruction,
+    tensors of the same shape (no broadcasting)."""
+    _check_tensor(target, "target")
+    _check_tensor(current, "current")
+    if tuple(target.shape) != tuple(current.shape):
+        raise ValueError(f"target and current must have the same shape; got {tuple(target.shape)} "
+                         f"and {tuple(current.shape)} (features of two different layers or images?).")
+    return (current - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-12)
 
 
 def alpha_norm(x, alpha=6):
     """Sum of |x|^alpha (the absolute value matters for odd alpha)."""
+    _check_tensor(x, "x")
+    _check_positive(alpha, "alpha")
     return x.abs().pow(alpha).sum()
 
 
@@ -1946,6 +2423,8 @@ def total_variation_norm(x, beta=2, eps=1e-8):
     ``beta < 2`` where neighbours are equal; it is subtracted again, so a constant
     image has exactly zero variation.
     """
+    _check_tensor(x, "x")
+    _check_positive(beta, "beta")
     if x.ndim not in (3, 4):
         raise ValueError(f"Expected (N, C, H, W) or (C, H, W), got shape {tuple(x.shape)}.")
     d_rows = x[..., 1:, :-1] - x[..., :-1, :-1]
@@ -1968,6 +2447,8 @@ def _as_model_input(image, size=224):
     if x.ndim != 4 or x.shape[0] != 1 or x.shape[1] != 3:
         raise ValueError("image must be a tensor (1, 3, H, W) or (3, H, W) as made by "
                          f"preprocess_image; got shape {tuple(image.shape)}.")
+    if not torch.isfinite(x).all():
+        raise ValueError("image contains NaN or infinite values.")
     return x
 
 
@@ -2052,9 +2533,17 @@ def feature_inversion(model, image, layer_index, iterations=200, lr=0.1, optimiz
     from tqdm.auto import tqdm
 
     torch, _ = _torch()
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a PyTorch model (torchvision's VGG16), got {type(model).__name__}.")
     layer_index = _check_layer_index(model, layer_index)
-    if int(iterations) < 1:
-        raise ValueError(f"iterations must be at least 1, got {iterations}.")
+    for name, value in (("iterations", iterations), ("n_snapshots", n_snapshots), ("seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < (0 if name == "seed" else 1):
+            raise ValueError(f"{name} must be an integer of at least {0 if name == 'seed' else 1}, got {value!r}.")
+    for name, value in (("lr", lr), ("alpha", alpha), ("tv_beta", tv_beta)):
+        _check_positive(value, name)
+    for name, value in (("alpha_weight", alpha_weight), ("tv_weight", tv_weight)):
+        if not _is_number(value) or value < 0:
+            raise ValueError(f"{name} must be a number >= 0 (0 switches the regularizer off), got {value!r}.")
     if optimizer not in ("adam", "sgd"):
         raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}.")
     device = next(model.parameters()).device
@@ -2118,25 +2607,72 @@ def feature_inversion(model, image, layer_index, iterations=200, lr=0.1, optimiz
     }
 
 
-def image_similarity(original, reconstruction):
-    """SSIM and PSNR (dB) of two uint8 RGB images (H, W, 3), via scikit-image.
+def _as_unit_image(image, name):
+    """An image as float64 in [0, 1]: uint8 / 255, floats checked to lie in [0, 1]."""
+    a = np.asarray(image)
+    if a.size == 0:
+        raise ValueError(f"{name} is empty (shape {a.shape}).")
+    if a.dtype == np.uint8:
+        return a.astype(np.float64) / 255.0
+    if a.dtype.kind != "f":
+        raise TypeError(f"{name} must be uint8 (0..255) or float in [0, 1], got dtype {a.dtype}.")
+    a = a.astype(np.float64)
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{name} contains NaN or infinite values.")
+    if a.min() < 0 or a.max() > 1:
+        raise ValueError(f"{name} is float with values from {np.nanmin(a):.3g} to {np.nanmax(a):.3g}; "
+                         "a float image must lie in [0, 1] (divide 0..255 values by 255, or pass uint8).")
+    return a
 
-    Returns ``(ssim, psnr)``; SSIM is 1 and PSNR infinite for identical images.
+
+def image_similarity(original, reconstruction):
+    """SSIM (Wang et al., 2004) and PSNR (dB) of two images, via scikit-image.
+
+    Images (H, W, 3) or (H, W), each uint8 (0..255) or float in [0, 1] (the two may
+    differ), at least 7 x 7; compared on the [0, 1] scale (``data_range=1``). Returns
+    ``(ssim, psnr)``; SSIM is 1 and PSNR infinite for identical images, SSIM near 0
+    for independent noise.
     """
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-    a, b = np.asarray(original), np.asarray(reconstruction)
-    if a.shape != b.shape or a.ndim != 3 or a.shape[-1] != 3:
-        raise ValueError(f"Expected two RGB images of the same shape (H, W, 3); got {a.shape} and {b.shape}.")
-    ssim = structural_similarity(a, b, channel_axis=-1, data_range=255)
+    a = _as_unit_image(original, "original")
+    b = _as_unit_image(reconstruction, "reconstruction")
+    if a.shape != b.shape or a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] != 3):
+        raise ValueError(f"Expected two images of the same shape, (H, W, 3) or (H, W); got "
+                         f"{a.shape} and {b.shape}.")
+    if min(a.shape[:2]) < 7:
+        raise ValueError(f"SSIM needs images of at least 7 x 7 pixels; got {a.shape[:2]}.")
+    ssim = structural_similarity(a, b, channel_axis=-1 if a.ndim == 3 else None, data_range=1.0)
     with np.errstate(divide="ignore"):
-        psnr = peak_signal_noise_ratio(a, b, data_range=255)
+        psnr = peak_signal_noise_ratio(a, b, data_range=1.0)
     return float(ssim), float(psnr)
 
 
 # ---------------------------------------------------------------------------
 # Plotting
 # ---------------------------------------------------------------------------
+
+def _display_images(images, name="images"):
+    """Images for display on the [0, 1] scale: uint8 / 255; floats must lie in [0, 1]
+    (so that nothing is silently clipped to white or black)."""
+    a = np.asarray(images)
+    if a.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must be an array of numbers, got dtype {a.dtype}.")
+    if a.size == 0:
+        raise ValueError(f"{name} is empty (shape {a.shape}).")
+    if a.dtype == np.uint8:
+        return a.astype(np.float32) / np.float32(255.0)
+    a = a.astype(np.float32)
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{name} contain NaN or infinite values.")
+    if a.min() < -1e-3 or a.max() > 1 + 1e-3:
+        raise ValueError(
+            f"{name} are shown on the scale [0, 1], but hold values from {a.min():.4g} to {a.max():.4g}. "
+            "Divide 0..255 values by 255 (uint8 images are scaled automatically); show optimised "
+            "images with deprocess_image."
+        )
+    return np.clip(a, 0.0, 1.0)
+
 
 def _grid(n, ncols, size, extra_width=0.0, title_space=0.5):
     """A figure with ``n`` small axes (constrained layout), all axis frames off."""
@@ -2162,11 +2698,19 @@ def plot_activation_grid(maps, title=None, ncols=8, cmap="viridis", size=1.1, la
     """
     import matplotlib
 
+    if isinstance(maps, dict):
+        raise TypeError("maps must be one layer's array (H, W, C), not the dict of get_activations: "
+                        "pick a layer and an image, e.g. acts['conv1'][0].")
     maps = np.asarray(maps)
     if maps.ndim == 4 and maps.shape[0] == 1:
         maps = maps[0]
     if maps.ndim != 3:
-        raise ValueError(f"plot_activation_grid expects one image's maps (H, W, C); got shape {maps.shape}.")
+        raise ValueError(f"plot_activation_grid expects one image's maps (H, W, C); got shape {maps.shape} "
+                         "(a batch: pick one image, e.g. maps[0]).")
+    if maps.size == 0 or not np.all(np.isfinite(maps)):
+        raise ValueError("maps must be non-empty and finite (no NaN or infinite values).")
+    if labels is not None and len(labels) != maps.shape[-1]:
+        raise ValueError(f"labels has {len(labels)} entries for {maps.shape[-1]} channels.")
     n = maps.shape[-1]
     vmin = min(0.0, float(maps.min()))
     vmax = max(float(maps.max()), vmin + 1e-6)
@@ -2189,8 +2733,14 @@ def plot_layer_sparsity(sparsity, spread=None, title=None):
     """
     import matplotlib.pyplot as plt
 
+    if not isinstance(sparsity, dict) or not sparsity:
+        raise TypeError("sparsity must be a non-empty dict {layer name: fraction}, as layer_sparsity returns.")
     names = list(sparsity)
-    values = np.array([sparsity[n] for n in names]) * 100
+    values = np.array([sparsity[n] for n in names], dtype=np.float64) * 100
+    if not np.all((values >= 0) & (values <= 100)):
+        raise ValueError("sparsity values must be fractions in [0, 1].")
+    if spread is not None and set(spread) != set(names):
+        raise ValueError("spread must have the same layer names as sparsity.")
     err = None if spread is None else np.array([spread[n] for n in names]) * 100
     fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 3.6), layout="constrained")
     bars = ax.bar(names, values, yerr=err, capsize=4, color="tab:blue")
@@ -2225,8 +2775,11 @@ def plot_kernels(kernel, in_channel=0, annotate=True, ncols=8, size=1.25, title=
     k = np.asarray(kernel)
     if k.ndim != 4:
         raise ValueError(f"kernel must be (kh, kw, in_channels, out_channels); got shape {k.shape}.")
-    if not 0 <= in_channel < k.shape[2]:
-        raise ValueError(f"in_channel {in_channel} out of range: valid 0 to {k.shape[2] - 1}.")
+    if isinstance(in_channel, bool) or not isinstance(in_channel, (int, np.integer)) \
+            or not 0 <= in_channel < k.shape[2]:
+        raise ValueError(f"in_channel must be an integer from 0 to {k.shape[2] - 1}, got {in_channel!r}.")
+    if bias is not None and np.shape(bias) != (k.shape[-1],):
+        raise ValueError(f"bias must have one value per filter, shape ({k.shape[-1]},); got {np.shape(bias)}.")
     k = k[:, :, in_channel, :]
     n = k.shape[-1]
     norm = _symmetric_norm(k)
@@ -2330,9 +2883,11 @@ def plot_objective_history(history, labels=None, title=None, max_lines=12):
     ``max_lines``, the rest summarised by the mean)."""
     import matplotlib.pyplot as plt
 
-    h = np.asarray(history)
+    h = np.asarray(getattr(history, "history", history), dtype=np.float64)
     if h.ndim == 1:
         h = h[:, np.newaxis]
+    if h.ndim != 2 or len(h) == 0:
+        raise ValueError(f"history must be (steps, K), as FeatureVisualization.history; got shape {h.shape}.")
     fig, ax = plt.subplots(figsize=(6, 3.5), layout="constrained")
     steps = np.arange(len(h))
     for k in range(min(h.shape[1], max_lines)):
@@ -2364,11 +2919,11 @@ def plot_maps_across_images(images, maps, labels=None, title=None, cmap="viridis
     colour scale for the maps."""
     import matplotlib
 
-    images = np.asarray(images)
+    images = _display_images(images)
     maps = np.asarray(maps)
-    if images.ndim == 4:
+    if images.ndim == 4 and images.shape[-1] == 1:
         images = images[..., 0]
-    if maps.ndim != 3 or len(maps) != len(images):
+    if maps.ndim != 3 or len(maps) != len(images) or not np.all(np.isfinite(maps)):
         raise ValueError(f"maps must be (N, h, w) with N = {len(images)} images; got shape {maps.shape}.")
     n = len(images)
     fig, axes = _two_row_figure(n, size, extra_width=1.2, extra_height=0.6)
@@ -2396,11 +2951,16 @@ def plot_image_grid(images, titles=None, ncols=10, cmap="gray", title=None, size
     import matplotlib.pyplot as plt
 
     images = np.asarray(images)
+    if images.ndim < 3 or len(images) == 0:
+        raise ValueError(f"plot_image_grid needs a batch of at least one image (N, H, W[, C]); got shape "
+                         f"{images.shape}.")
+    if (vmin, vmax) == (0.0, 1.0):      # the default grey scale: refuse images on another scale
+        images = _display_images(images)
     if images.ndim == 4 and images.shape[-1] == 1:
         images = images[..., 0]
     n = len(images)
-    if n == 0:
-        raise ValueError("plot_image_grid needs at least one image.")
+    if titles is not None and len(titles) != n:
+        raise ValueError(f"titles has {len(titles)} entries for {n} images.")
     ncols = min(ncols, n)
     nrows = int(np.ceil(n / ncols))
     title_lines = max((str(t).count("\n") + 1 for t in titles), default=0) if titles is not None else 0
@@ -2478,7 +3038,7 @@ def overlay_heatmap(image, heatmap, alpha=0.4, cmap="jet"):
     """
     import matplotlib
 
-    img = np.asarray(image, dtype=np.float32)
+    img = _display_images(image, "image")
     heat = np.asarray(heatmap, dtype=np.float32)
     if img.ndim == 4 and img.shape[0] == 1:
         img = img[0]
@@ -2494,8 +3054,8 @@ def overlay_heatmap(image, heatmap, alpha=0.4, cmap="jet"):
         raise ValueError(f"heatmap must be (H, W) = {img.shape[:2]} like the image; got shape {np.shape(heatmap)}.")
     if not (np.all(np.isfinite(img)) and np.all(np.isfinite(heat))):
         raise ValueError("image and heatmap must not contain NaN or infinite values.")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
+    if not _is_number(alpha) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}.")
     colored = matplotlib.colormaps[cmap](np.clip(heat, 0.0, 1.0))[..., :3].astype(np.float32)
     return np.clip((1.0 - alpha) * img + alpha * colored, 0.0, 1.0).astype(np.float32)
 
@@ -2511,7 +3071,7 @@ def plot_attribution_maps(images, maps, image_titles=None, overlay=True, alpha=0
     import matplotlib
     import matplotlib.pyplot as plt
 
-    images = np.asarray(images, dtype=np.float32)
+    images = _display_images(images)
     if images.ndim == 3:
         images = images[..., None]
     if not isinstance(maps, dict) or not maps:
@@ -2569,8 +3129,10 @@ def plot_signed_attributions(images, attributions, image_titles=None, title=None
     """
     import matplotlib.pyplot as plt
 
-    images = np.asarray(images, dtype=np.float32)
+    images = _display_images(images)
     attr = np.asarray(attributions, dtype=np.float32)
+    if not np.all(np.isfinite(attr)):
+        raise ValueError("attributions contain NaN or infinite values.")
     if attr.ndim == 4:
         attr = attr.sum(axis=-1)
     if images.ndim == 4:
@@ -2606,7 +3168,7 @@ def plot_probability_bars(images, probs, labels, class_names=None, title=None):
 
     p = _as_probs(probs)
     y = _as_labels(labels, len(p), p.shape[1])
-    imgs = np.asarray(images)
+    imgs = _display_images(images)
     if imgs.ndim == 4 and imgs.shape[-1] == 1:
         imgs = imgs[..., 0]
     if len(imgs) != len(p):

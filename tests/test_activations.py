@@ -45,7 +45,7 @@ def test_get_activations_equals_hand_computation():
 def test_get_activations_named_layers_and_batches():
     model = tiny_model()
     x = np.stack([IMAGE, -IMAGE, 2 * IMAGE])
-    acts = cnn_utils.get_activations(model, x, ["pool", "logits"], batch_size=2)
+    acts = cnn_utils.get_activations(model, x, ["pool", "logits"], batch_size=2, input_range=None)
     assert list(acts) == ["pool", "logits"]
     assert acts["logits"].shape == (3, 2)
     np.testing.assert_allclose(acts["pool"][:, 0, 0, 0], [10 / 16, 0.0, 20 / 16], rtol=1e-6)

@@ -17,7 +17,7 @@ def sign_split_model():
     flat = keras.layers.Flatten(name="flatten")(out)
     model = keras.Model(inp, flat)
     model.get_layer("conv").set_weights([np.array([[[[1.0, -1.0]]]], np.float32), np.zeros(2, np.float32)])
-    return model
+    return cnn_utils.set_input_range(model, None)   # hand-made pixels outside [0, 1]
 
 
 def test_top_activating_images_hand_case():
@@ -41,6 +41,7 @@ def test_top_activating_images_class_scores_and_errors():
     out = keras.layers.Dense(2, use_bias=False, name="logits")(keras.layers.Flatten()(inp))
     model = keras.Model(inp, out)
     model.get_layer("logits").set_weights([np.array([[1, 0], [0, 0], [0, 0], [0, 1]], np.float32)])
+    cnn_utils.set_input_range(model, None)               # hand-made pixels outside [0, 1]
     images = np.zeros((3, 2, 2, 1), np.float32)
     images[0, 0, 0], images[1, 1, 1], images[2, 0, 0] = 2.0, 5.0, 3.0   # score 0 = x[0,0], score 1 = x[1,1]
     idx, values = cnn_utils.top_activating_images(model, "logits", images, k=2)

@@ -375,3 +375,177 @@ def test_the_inversion_loop_shown_in_notebook_07_equals_feature_inversion(chelse
         # and both moved away from the starting noise (the comparison is not of two untouched inputs)
         start = namespace["invert"](net, x0, 4, steps=1, seed=7, lr=0.0, **{k: v for k, v in kwargs.items() if k != "lr"})
         assert (readable - start).abs().max() > 1e-3
+
+# --- what a user can hand the PyTorch helpers by mistake ---------------------------
+
+def test_preprocess_applies_the_exif_orientation(tmp_path):
+    from PIL import Image
+
+    # a 20 x 40 landscape photo stored as is, tagged "rotate 90 degrees clockwise to view"
+    img = np.zeros((20, 40, 3), np.uint8)
+    img[:, :20] = 255                          # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6                           # Orientation = 6 (rotate 90 CW)
+    path = tmp_path / "phone.jpg"
+    Image.fromarray(img).save(path, exif=exif, quality=95)
+    upright = np.rot90(img, k=-1)              # what the phone shows: 40 x 20, white on top
+    x = cnn_utils.preprocess_image(path, size=(40, 20))
+    np.testing.assert_allclose(cnn_utils.recreate_image(x).astype(float),
+                               np.asarray(cnn_utils.recreate_image(cnn_utils.preprocess_image(
+                                   np.ascontiguousarray(upright), size=(40, 20)))).astype(float), atol=8)
+    back = cnn_utils.recreate_image(x)
+    assert back[:15].mean() > 240 and back[25:].mean() < 15   # white on top, not on the left
+
+
+def test_preprocess_keeps_the_range_of_16_bit_pngs(tmp_path):
+    from PIL import Image
+
+    ramp = np.tile(np.linspace(0, 65535, 32).astype(np.uint16), (32, 1))   # dark to light
+    path = tmp_path / "ramp16.png"
+    Image.fromarray(ramp).save(path)
+    with Image.open(path) as check:
+        assert check.mode.startswith("I")      # really stored as 16-bit
+    eight_bit = np.round(ramp / 257.0).astype(np.uint8)
+    expected = cnn_utils.preprocess_image(eight_bit, size=32)
+    for image in (path, ramp):                 # the file and the uint16 array
+        x = cnn_utils.preprocess_image(image, size=32)
+        assert torch.allclose(x, expected, atol=0.02)       # not clipped to white
+    assert cnn_utils.recreate_image(cnn_utils.preprocess_image(path, size=32))[:, 0].max() < 10
+
+
+def test_preprocess_integer_arrays_and_channels_first(chelsea):
+    as_int64 = chelsea.astype(np.int64)
+    assert torch.equal(cnn_utils.preprocess_image(as_int64, size=16), cnn_utils.preprocess_image(chelsea, size=16))
+    with pytest.raises(ValueError, match=r"channels first.*np.moveaxis"):
+        cnn_utils.preprocess_image(np.zeros((3, 16, 16), np.uint8))
+    with pytest.raises(ValueError, match=r"integer image must hold 0\.\.255"):
+        cnn_utils.preprocess_image(np.full((8, 8, 3), 300))
+    with pytest.raises(ValueError, match=r"They look like 0\.\.255: divide by 255"):
+        cnn_utils.preprocess_image(chelsea.astype(np.float32))
+
+
+def test_preprocess_refuses_empty_and_huge_images(monkeypatch, tmp_path):
+    from PIL import Image
+
+    for empty in (np.zeros((0, 0, 3), np.uint8), np.zeros((0, 5), np.uint8)):
+        with pytest.raises(ValueError, match="is empty"):
+            cnn_utils.preprocess_image(empty)
+    monkeypatch.setattr(cnn_utils, "MAX_IMAGE_PIXELS", 1000)
+    big = np.zeros((40, 30, 3), np.uint8)
+    path = tmp_path / "big.png"
+    Image.fromarray(big).save(path)
+    for image in (big, Image.fromarray(big), path):
+        with pytest.raises(ValueError, match=r"40 x 30 = .* megapixels, more than the limit.*thumbnail"):
+            cnn_utils.preprocess_image(image, size=16)
+    with pytest.raises(ValueError, match="size must be positive"):
+        cnn_utils.preprocess_image(np.zeros((8, 8, 3), np.uint8), size=100)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"this is not a picture", "not an image file Pillow can read"),
+    (None, "truncated or corrupt"),
+])
+def test_preprocess_bad_files(tmp_path, chelsea, content, message):
+    import io
+
+    from PIL import Image
+
+    path = tmp_path / "photo.jpg"
+    if content is None:                        # a JPEG cut in half
+        buffer = io.BytesIO()
+        Image.fromarray(chelsea).save(buffer, format="JPEG")
+        content = buffer.getvalue()[: len(buffer.getvalue()) // 2]
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        cnn_utils.preprocess_image(path)
+
+
+@pytest.mark.parametrize("size", [0, -3, 2.5, "224", (10,), (10, 0), True])
+def test_preprocess_bad_size(size):
+    with pytest.raises(ValueError, match="size must be"):
+        cnn_utils.preprocess_image(np.zeros((8, 8, 3), np.uint8), size=size)
+
+
+@pytest.mark.parametrize("tensor, error, message", [
+    ([[1, 2]], ValueError, r"expects a tensor \(1, 3, H, W\) or \(3, H, W\).*got shape \(1, 2\)"),
+    ("image", TypeError, "expects a tensor"),
+    (torch.full((1, 3, 4, 4), float("nan")), ValueError, "NaN"),
+    (torch.zeros(2, 3, 4, 4), ValueError, r"got shape \(2, 3, 4, 4\)"),
+])
+def test_recreate_image_errors(tensor, error, message):
+    with pytest.raises(error, match=message):
+        cnn_utils.recreate_image(tensor)
+
+
+def test_euclidian_loss_refuses_shapes_that_only_broadcast():
+    target = torch.ones(1, 4, 5, 5)
+    for current in (torch.ones(4, 5, 5), torch.ones(1, 1, 5, 5), torch.ones(2, 4, 5, 5)):
+        with pytest.raises(ValueError, match="target and current must have the same shape"):
+            cnn_utils.euclidian_loss(target, current)
+    with pytest.raises(TypeError, match="current must be a torch tensor"):
+        cnn_utils.euclidian_loss(target, np.ones((1, 4, 5, 5)))
+    # argument order: relative to the first (the target features)
+    assert float(cnn_utils.euclidian_loss(torch.tensor([2.0]), torch.tensor([3.0]))) == pytest.approx(1 / 4)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: cnn_utils.alpha_norm(torch.ones(3), alpha=0), "alpha must be a positive number"),
+    (lambda: cnn_utils.alpha_norm([1.0, 2.0]), "x must be a torch tensor"),
+    (lambda: cnn_utils.total_variation_norm(torch.ones(1, 3, 4, 4), beta=-1), "beta must be a positive number"),
+    (lambda: cnn_utils.total_variation_norm(torch.ones(1, 3, 4, 4, dtype=torch.int64)), "floating-point"),
+])
+def test_regularizer_arguments(call, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        call()
+
+
+def test_image_similarity_on_float_images_uses_the_unit_range():
+    rng = np.random.default_rng(0)
+    a, b = rng.uniform(0, 1, (2, 64, 64, 3))
+    ssim_float, psnr_float = cnn_utils.image_similarity(a, b)
+    assert abs(ssim_float) < 0.05                      # independent noise: SSIM near 0, not 0.997
+    a8, b8 = np.round(a * 255).astype(np.uint8), np.round(b * 255).astype(np.uint8)
+    ssim_8, psnr_8 = cnn_utils.image_similarity(a8, b8)
+    assert ssim_8 == pytest.approx(ssim_float, abs=0.01) and psnr_8 == pytest.approx(psnr_float, abs=0.1)
+    # uint8 against float in [0, 1]: the same scale
+    assert cnn_utils.image_similarity(a8, a8 / 255.0)[0] == pytest.approx(1.0)
+    # PSNR by hand on [0, 1]: MSE 0.01 -> 20 dB
+    assert cnn_utils.image_similarity(np.full((8, 8, 3), 0.5), np.full((8, 8, 3), 0.6))[1] == pytest.approx(20.0)
+
+
+@pytest.mark.parametrize("a, b, error, message", [
+    (np.full((8, 8, 3), 200.0), np.zeros((8, 8, 3)), ValueError, r"float image must lie in \[0, 1\]"),
+    (np.zeros((8, 8, 3), np.int64), np.zeros((8, 8, 3)), TypeError, "uint8"),
+    (np.zeros((8, 8, 3)), np.zeros((8, 9, 3)), ValueError, "same shape"),
+    (np.zeros((5, 5, 3)), np.zeros((5, 5, 3)), ValueError, "at least 7 x 7"),
+])
+def test_image_similarity_errors(a, b, error, message):
+    with pytest.raises(error, match=message):
+        cnn_utils.image_similarity(a, b)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(iterations=0), "iterations must be an integer of at least 1"),
+    (dict(iterations=2.5), "iterations must be"), (dict(lr=0), "lr must be a positive number"),
+    (dict(lr=float("nan")), "lr must be"), (dict(alpha=-6), "alpha must be"),
+    (dict(tv_beta=0), "tv_beta must be"), (dict(tv_weight=-0.1), "tv_weight must be a number >= 0"),
+    (dict(alpha_weight="1e-5"), "alpha_weight must be"), (dict(n_snapshots=0), "n_snapshots must be"),
+    (dict(seed=-1), "seed must be"), (dict(optimizer="lbfgs"), "optimizer must be"),
+])
+def test_feature_inversion_argument_checks(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        cnn_utils.feature_inversion(TinyNet(), torch.zeros(1, 3, 16, 16), 0, progress=False, **kwargs)
+
+
+def test_feature_inversion_refuses_other_models_and_nan_images():
+    with pytest.raises(TypeError, match="must be a PyTorch model"):
+        cnn_utils.feature_inversion("vgg16", torch.zeros(1, 3, 16, 16), 0)
+    with pytest.raises(ValueError, match="NaN"):
+        cnn_utils.feature_inversion(TinyNet(), torch.full((1, 3, 16, 16), float("nan")), 0, progress=False)
+
+
+def test_image_similarity_of_empty_or_nan_images():
+    with pytest.raises(ValueError, match="original is empty"):
+        cnn_utils.image_similarity(np.zeros((0, 0, 3)), np.zeros((0, 0, 3)))
+    with pytest.raises(ValueError, match="reconstruction contains NaN"):
+        cnn_utils.image_similarity(np.zeros((8, 8, 3)), np.full((8, 8, 3), np.nan))
