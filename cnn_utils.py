@@ -1425,8 +1425,10 @@ class _TorchEngine:
             raise ValueError(f"images have {x.shape[-1]} channels (last axis of (N, H, W, C)), but the "
                              f"model's first convolution takes {conv.in_channels}; pass images channels-last.")
         if len(x):
-            with self.torch.no_grad():
-                self.num_classes = max(2, int(self._scores(self._call(self._tensor(x[:1]))).shape[1]))
+            def count():
+                with self.torch.no_grad():
+                    return max(2, int(self._scores(self._call(self._tensor(x[:1]))).shape[1]))
+            self.num_classes = _cached(self.model, ("classes", self.score, x.shape[1:]), count)
         return x
 
     def _tensor(self, x):
