@@ -568,13 +568,7 @@ def _layer_type(layer):
 def _all_layers(model):
     """The model's layers in order, the layers of nested models (a transfer-learning
     base inside ``Sequential([base, pooling, head])``) right after the nested model."""
-    keras = sys.modules.get("keras")
-    out = []
-    for layer in model.layers:
-        out.append(layer)
-        if keras is not None and isinstance(layer, keras.Model):
-            out.extend(_all_layers(layer))
-    return out
+    return [chain[-1] for _, chain in _nested_layers(model)]
 
 
 def conv_layer_names(model):
@@ -613,16 +607,9 @@ def _layer_list(model):
 
 
 def get_layer(model, layer_name):
-    """``model.get_layer(layer_name)``, searching nested models too, with an error that
-    lists the model's layers."""
-    if not isinstance(layer_name, str):
-        raise TypeError(f"layer_name must be a string, got {type(layer_name).__name__}.")
-    for layer in _all_layers(model):
-        if layer.name == layer_name:
-            return layer
-    raise ValueError(
-        f"Unknown layer {layer_name!r}. The model's layers are: {_layer_list(model)}."
-    )
+    """The layer named ``layer_name``, searching nested models too (by name, or by path
+    ``"base/name"`` where a name occurs twice), with an error that lists the model's layers."""
+    return _layer_chain(model, layer_name)[-1]
 
 
 def _flat_model(model):
