@@ -147,8 +147,10 @@ def notebook_paths(names=None):
     """The course notebooks in teaching order; ``names`` keeps those whose file name
     contains one of the given strings."""
     paths = sorted(NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
-    # The exercise notebook runs in its instructors' version (the student version has no answers).
-    paths = [EXERCISE_SOURCE if p.name == EXERCISE_SOURCE.name else p for p in paths]
+    # The exercise notebook runs in its instructors' version (the student version has no answers);
+    # a copy of the course without instructors/ leaves it to the student.
+    paths = [EXERCISE_SOURCE if p.name == EXERCISE_SOURCE.name else p for p in paths
+             if p.name != EXERCISE_SOURCE.name or EXERCISE_SOURCE.is_file()]
     if names:
         chosen = [p for p in paths if any(n in p.name for n in names)]
         if not chosen:
@@ -322,6 +324,31 @@ def collect(folder, course_dir=None):
         shutil.copyfile(path, target)
         students.append(path.stem)
     return students, unreadable
+
+
+def instructor_answers(source_nb):
+    """The instructors' answer in every solution cell of the source (markers removed), by grade id.
+
+    With ``fill_answers`` it builds graded-to-be submissions for tests and benchmarks."""
+    answers = {}
+    for cell in source_nb.cells:
+        meta = cell.metadata.get("nbgrader", {})
+        if meta.get("solution"):
+            answers[meta["grade_id"]] = "\n".join(l for l in cell.source.split("\n")
+                                                  if "### BEGIN SOLUTION" not in l and "### END SOLUTION" not in l)
+    return answers
+
+
+def fill_answers(release_nb, answers):
+    """A copy of the student version with the cells named in ``{grade_id: source}`` replaced."""
+    import nbformat
+
+    nb = nbformat.from_dict(release_nb)  # a deep copy
+    for cell in nb.cells:
+        name = cell.metadata.get("nbgrader", {}).get("grade_id")
+        if name in answers:
+            cell.source = answers[name]
+    return nb
 
 
 def course_file_hashes(root=PROJECT_DIR):
@@ -796,13 +823,29 @@ def _sandbox_worker():
                OMP_NUM_THREADS=str(job.get("threads", 1)), PYTHONDONTWRITEBYTECODE="1")
     client = NotebookClient(nb, timeout=job["cell_timeout"], interrupt_on_timeout=True, allow_errors=True,
                             kernel_name="python3", resources={"metadata": {"path": str(workdir)}},
-                            record_timing=False, startup_timeout=120, shutdown_kernel="immediate")
+                            record_timing=False, startup_timeout=120, shutdown_kernel="immediate",
+                            error_on_timeout={"ename": "CellTimeoutError", "evalue": "the cell ran past the "
+                                              f"{job['cell_timeout']} s limit and was interrupted",
+                                              "traceback": [f"CellTimeoutError: the cell ran past the "
+                                                            f"{job['cell_timeout']} s limit and was interrupted"]})
+
+    replies = {}
+    client.on_cell_executed = lambda **kw: replies.__setitem__("last", kw["execute_reply"].get("content", {}))
+
+    def run(cell, index, **kwargs):
+        """Execute one cell; True when it ran past its limit (the reply is then the timeout's)."""
+        replies.clear()
+        client.execute_cell(cell, index, **kwargs)
+        timed_out = replies.get("last", {}).get("ename") == "CellTimeoutError"
+        if timed_out:
+            _add_error(cell, "CellTimeoutError", client.error_on_timeout["evalue"])
+        return timed_out
 
     def hidden(code, timeout=60):
         cell = nbformat.v4.new_code_cell(code)
         client.timeout, saved = timeout, client.timeout
         try:
-            client.execute_cell(cell, -1, store_history=False)
+            cell.timed_out = run(cell, -1, store_history=False)
         finally:
             client.timeout = saved
         return cell
@@ -837,12 +880,10 @@ def _sandbox_worker():
                 if is_test or is_given:
                     hidden("_course_guard.before()")
                 started = time.perf_counter()
-                client.execute_cell(cell, index)
+                timed_out = run(cell, index)
                 seconds = round(time.perf_counter() - started, 2)
-                timed_out = any(o.output_type == "error" and o.get("ename") == "CellTimeoutError" for o in cell.outputs)
                 if timed_out:  # interrupted: is the kernel listening again?
-                    probe = hidden("1", timeout=20)
-                    if any(o.output_type == "error" for o in probe.outputs):
+                    if hidden("1", timeout=20).timed_out:
                         channel.send(kind="cell", index=index, outputs=cell.outputs, count=cell.execution_count,
                                      guard=guard, seconds=seconds)
                         raise TimeoutError(f"cell {index} ran past the {job['cell_timeout']} s limit and could not "
@@ -1059,7 +1100,9 @@ class SandboxedExecute(_NbGraderPreprocessor):
             name = gmeta.get("grade_id")
             guard = done.get("guard") if done else None
             if done and guard is None:
-                flags.append(f"the grader's check before {name} did not run (the kernel no longer runs the grader's code)")
+                if not any("did not run" in f for f in flags):
+                    flags.append(f"the grader's check before {name} did not run (the kernel no longer runs "
+                                 "the grader's code, e.g. an input transformer)")
                 tampered_since = tampered_since or name
             elif guard and guard["tampered"]:
                 flags.append(f"before {name}: changed {', '.join(guard['tampered'])} (restored)")
@@ -1073,7 +1116,9 @@ class SandboxedExecute(_NbGraderPreprocessor):
                            f"0 points: the submission changed how the tests run (first noticed before {tampered_since}); "
                            "course staff will review it.")
         report = {"status": result["status"], "reason": result["reason"], "flags": flags,
-                  "sandbox": "bubblewrap" if result["sandbox"] else "none"}
+                  "sandbox": "bubblewrap" if result["sandbox"] else "none",
+                  "setup_seconds": result.get("setup_seconds"),
+                  "cell_seconds": round(sum(c.get("seconds", 0) for c in result["cells"].values()), 1)}
         report_path.write_text(json.dumps(report, indent=1) + "\n")
         nb.metadata.pop("course_grading", None)
         return nb, resources
@@ -1094,10 +1139,11 @@ class FeedbackView(_NbGraderPreprocessor):
         import re
 
         hidden = re.compile(r"^[ \t]*### BEGIN HIDDEN TESTS.*?### END HIDDEN TESTS[ \t]*\n?", re.S | re.M)
+        waiting = _waiting_for_hand_grading(resources)
         pending = 0.0
         for cell in nb.cells:
             gmeta = cell.metadata.get("nbgrader", {})
-            if gmeta.get("grade") and gmeta.get("solution") and gmeta.get("score") is None:
+            if gmeta.get("grade") and gmeta.get("solution") and gmeta.get("grade_id") in waiting:
                 gmeta["to_be_graded"] = True
                 pending += float(gmeta.get("points", 0))
             if cell.cell_type != "code" or not (gmeta.get("grade") and not gmeta.get("solution")):
@@ -1117,6 +1163,21 @@ class FeedbackView(_NbGraderPreprocessor):
             cell.outputs = outputs
         resources["nbgrader"]["to_be_graded"] = pending
         return nb, resources
+
+
+def _waiting_for_hand_grading(resources):
+    """Grade ids of this submission that nbgrader marks as needing a human (no manual score yet)."""
+    from nbgrader.api import Gradebook, MissingEntry
+
+    info = resources.get("nbgrader", {})
+    if "db_url" not in info:
+        return {k for k in info.get("waiting", ())}
+    with Gradebook(info["db_url"]) as gb:
+        try:
+            nb = gb.find_submission_notebook(info["notebook"], info["assignment"], info["student"])
+        except MissingEntry:
+            return set()
+        return {g.name for g in nb.grades if g.needs_manual_grade and g.manual_score is None}
 
 
 def feedback_template_dir():
