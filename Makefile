@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: setup setup-dev course course-fast test prefetch lab train-models clean
+.PHONY: setup setup-dev course course-fast test prefetch lab train-models release grade clean
 
 setup: $(VENV)/.installed
 
@@ -43,6 +43,15 @@ lab: setup
 train-models: setup
 	$(BIN)/python -m course train --dataset mnist --replace
 	$(BIN)/python -m course train --dataset fashion_mnist --replace
+
+## Instructors: the student version of the exercise notebook (README, for instructors).
+release: setup
+	$(BIN)/python -m course release
+
+## Instructors: grade a folder of <student_id>.ipynb submissions: make grade SUBMISSIONS=path/to/folder
+grade: setup
+	@test -n "$(SUBMISSIONS)" || (echo "usage: make grade SUBMISSIONS=path/to/folder" && exit 2)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m course grade "$(SUBMISSIONS)" $(GRADE_ARGS)
 
 clean:
 	rm -rf build .pytest_cache

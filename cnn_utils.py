@@ -4573,9 +4573,9 @@ def vgg_layer_explorer(model, photos, size=224, layer="relu3_3"):
 # Exercise checks
 # ---------------------------------------------------------------------------
 
-# The exercise notebook (08) tests students' code with these helpers: each raises an
+# The exercise notebook (09) tests students' code with these helpers: each raises an
 # AssertionError whose message says what was expected, what came out and, with ``hint``,
-# what to fix. nbgrader shows that message in the feedback.
+# what to fix. The feedback shows that message (never the test's code).
 
 def _as_numbers(value, name):
     """``value`` (array, tensor, list or number) as a float64 array, or AssertionError."""
@@ -4634,6 +4634,117 @@ def check_close(actual, expected, name, rtol=1e-5, atol=1e-8, hint=""):
             f"{name} is wrong in {int(bad.sum())} of {bad.size} value(s); the largest difference is "
             f"{np.abs(act - exp)[where]:.6g}{at} (got {act[where]:.6g}, expected {exp[where]:.6g}). {hint}".strip()
         )
+
+
+def check_visible(fig, artist, name, min_pixels=20):
+    """Check that ``artist`` (e.g. a line) changes at least ``min_pixels`` pixels of ``fig``.
+
+    The figure is drawn twice, with the artist shown and hidden, and the pixels compared:
+    an invisible, transparent, zero-width, off-axes or covered artist changes none.
+    Returns the number of changed pixels.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    def pixels():
+        canvas = fig.canvas if hasattr(fig.canvas, "buffer_rgba") else FigureCanvasAgg(fig)
+        canvas.draw()
+        return np.asarray(canvas.buffer_rgba()).copy()
+
+    shown = artist.get_visible()
+    with_artist = pixels()
+    artist.set_visible(False)
+    try:
+        without = pixels()
+    finally:
+        artist.set_visible(shown)
+    changed = int(np.any(with_artist != without, axis=-1).sum())
+    if changed < min_pixels:
+        raise AssertionError(
+            f"{name} cannot be seen in the figure (drawing it changes {changed} pixels): check that it is "
+            "visible, not transparent, has a width or markers, and lies inside the axes limits.")
+    return changed
+
+
+def _code_objects(code):
+    """A code object and every code object nested in it (inner functions, comprehensions)."""
+    yield code
+    for const in code.co_consts:
+        if hasattr(const, "co_code"):
+            yield from _code_objects(const)
+
+
+def check_not_calling(func, forbidden, name, args=(), kwargs=None):
+    """Call ``func(*args, **kwargs)`` and fail if it uses one of the ``forbidden`` functions.
+
+    Two checks, so that renaming does not help (``from cnn_utils import grad_cam as g``):
+    the code is inspected, following every global name, attribute and closure it
+    references into the functions it calls (a reference to a forbidden function under any
+    name fails); and the call runs under ``sys.setprofile``, which sees every Python
+    function entered, however it was reached. Returns the call's result.
+    """
+    import inspect
+
+    forbidden = list(forbidden)
+    codes = {inspect.unwrap(f).__code__ for f in forbidden if hasattr(inspect.unwrap(f), "__code__")}
+    names = {f.__name__ for f in forbidden}
+
+    def is_forbidden(obj):
+        try:
+            return any(obj is f for f in forbidden) or getattr(inspect.unwrap(obj), "__code__", None) in codes
+        except Exception:
+            return False
+
+    seen, todo = set(), [func]
+    while todo:
+        f = todo.pop()
+        f = getattr(f, "__func__", f)
+        if id(f) in seen or not hasattr(f, "__code__"):
+            continue
+        seen.add(id(f))
+        if is_forbidden(f):
+            raise AssertionError(f"{name} uses {f.__name__} from cnn_utils: write the method yourself.")
+        env = getattr(f, "__globals__", {})
+        referenced = [c.cell_contents for c in (f.__closure__ or ()) if _cell_filled(c)]
+        for code in _code_objects(f.__code__):
+            for n in code.co_names:
+                if n in env:
+                    referenced.append(env[n])
+                    module = env[n]
+                    if inspect.ismodule(module):
+                        referenced.extend(getattr(module, m) for m in code.co_names if m in names
+                                          and hasattr(module, m))
+        for obj in referenced:
+            if is_forbidden(obj):
+                raise AssertionError(
+                    f"{name} refers to cnn_utils.{getattr(obj, '__name__', obj)} (under whatever name): "
+                    "the exercise is to write the method yourself, without the course's implementation.")
+            if getattr(getattr(obj, "__func__", obj), "__globals__", None) is env:
+                todo.append(obj)  # the student's own helper functions, not library code
+
+    called = []
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code in codes:
+            called.append(frame.f_code.co_name)
+
+    previous = sys.getprofile()
+    sys.setprofile(profile)
+    try:
+        result = func(*args, **(kwargs or {}))
+    finally:
+        sys.setprofile(previous)
+        if called:
+            raise AssertionError(f"{name} called cnn_utils.{called[0]}: the exercise is to write the "
+                                 "method yourself, without the course's implementation.")
+    return result
+
+
+def _cell_filled(cell):
+    try:
+        cell.cell_contents
+    except ValueError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------

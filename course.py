@@ -3,7 +3,8 @@
     run        execute the notebook series into build/ (ipynb + html)
     prefetch   download the datasets and the VGG16 weights for offline use
     train      retrain a course CNN (never replaces a shipped model by accident)
-    grading    nbgrader glue for the exercise notebook (see README, for instructors)
+    release    write the student version of the exercise notebook (nbgrader)
+    grade      autograde a folder of submissions, isolated and in parallel (README, for instructors)
 
 Library functions here raise exceptions; only ``main`` turns them into one-line
 messages and exit codes. The teaching helpers live in ``cnn_utils.py``.
@@ -11,6 +12,7 @@ messages and exit codes. The teaching helpers live in ``cnn_utils.py``.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -145,6 +147,10 @@ def notebook_paths(names=None):
     """The course notebooks in teaching order; ``names`` keeps those whose file name
     contains one of the given strings."""
     paths = sorted(NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
+    # The exercise notebook runs in its instructors' version (the student version has no answers);
+    # a copy of the course without instructors/ leaves it to the student.
+    paths = [EXERCISE_SOURCE if p.name == EXERCISE_SOURCE.name else p for p in paths
+             if p.name != EXERCISE_SOURCE.name or EXERCISE_SOURCE.is_file()]
     if names:
         chosen = [p for p in paths if any(n in p.name for n in names)]
         if not chosen:
@@ -206,60 +212,175 @@ def to_html(ipynb_path):
 
 
 # ---------------------------------------------------------------------------
-# grading: nbgrader glue for the exercise notebook
+# release and grade: the exercise notebook with nbgrader
 # ---------------------------------------------------------------------------
+# nbgrader does the bookkeeping (student version, gradebook, restoring read-only cells and
+# hidden tests, scores, formgrader, feedback). Two of its steps are replaced through
+# nbgrader_config.py, so that `nbgrader autograde` itself grades safely:
+#   * ``RestoreCells`` (before nbgrader's OverwriteCells) puts deleted read-only cells back
+#     and notes edited or deleted ones;
+#   * ``SandboxedExecute`` (instead of nbgrader's Execute) runs the notebook in a separate
+#     process under bubblewrap (read-only course files, no network, a private /tmp, memory
+#     and time limits) with a guard that restores pristine helpers before every test cell;
+# and ``FeedbackView`` shows students each test's result and message, never hidden tests.
 
 #: nbgrader's course directory (git-ignored; see nbgrader_config.py).
 GRADING_DIR = PROJECT_DIR / "nbgrader"
 #: The assignment, and its one notebook, in nbgrader's layout.
 EXERCISE_ASSIGNMENT = "09_exercises"
+#: The nbgrader source with solutions and hidden tests (instructors only) ...
+INSTRUCTORS_DIR = PROJECT_DIR / "instructors"
+EXERCISE_SOURCE = INSTRUCTORS_DIR / f"{EXERCISE_ASSIGNMENT}.ipynb"
+#: ... and the student version generated from it, committed in notebooks/.
+STUDENT_NOTEBOOK = NOTEBOOKS_DIR / f"{EXERCISE_ASSIGNMENT}.ipynb"
+#: Limits per submission (nbgrader_config.py can change them).
+CELL_TIMEOUT = 120
+NOTEBOOK_TIMEOUT = 900
+MEMORY_LIMIT_MB = 6144
+#: The course files a submission must not change (checked by hash after grading).
+PROTECTED_PATHS = ("cnn_utils.py", "course.py", "nbgrader_config.py", "saved_models", "data", "instructors")
+STATUSES = ("graded", "failed", "flagged")
 
 
-def grading_source(course_dir=None):
-    """Copy the exercise notebook to nbgrader's ``source/<assignment>/``; return the path."""
-    course = Path(course_dir) if course_dir else GRADING_DIR
-    target = course / "source" / EXERCISE_ASSIGNMENT / f"{EXERCISE_ASSIGNMENT}.ipynb"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(NOTEBOOKS_DIR / f"{EXERCISE_ASSIGNMENT}.ipynb", target)
-    return target
+def _course_dir(course_dir):
+    return Path(course_dir) if course_dir else GRADING_DIR
 
 
-def grading_collect(folder, course_dir=None):
-    """Put a folder of submissions ``<student_id>.ipynb`` into nbgrader's layout
-    (``<course_dir>/submitted/<student_id>/<assignment>/``). Returns the ids, sorted."""
+def _notebook_path(course, kind, student=None):
+    parts = [kind] + ([student] if student else []) + [EXERCISE_ASSIGNMENT, f"{EXERCISE_ASSIGNMENT}.ipynb"]
+    return course.joinpath(*parts)
+
+
+def run_nbgrader(*args, course_dir=None, check=True, timeout=None):
+    """Run ``python -m nbgrader ARGS`` from the course folder (it reads nbgrader_config.py).
+
+    nbgrader calls the ``alembic`` program of its environment, so the environment's
+    ``bin`` goes first on PATH. Raises ``CourseError`` with nbgrader's last lines on failure.
+    """
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env["CNN_COURSE_DIR"] = str(PROJECT_DIR)
+    cmd = [sys.executable, "-m", "nbgrader", *args, f"--CourseDirectory.root={_course_dir(course_dir)}"]
+    result = subprocess.run(cmd, cwd=PROJECT_DIR, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
+        raise CourseError(f"`nbgrader {' '.join(args)}` failed:\n{tail}")
+    return result
+
+
+def release(course_dir=None, student_copy=STUDENT_NOTEBOOK):
+    """Generate the student version of the exercise notebook with nbgrader.
+
+    Copies ``instructors/09_exercises.ipynb`` to nbgrader's ``source/``, runs
+    ``nbgrader generate_assignment`` (solutions and hidden tests removed; the gradebook
+    keeps the tests) and copies the result to ``student_copy`` (default: the notebook
+    students open, ``notebooks/09_exercises.ipynb``; None: leave it). Returns the path
+    of nbgrader's release copy.
+    """
+    course = _course_dir(course_dir)
+    source = _notebook_path(course, "source")
+    source.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(EXERCISE_SOURCE, source)
+    run_nbgrader("generate_assignment", EXERCISE_ASSIGNMENT, "--force", course_dir=course)
+    released = _notebook_path(course, "release")
+    if student_copy is not None:
+        shutil.copyfile(released, student_copy)
+    return released
+
+
+def _ensure_released(course):
+    """Release again when the gradebook is missing or the instructors' source changed."""
+    source = _notebook_path(course, "source")
+    if (course / "gradebook.db").is_file() and source.is_file() \
+            and source.read_bytes() == EXERCISE_SOURCE.read_bytes() and _notebook_path(course, "release").is_file():
+        return
+    release(course, student_copy=None)
+
+
+def collect(folder, course_dir=None):
+    """Put ``FOLDER/<student_id>.ipynb`` into nbgrader's ``submitted/<id>/09_exercises/``.
+
+    Returns ``(students, unreadable)``: the ids collected, and ``{id: reason}`` for files
+    that are not readable notebooks (they are not collected).
+    """
     import nbformat
 
     folder = Path(folder)
+    if not folder.is_dir():
+        raise CourseError(f"{folder} is not a folder: give the folder that holds the <student_id>.ipynb files.")
     files = sorted(folder.glob("*.ipynb"))
     if not files:
         raise CourseError(f"No submissions in {folder}: expected files named <student_id>.ipynb.")
-    course = Path(course_dir) if course_dir else GRADING_DIR
-    students = []
+    course = _course_dir(course_dir)
+    students, unreadable = [], {}
     for path in files:
         try:
-            nbformat.read(str(path), as_version=4)
-        except Exception as err:
-            raise CourseError(f"{path} is not a readable notebook ({type(err).__name__}: {err}).") from None
-        target = course / "submitted" / path.stem / EXERCISE_ASSIGNMENT / f"{EXERCISE_ASSIGNMENT}.ipynb"
+            nbformat.validate(nbformat.read(str(path), as_version=4))
+        except Exception as err:  # any reason: the file is not a notebook we can grade
+            unreadable[path.stem] = f"could not be read as a notebook ({type(err).__name__}: {str(err)[:200]})"
+            continue
+        target = _notebook_path(course, "submitted", path.stem)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, target)
         students.append(path.stem)
-    return students
+    return students, unreadable
+
+
+def instructor_answers(source_nb):
+    """The instructors' answer in every solution cell of the source (markers removed), by grade id.
+
+    With ``fill_answers`` it builds graded-to-be submissions for tests and benchmarks."""
+    answers = {}
+    for cell in source_nb.cells:
+        meta = cell.metadata.get("nbgrader", {})
+        if meta.get("solution"):
+            answers[meta["grade_id"]] = "\n".join(l for l in cell.source.split("\n")
+                                                  if "### BEGIN SOLUTION" not in l and "### END SOLUTION" not in l)
+    return answers
+
+
+def fill_answers(release_nb, answers):
+    """A copy of the student version with the cells named in ``{grade_id: source}`` replaced."""
+    import nbformat
+
+    nb = nbformat.from_dict(release_nb)  # a deep copy
+    for cell in nb.cells:
+        name = cell.metadata.get("nbgrader", {}).get("grade_id")
+        if name in answers:
+            cell.source = answers[name]
+    return nb
+
+
+def course_file_hashes(root=PROJECT_DIR):
+    """SHA-256 of every course file a submission could try to change, by relative path."""
+    import hashlib
+
+    hashes = {}
+    data_dir = os.environ.get("CNN_COURSE_DATA")
+    roots = [(root / p, p) for p in PROTECTED_PATHS]
+    if data_dir:
+        roots.append((Path(data_dir), "$CNN_COURSE_DATA"))
+    for path, label in roots:
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
+        for f in files:
+            name = label if f == path else f"{label}/{f.relative_to(path)}"
+            hashes[name] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return hashes
 
 
 def grading_scores(course_dir=None):
-    """Per-student, per-cell scores from nbgrader's gradebook (after ``nbgrader autograde``).
+    """Per-student, per-cell scores from nbgrader's gradebook (after autograding).
 
     Returns ``{student: {grade_id: {"auto", "manual", "max", "needs_manual", "by_hand"}}}``;
     ``by_hand`` marks written answers (markdown cells).
     """
     from nbgrader.api import Gradebook, MissingEntry
 
-    course = Path(course_dir) if course_dir else GRADING_DIR
+    course = _course_dir(course_dir)
     db = course / "gradebook.db"
     if not db.is_file():
-        raise CourseError(f"No gradebook at {db}: run `nbgrader generate_assignment` and "
-                          "`nbgrader autograde` first (see README, for instructors).")
+        raise CourseError(f"No gradebook at {db}: run `python -m course grade FOLDER` first "
+                          "(see README, for instructors).")
     scores = {}
     with Gradebook(f"sqlite:///{db}") as gb:
         for student in gb.students:
@@ -275,26 +396,793 @@ def grading_scores(course_dir=None):
     return scores
 
 
-def print_scores(scores):
-    """A table: autograded points per exercise (grade ids ``exN_...``), in total, and by hand."""
-    exercises = sorted({gid.split("_")[0] for cells in scores.values()
-                        for gid, g in cells.items() if not g["by_hand"]})
-    print("student".ljust(20) + "".join(e.rjust(6) for e in exercises) + "   autograded   by hand")
-    for student, cells in sorted(scores.items()):
-        auto = {e: 0.0 for e in exercises}
-        auto_max = hand = hand_max = 0.0
-        to_grade = 0
-        for gid, g in cells.items():
-            if g["by_hand"]:
-                hand_max += g["max"]
-                hand += (g["manual"] if g["manual"] is not None else g["auto"] or 0.0)
-                to_grade += g["needs_manual"]
+def _report_path(course, student):
+    """Status, reason and flags of one graded submission (beside its kernel's log)."""
+    return course / "reports" / "grading" / f"{student}.json"
+
+
+_RESULT = "@@course-grading-result@@"
+
+
+def _grading_process():
+    """One grading process (``grade`` starts ``--jobs`` of them): nbgrader imported once,
+    then every student id read from stdin autograded (sandboxed).
+    Answers one line per student on stdout, prefixed with ``_RESULT``."""
+    from nbgrader.apps import NbGraderAPI
+    from nbgrader.coursedir import CourseDirectory
+    from traitlets.config.loader import PyFileConfigLoader
+
+    settings = json.loads(sys.argv[1])
+    course = Path(settings["course"])
+    config = PyFileConfigLoader("nbgrader_config.py", path=str(PROJECT_DIR)).load_config()
+    config.CourseDirectory.root = str(course)
+    for key, value in settings["limits"].items():
+        setattr(config.SandboxedExecute, key, value)
+    api = NbGraderAPI(coursedir=CourseDirectory(config=config), config=config)
+    for line in sys.stdin:
+        student = line.strip()
+        if not student:
+            continue
+        start = time.perf_counter()
+        path = _report_path(course, student)
+        path.unlink(missing_ok=True)
+        result = api.autograde(EXERCISE_ASSIGNMENT, student, force=True, create=True)
+        if result.get("success") and path.is_file():
+            report = json.loads(path.read_text())
+        else:
+            lines = [l for l in (str(result.get("error") or "") + "\n" + str(result.get("log") or "")).splitlines()
+                     if l.strip()]
+            errors = [l for l in lines if "ERROR" in l or "Error" in l] or lines or ["no message"]
+            report = {"status": "failed", "flags": [],
+                      "reason": f"nbgrader could not grade it: {errors[-1].strip()[:300]}"}
+        report["seconds"] = round(time.perf_counter() - start, 1)
+        print(_RESULT + json.dumps({"student": student, "report": report}), flush=True)
+
+
+def _grading_worker(todo, reports, settings, on_done):
+    """A thread of ``grade``: feeds student ids from the queue ``todo`` to its own grading
+    process and stores each answer in ``reports``; restarts the process if it dies."""
+    import queue
+
+    proc = None
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")  # nbgrader runs alembic
+    try:
+        while True:
+            try:
+                student = todo.get_nowait()
+            except queue.Empty:
+                return
+            if proc is None or proc.poll() is not None:
+                proc = subprocess.Popen([sys.executable, "-c", "import course; course._grading_process()",
+                                         json.dumps(settings)], cwd=PROJECT_DIR, env=env, text=True,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            report = None
+            try:
+                proc.stdin.write(student + "\n")
+                proc.stdin.flush()
+                for line in proc.stdout:
+                    if line.startswith(_RESULT):
+                        report = json.loads(line[len(_RESULT):])["report"]
+                        break
+            except (BrokenPipeError, ValueError):
+                pass
+            if report is None:
+                report = {"status": "failed", "flags": [], "seconds": 0.0,
+                          "reason": "the grading process stopped while grading it"}
+                proc.kill()
+            reports[student] = report
+            on_done(student, report)
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.stdin.close()
+            proc.wait()
+
+
+def grade(folder, jobs=None, course_dir=None, cell_timeout=CELL_TIMEOUT, notebook_timeout=NOTEBOOK_TIMEOUT,
+          memory_mb=MEMORY_LIMIT_MB, verbose=True):
+    """Collect ``FOLDER/<student_id>.ipynb``, autograde each in isolation, in parallel, with feedback.
+
+    Writes ``<course_dir>/reports/scores.csv`` (``student_id, status, ex1.., autograded_total,
+    flags``) and returns its rows as dicts. Status ``failed`` (kernel died, ran out of time,
+    unreadable: the reason is in ``flags``) and ``flagged`` (tampering found) need an
+    instructor's look. Raises ``CourseError`` when the course files changed.
+    """
+    import csv
+
+    course = _course_dir(course_dir)
+    jobs = jobs or os.cpu_count() or 1
+    before = course_file_hashes()
+    _ensure_released(course)
+    students, unreadable = collect(folder, course)
+    reports = {s: {"status": "failed", "reason": reason, "flags": [], "seconds": 0.0}
+               for s, reason in unreadable.items()}
+    if verbose:
+        print(f"Grading {len(students)} submission(s) with {jobs} job(s) "
+              f"({'bubblewrap sandbox' if sandbox_available() else 'NO sandbox: bubblewrap is missing'}).",
+              flush=True)
+    import queue
+    import sqlite3
+    import threading
+
+    with sqlite3.connect(course / "gradebook.db") as db:  # readers never block the writers
+        db.execute("PRAGMA journal_mode=WAL")
+    todo = queue.Queue()
+    for student in students:
+        todo.put(student)
+    settings = {"course": str(course), "limits": {
+        "cell_timeout": cell_timeout, "notebook_timeout": notebook_timeout, "memory_limit_mb": memory_mb,
+        "threads": max(1, (os.cpu_count() or 1) // jobs)}}
+    lock, done = threading.Lock(), []
+
+    def on_done(student, report):
+        with lock:
+            done.append(student)
+            if verbose:
+                print(f"[{len(done)}/{len(students)}] {student}: {report['status']} in {report['seconds']:.0f} s"
+                      + (f" ({report['reason']})" if report.get("reason") else ""), flush=True)
+
+    threads = [threading.Thread(target=_grading_worker, args=(todo, reports, settings, on_done))
+               for _ in range(min(jobs, max(1, len(students))))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if students:  # one nbgrader run writes every student's feedback page
+        run_nbgrader("generate_feedback", EXERCISE_ASSIGNMENT, "--force", course_dir=course, check=False)
+    for student in students:
+        if not _notebook_path(course, "feedback", student).with_suffix(".html").is_file():
+            reports[student].setdefault("flags", []).append("no feedback page could be generated")
+    changed = sorted(k for k, v in course_file_hashes().items() if before.get(k) != v)
+    changed += sorted(set(before) - set(course_file_hashes()))
+    if changed:
+        raise CourseError(f"Course files changed while grading: {', '.join(changed)}. Restore them "
+                          "(git checkout) and grade again; run grading with bubblewrap installed.")
+    rows = score_rows(reports, course)
+    out = course / "reports" / "scores.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["student_id"])
+        writer.writeheader()
+        writer.writerows(rows)
+    if verbose:
+        print_table(rows)
+        print(f"Scores: {out}\nFeedback: {course / 'feedback'}/<student_id>/{EXERCISE_ASSIGNMENT}/")
+    return rows
+
+
+def score_rows(reports, course):
+    """One row per student: status, autograded points per exercise and in total, flags."""
+    scores = grading_scores(course) if (course / "gradebook.db").is_file() else {}
+    cells = next(iter(scores.values()), {})
+    exercises = sorted({gid.split("_")[0] for gid, g in cells.items() if not g["by_hand"]})
+    rows = []
+    for student in sorted(reports):
+        report, got = reports[student], scores.get(student, {})
+        flags = list(report.get("flags", []))
+        status = report.get("status", "failed")
+        if status == "failed":
+            flags.insert(0, report.get("reason") or "failed")
+        elif flags:
+            status = "flagged"
+        row = {"student_id": student, "status": status}
+        total = 0.0
+        for ex in exercises:
+            points = sum(g["auto"] or 0.0 for gid, g in got.items() if gid.split("_")[0] == ex and not g["by_hand"])
+            row[ex] = f"{points:g}"
+            total += points
+        row["autograded_total"] = f"{total:g}"
+        row["flags"] = "; ".join(flags)
+        rows.append(row)
+    return rows
+
+
+def print_table(rows):
+    """The scores table as text (the CSV's columns; long flags cut)."""
+    if not rows:
+        print("No submissions.")
+        return
+    columns = list(rows[0])
+    width = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns if c != "flags"}
+    print("  ".join(c.ljust(width[c]) for c in columns if c != "flags") + "  flags")
+    for r in rows:
+        flags = r["flags"] if len(r["flags"]) <= 100 else r["flags"][:97] + "..."
+        print("  ".join(str(r[c]).ljust(width[c]) for c in columns if c != "flags") + "  " + flags)
+
+
+# --- sandbox ---------------------------------------------------------------
+
+def sandbox_available():
+    """True when bubblewrap (``bwrap``) can start a sandbox on this machine."""
+    global _SANDBOX_OK
+    if _SANDBOX_OK is None:
+        bwrap = shutil.which("bwrap")
+        _SANDBOX_OK = bool(bwrap) and subprocess.run(
+            [bwrap, "--ro-bind", "/", "/", "--unshare-net", "--unshare-pid", "--cap-drop", "ALL", "true"],
+            capture_output=True).returncode == 0
+    return _SANDBOX_OK
+
+
+_SANDBOX_OK = None
+
+
+def sandbox_command(command, workdir="/tmp/work"):
+    """``command`` wrapped in bubblewrap: system and Python read-only, the course's runtime
+    files read-only (not instructors/, nbgrader/, build/ or .git), a private /tmp, no network,
+    own PID namespace, no capabilities. Only /tmp (memory-backed, private) is writable."""
+    ro = ["/usr", "/bin", "/lib", "/lib32", "/lib64", "/libx32", "/sbin", "/etc", sys.prefix, sys.base_prefix,
+          sys.exec_prefix, str(Path(sys.executable).resolve().parent)]
+    import site
+
+    ro += [p for p in site.getsitepackages() if Path(p).exists()]
+    ro += [str(PROJECT_DIR / name) for name in ("cnn_utils.py", "course.py", "saved_models", "data")]
+    data = os.environ.get("CNN_COURSE_DATA")
+    if data:
+        ro.append(str(Path(data).resolve()))
+    args = ["bwrap"]
+    for path in dict.fromkeys(ro):
+        args += ["--ro-bind-try", path, path]
+    args += ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", "--dir", workdir,
+             "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--new-session",
+             "--die-with-parent", "--cap-drop", "ALL", "--chdir", workdir]
+    return args + list(command)
+
+
+def _limit_memory(megabytes):
+    import resource
+
+    limit = int(megabytes) * 2 ** 20
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+# The guard: loaded into the kernel before the first cell; its `check` runs before every test
+# cell. It restores what the tests rely on (module attributes, IPython's input and AST
+# transformers, event hooks, sys hooks, builtins, the names the read-only cells defined) and
+# reports what it found changed by the student's code.
+_GUARD = r'''
+def _course_guard_install(token, course_dir):
+    import builtins, hashlib, json, os, sys, types
+    sys.path.insert(0, course_dir)
+    _fd, _null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(_null, 2)
+    try:
+        import numpy, numpy.testing, numpy.linalg, tensorflow, keras, keras.losses, keras.layers
+        import matplotlib, matplotlib.pyplot, matplotlib.figure, cnn_utils
+    finally:
+        os.dup2(_fd, 2); os.close(_fd); os.close(_null)
+    ip = get_ipython()
+    get_ipython().run_line_magic("matplotlib", "inline")
+    mods = [builtins, numpy, numpy.testing, numpy.linalg, tensorflow, keras, keras.losses, keras.layers,
+            matplotlib.pyplot, matplotlib.figure, cnn_utils]
+    per_request = {"input", "raw_input", "getpass"}  # ipykernel rebinds these for every request
+    snap_mods = {m.__name__: (m, {k: v for k, v in vars(m).items() if not k.startswith("_") and k not in per_request})
+                 for m in mods}
+    sys_names = ("displayhook", "meta_path", "path_hooks")
+    snap_sys = {n: getattr(sys, n) for n in sys_names}
+    snap_sys_lists = {"meta_path": list(sys.meta_path), "path_hooks": list(sys.path_hooks)}
+    snap_io = (sys.stdout, sys.stderr)
+    shell_lists = ("input_transformers_cleanup", "input_transformers_post", "ast_transformers")
+    snap_lists = {n: (getattr(ip, n), list(getattr(ip, n))) for n in shell_lists}
+    itm = ip.input_transformer_manager
+    itm_lists = ("cleanup_transforms", "line_transforms", "token_transformers")
+    snap_itm = (itm, {n: list(getattr(itm, n)) for n in itm_lists})
+    snap_events = {e: list(cbs) for e, cbs in ip.events.callbacks.items()}
+    objects = [ip, ip.kernel, ip.compile, itm, ip.displayhook, ip.display_pub]
+    snap_classes = {}
+    for obj in objects:
+        for cls in type(obj).__mro__:
+            if cls is not object and id(cls) not in snap_classes:
+                snap_classes[id(cls)] = (cls, {k: v for k, v in vars(cls).items() if callable(v)})
+    snap_inst = {id(o): (o, {k for k in vars(o)}) for o in objects}
+    snap_handlers = dict(getattr(ip.kernel, "shell_handlers", {}))
+    snap_custom = (ip.custom_exceptions, ip.CustomTB)
+    sys_trace, sys_profile = sys.gettrace(), sys.getprofile()
+    names = {}
+
+    def fingerprint(v):
+        try:
+            if hasattr(v, "get_weights") and hasattr(v, "layers"):
+                return hashlib.sha1(b"".join(numpy.ascontiguousarray(w).tobytes() for w in v.get_weights())).hexdigest()
+            if isinstance(v, numpy.ndarray):
+                return hashlib.sha1(numpy.ascontiguousarray(v).tobytes()).hexdigest() + str(v.shape)
+            if isinstance(v, (list, tuple)):
+                return repr([fingerprint(x) for x in v])
+            if isinstance(v, types.FunctionType):
+                return (id(v.__code__), v.__defaults__, v.__kwdefaults__)
+        except Exception:
+            return None
+        return None
+
+    def saved_copy(v):
+        if isinstance(v, numpy.ndarray):
+            return v.copy()
+        if hasattr(v, "get_weights") and hasattr(v, "layers"):
+            return [numpy.array(w) for w in v.get_weights()]
+        if isinstance(v, list):
+            return list(v)
+        if isinstance(v, types.FunctionType):
+            return (v.__code__, v.__defaults__, v.__kwdefaults__)
+        return None
+
+    before = {}
+
+    def remember_before():
+        before.clear()
+        before.update({k: id(v) for k, v in ip.user_ns.items()})
+
+    def remember_after():
+        for k, v in list(ip.user_ns.items()):
+            if not k.startswith("_i") and before.get(k) != id(v) and k not in ("_", "__", "___", "In", "Out"):
+                names[k] = (v, fingerprint(v), saved_copy(v))
+
+    def check():
+        found = []
+        if sys.gettrace() is not sys_trace:
+            found.append("a trace function (sys.settrace)"); sys.settrace(sys_trace)
+        if sys.getprofile() is not sys_profile:
+            found.append("a profile function (sys.setprofile)"); sys.setprofile(sys_profile)
+        for n, v in snap_sys.items():
+            if n in snap_sys_lists:
+                if list(getattr(sys, n)) != snap_sys_lists[n] or getattr(sys, n) is not v:
+                    found.append(f"sys.{n}"); setattr(sys, n, v); v[:] = snap_sys_lists[n]
+            elif getattr(sys, n) != v:
+                found.append(f"sys.{n}"); setattr(sys, n, v)
+        sys.stdout, sys.stderr = snap_io
+        for n, (lst, items) in snap_lists.items():
+            if getattr(ip, n) is not lst or list(lst) != items:
+                found.append(f"IPython's {n}"); lst[:] = items; setattr(ip, n, lst)
+        if ip.input_transformer_manager is not snap_itm[0]:
+            found.append("IPython's input_transformer_manager"); ip.input_transformer_manager = snap_itm[0]
+        for n, items in snap_itm[1].items():
+            if list(getattr(snap_itm[0], n)) != items:
+                found.append(f"IPython's input transformer list {n}"); setattr(snap_itm[0], n, list(items))
+        for e, cbs in ip.events.callbacks.items():
+            if list(cbs) != snap_events.get(e, []):
+                found.append(f"an IPython event callback ({e})"); cbs[:] = snap_events.get(e, [])
+        for cls, funcs in snap_classes.values():
+            for k, v in funcs.items():
+                if vars(cls).get(k) is not v:
+                    found.append(f"{cls.__name__}.{k}"); setattr(cls, k, v)
+        for obj, keys in snap_inst.values():
+            for k in set(vars(obj)) - keys:
+                if any(k in vars(c) for c in type(obj).__mro__):
+                    found.append(f"{type(obj).__name__}.{k} (replaced on the instance)"); delattr(obj, k)
+        if getattr(ip.kernel, "shell_handlers", {}) != snap_handlers:
+            found.append("the kernel's message handlers"); ip.kernel.shell_handlers.clear(); ip.kernel.shell_handlers.update(snap_handlers)
+        if (ip.custom_exceptions, ip.CustomTB) != snap_custom:
+            found.append("IPython's custom exception handler"); ip.custom_exceptions, ip.CustomTB = snap_custom
+        for name, (m, attrs) in snap_mods.items():
+            if sys.modules.get(name) is not m:
+                found.append(f"the module {name} in sys.modules"); sys.modules[name] = m
+            d = vars(m)
+            for k, v in attrs.items():
+                if d.get(k, d) is not v:
+                    found.append(f"{name}.{k}"); setattr(m, k, v)
+        restored = []
+        for k, (v, fp, copy) in names.items():
+            if ip.user_ns.get(k, names) is not v:
+                restored.append(k); ip.user_ns[k] = v
+            if fp is not None and fingerprint(v) != fp:
+                restored.append(k)
+                if isinstance(v, numpy.ndarray):
+                    v.setflags(write=True); v[...] = copy
+                elif isinstance(v, list):
+                    v[:] = copy
+                elif isinstance(v, types.FunctionType):
+                    v.__code__, v.__defaults__, v.__kwdefaults__ = copy
+                elif copy is not None:
+                    v.set_weights(copy)
+        return found, restored
+
+    def report():
+        found, restored = check()
+        sys.__stdout__.flush()
+        print(token + json.dumps({"tampered": sorted(set(found)), "restored": sorted(set(restored))}))
+
+    guard = types.SimpleNamespace(before=remember_before, after=remember_after, report=report)
+    return guard
+'''
+
+
+class _Channel:
+    """The worker's private result channel: a pipe the kernel does not inherit."""
+
+    def __init__(self):
+        fd = os.dup(1)                      # os.dup makes a non-inheritable descriptor
+        os.dup2(2, 1)                       # whatever else writes to stdout goes to the log
+        self.stream = os.fdopen(fd, "w", buffering=1)
+
+    def send(self, **message):
+        self.stream.write(json.dumps(message) + "\n")
+        self.stream.flush()
+
+
+def _sandbox_worker():
+    """Run inside the sandbox: execute the notebook given on stdin, cell by cell, with the
+    guard before every test cell; send results to the grader as JSON lines (``_Channel``)."""
+    import ctypes
+    import secrets
+
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import DeadKernelError
+
+    job = json.loads(sys.stdin.read())
+    channel = _Channel()
+    try:  # not dumpable: the kernel (same user) cannot open this process's descriptors in /proc
+        ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE = 4
+    except (OSError, AttributeError):
+        pass
+    if job.get("memory_mb"):
+        _limit_memory(job["memory_mb"])
+    nb = nbformat.from_dict(job["notebook"])
+    token = "@@course-guard-" + secrets.token_hex(16) + "@@"
+    workdir = Path(job.get("workdir") or os.getcwd())
+    env = dict(os.environ, CNN_COURSE_DIR=str(PROJECT_DIR), TF_CPP_MIN_LOG_LEVEL="3", MPLBACKEND="agg",
+               TF_NUM_INTEROP_THREADS="1", TF_NUM_INTRAOP_THREADS=str(job.get("threads", 1)),
+               OMP_NUM_THREADS=str(job.get("threads", 1)), PYTHONDONTWRITEBYTECODE="1")
+    client = NotebookClient(nb, timeout=job["cell_timeout"], interrupt_on_timeout=True, allow_errors=True,
+                            kernel_name="python3", resources={"metadata": {"path": str(workdir)}},
+                            record_timing=False, startup_timeout=120, shutdown_kernel="immediate",
+                            error_on_timeout={"ename": "CellTimeoutError", "evalue": "the cell ran past the "
+                                              f"{job['cell_timeout']} s limit and was interrupted",
+                                              "traceback": [f"CellTimeoutError: the cell ran past the "
+                                                            f"{job['cell_timeout']} s limit and was interrupted"]})
+
+    replies = {}
+    client.on_cell_executed = lambda **kw: replies.__setitem__("last", kw["execute_reply"].get("content", {}))
+
+    def run(cell, index, **kwargs):
+        """Execute one cell; True when it ran past its limit (the reply is then the timeout's)."""
+        replies.clear()
+        client.execute_cell(cell, index, **kwargs)
+        timed_out = replies.get("last", {}).get("ename") == "CellTimeoutError"
+        if timed_out:
+            _add_error(cell, "CellTimeoutError", client.error_on_timeout["evalue"])
+        return timed_out
+
+    def hidden(code, timeout=60):
+        cell = nbformat.v4.new_code_cell(code)
+        client.timeout, saved = timeout, client.timeout
+        try:
+            cell.timed_out = run(cell, -1, store_history=False)
+        finally:
+            client.timeout = saved
+        return cell
+
+    def guard_report():
+        cell = hidden("_course_guard.report()")
+        for out in cell.outputs:
+            for line in out.get("text", "").splitlines() if out.output_type == "stream" else []:
+                if line.startswith(token):
+                    return json.loads(line[len(token):])
+        return None
+
+    status, reason = "graded", ""
+    with client.setup_kernel(env=env, cwd=str(workdir)):
+        try:
+            started = time.perf_counter()
+            setup = hidden(_GUARD + f"\n_course_guard = _course_guard_install({token!r}, {str(PROJECT_DIR)!r})\n"
+                                    "del _course_guard_install\n", timeout=180)
+            if any(o.output_type == "error" for o in setup.outputs):
+                raise RuntimeError("the grader could not prepare the kernel: "
+                                   + "; ".join(f"{o.ename}: {o.evalue}" for o in setup.outputs if o.output_type == "error"))
+            channel.send(kind="setup", seconds=round(time.perf_counter() - started, 2))
+            for index, cell in enumerate(nb.cells):
+                if cell.cell_type != "code":
+                    continue
+                meta = cell.metadata.get("nbgrader", {})
+                is_test = bool(meta.get("grade")) and not meta.get("solution")
+                is_given = bool(meta.get("locked")) and not is_test
+                guard = None
+                if is_test:
+                    guard = guard_report()
+                if is_test or is_given:
+                    hidden("_course_guard.before()")
+                started = time.perf_counter()
+                timed_out = run(cell, index)
+                seconds = round(time.perf_counter() - started, 2)
+                if timed_out:  # interrupted: is the kernel listening again?
+                    if hidden("1", timeout=20).timed_out:
+                        channel.send(kind="cell", index=index, outputs=cell.outputs, count=cell.execution_count,
+                                     guard=guard, seconds=seconds)
+                        raise TimeoutError(f"cell {index} ran past the {job['cell_timeout']} s limit and could not "
+                                           "be interrupted (e.g. a loop in compiled code); the kernel was stopped")
+                if job.get("fast") and "parameters" in cell.metadata.get("tags", []):
+                    hidden("FAST = True  # the grader draws the demonstration figures small")
+                if is_test or is_given:
+                    hidden("_course_guard.after()")
+                channel.send(kind="cell", index=index, outputs=cell.outputs, count=cell.execution_count, guard=guard,
+                             seconds=seconds)
+        except DeadKernelError:
+            status, reason = "failed", f"the kernel died while running cell {index} (e.g. os._exit, a crash or too much memory)"
+        except TimeoutError as err:
+            status, reason = "failed", str(err)
+        except Exception as err:  # the grader's own trouble: report it, never hang
+            status, reason = "failed", f"{type(err).__name__}: {err}"
+        finally:
+            try:
+                client.km.kill_kernel() if status == "failed" else None
+            except Exception:
+                pass
+    channel.send(kind="end", status=status, reason=reason)
+
+
+def run_sandboxed(nb, cell_timeout=CELL_TIMEOUT, notebook_timeout=NOTEBOOK_TIMEOUT, memory_mb=MEMORY_LIMIT_MB,
+                  log_path=None, threads=1, fast=True):
+    """Execute a notebook in its own process (bubblewrap sandbox where available).
+
+    Returns ``{"cells": {index: {"outputs", "count", "guard"}}, "status", "reason", "sandbox"}``;
+    ``fast`` sets ``FAST = True`` after the parameters cell (smaller demonstration figures;
+    the checks are the same). ``status`` is ``failed`` when the kernel died, a cell could not be interrupted or the
+    whole notebook ran past ``notebook_timeout`` seconds (the cells that ran are kept).
+    """
+    import queue
+    import threading
+
+    use_bwrap = sandbox_available()
+    workdir = "/tmp/work"
+    if not use_bwrap:
+        import tempfile
+
+        workdir = tempfile.mkdtemp(prefix="course-grade-")
+    command = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(PROJECT_DIR)!r}); "
+                                     "import course; course._sandbox_worker()"]
+    if use_bwrap:
+        command = sandbox_command(command, workdir)
+    env = dict(os.environ, HOME=workdir if not use_bwrap else "/tmp/home", MPLCONFIGDIR="/tmp/mpl"
+               if use_bwrap else workdir, JUPYTER_RUNTIME_DIR=f"{workdir}/.runtime", IPYTHONDIR=f"{workdir}/.ipython",
+               JUPYTER_PLATFORM_DIRS="1", PYTHONUNBUFFERED="1")
+    log = open(log_path, "w") if log_path else subprocess.DEVNULL
+    proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=env,
+                            cwd=workdir if not use_bwrap else "/", start_new_session=True, text=True)
+    job = {"notebook": nb, "cell_timeout": cell_timeout, "memory_mb": memory_mb, "workdir": workdir,
+           "threads": threads, "fast": fast}
+    lines = queue.Queue()
+
+    def read():
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        proc.stdin.write(json.dumps(job))
+        proc.stdin.close()
+    except BrokenPipeError:
+        pass
+    result = {"cells": {}, "status": "failed", "reason": "the grading process ended without a result",
+              "sandbox": use_bwrap}
+    deadline = time.monotonic() + notebook_timeout
+    try:
+        while True:
+            try:
+                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                result["reason"] = f"the notebook ran past its limit of {notebook_timeout} s as a whole"
+                break
+            if line is None:
+                break
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            if message.get("kind") == "cell":
+                result["cells"][int(message["index"])] = message
+            elif message.get("kind") == "setup":
+                result["setup_seconds"] = message["seconds"]
+            elif message.get("kind") == "end":
+                result["status"], result["reason"] = message["status"], message["reason"]
+                break
+    finally:
+        try:
+            os.killpg(proc.pid, 9)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        if log_path:
+            log.close()
+        if not use_bwrap:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return result
+
+
+# --- nbgrader preprocessors (configured in nbgrader_config.py) ------------
+
+def _course_of(resources):
+    """nbgrader's course directory, from the gradebook address nbgrader hands its preprocessors."""
+    url = resources["nbgrader"]["db_url"]
+    return Path(url.split("sqlite:///", 1)[1]).parent
+
+
+def _grading_meta(nb):
+    return nb.metadata.setdefault("course_grading", {"flags": [], "zero": {}})
+
+
+def _normalise(source):
+    return "\n".join(line.rstrip() for line in source.strip().splitlines())
+
+
+try:
+    from nbgrader.preprocessors import NbGraderPreprocessor as _NbGraderPreprocessor
+    from traitlets import Bool as _Bool, Integer as _Integer
+except ImportError:  # pragma: no cover - grading needs nbgrader (requirements.txt)
+    _NbGraderPreprocessor, _Integer = object, None
+
+
+class RestoreCells(_NbGraderPreprocessor):
+    """Before nbgrader's OverwriteCells: put deleted read-only cells back where they were
+    (from the released notebook) and note every deleted or edited read-only cell. A deleted
+    or edited *test* cell scores 0 (the test cell runs, restored, for the feedback)."""
+
+    def preprocess(self, nb, resources):
+        import copy
+
+        import nbformat
+
+        released = nbformat.read(str(_notebook_path(_course_of(resources), "release")), as_version=4)
+        meta = _grading_meta(nb)
+        meta["flags"], meta["zero"] = [], {}
+
+        def gid(cell):
+            return cell.metadata.get("nbgrader", {}).get("grade_id")
+
+        present = {gid(c): c for c in nb.cells if gid(c)}
+        position = 0
+        for ref in released.cells:
+            name = gid(ref)
+            if not name:
+                continue
+            rmeta = ref.metadata["nbgrader"]
+            protected = rmeta.get("locked") or (rmeta.get("grade") and not rmeta.get("solution"))
+            is_test = bool(rmeta.get("grade")) and not rmeta.get("solution")
+            cell = present.get(name)
+            if cell is None:
+                cell = copy.deepcopy(ref)
+                nb.cells.insert(position, cell)
+                if protected:
+                    meta["flags"].append(f"deleted read-only cell {name} (restored)")
+                    if is_test:
+                        meta["zero"][name] = "this test cell was deleted from the submission"
             else:
-                auto[gid.split("_")[0]] += g["auto"] or 0.0
-                auto_max += g["max"]
-        pending = f" ({to_grade} to grade)" if to_grade else ""
-        print(student.ljust(20) + "".join(f"{auto[e]:6g}" for e in exercises)
-              + f"   {sum(auto.values()):g} / {auto_max:g}".ljust(13) + f"   {hand:g} / {hand_max:g}{pending}")
+                if protected and (cell.cell_type != ref.cell_type or _normalise(cell.source) != _normalise(ref.source)):
+                    meta["flags"].append(f"edited read-only cell {name} (restored)")
+                    if is_test:
+                        meta["zero"][name] = "this test cell was edited in the submission"
+                if protected and cell.metadata.get("nbgrader", {}) != rmeta and any(
+                        cell.metadata.get("nbgrader", {}).get(k) != rmeta.get(k) for k in ("grade", "locked", "points", "solution")):
+                    meta["flags"].append(f"changed the grading metadata of cell {name} (restored)")
+                    if is_test:
+                        meta["zero"][name] = "the grading metadata of this test cell was changed"
+                    cell.metadata["nbgrader"] = copy.deepcopy(rmeta)
+            position = nb.cells.index(cell) + 1
+        return nb, resources
+
+
+class SandboxedExecute(_NbGraderPreprocessor):
+    """nbgrader's Execute step, isolated and guarded (see ``run_sandboxed``).
+
+    Test cells that ran after tampering was found, or whose test cell was deleted or
+    edited, get an error output (so nbgrader scores them 0 and the feedback says why);
+    cells that never ran get one too. Writes ``grading.json`` (status, reason, flags)
+    beside the autograded notebook.
+    """
+
+    if _Integer is not None:
+        cell_timeout = _Integer(CELL_TIMEOUT, help="seconds per cell").tag(config=True)
+        notebook_timeout = _Integer(NOTEBOOK_TIMEOUT, help="seconds per notebook").tag(config=True)
+        memory_limit_mb = _Integer(MEMORY_LIMIT_MB, help="address space per notebook (MB)").tag(config=True)
+        threads = _Integer(1, help="TensorFlow threads per notebook").tag(config=True)
+        fast = _Bool(True, help="FAST = True: small demonstration figures (the checks are the same)").tag(config=True)
+
+    def preprocess(self, nb, resources):
+        import nbformat
+
+        meta = _grading_meta(nb)
+        flags, zero = list(meta.get("flags", [])), dict(meta.get("zero", {}))
+        report_path = _report_path(_course_of(resources), resources["nbgrader"]["student"])
+        report_path.parent.mkdir(parents=True, exist_ok=True)
+        clean = nbformat.from_dict(nb)
+        clean.metadata.pop("course_grading", None)
+        result = run_sandboxed(clean, self.cell_timeout, self.notebook_timeout, self.memory_limit_mb,
+                               log_path=report_path.with_suffix(".log"), threads=self.threads, fast=self.fast)
+        tampered_since = None
+        for index, cell in enumerate(nb.cells):
+            if cell.cell_type != "code":
+                continue
+            done = result["cells"].get(index)
+            cell.outputs = [nbformat.from_dict(o) for o in done["outputs"]] if done else []
+            cell.execution_count = done.get("count") if done else None
+            gmeta = cell.metadata.get("nbgrader", {})
+            if not (gmeta.get("grade") and not gmeta.get("solution")):
+                continue
+            name = gmeta.get("grade_id")
+            guard = done.get("guard") if done else None
+            if done and guard is None:
+                if not any("did not run" in f for f in flags):
+                    flags.append(f"the grader's check before {name} did not run (the kernel no longer runs "
+                                 "the grader's code, e.g. an input transformer)")
+                tampered_since = tampered_since or name
+            elif guard and guard["tampered"]:
+                flags.append(f"before {name}: changed {', '.join(guard['tampered'])} (restored)")
+                tampered_since = tampered_since or name
+            if not done:
+                _add_error(cell, "NotRun", f"Not run: {result['reason'] or 'grading stopped'}.")
+            elif name in zero:
+                _add_error(cell, "TestCellTampered", f"0 points: {zero[name]}; it was restored to check your code.")
+            elif tampered_since:
+                _add_error(cell, "TamperingDetected",
+                           f"0 points: the submission changed how the tests run (first noticed before {tampered_since}); "
+                           "course staff will review it.")
+        report = {"status": result["status"], "reason": result["reason"], "flags": flags,
+                  "sandbox": "bubblewrap" if result["sandbox"] else "none",
+                  "setup_seconds": result.get("setup_seconds"),
+                  "cell_seconds": round(sum(c.get("seconds", 0) for c in result["cells"].values()), 1)}
+        report_path.write_text(json.dumps(report, indent=1) + "\n")
+        nb.metadata.pop("course_grading", None)
+        return nb, resources
+
+
+def _add_error(cell, ename, evalue):
+    import nbformat
+
+    cell.outputs.append(nbformat.v4.new_output("error", ename=ename, evalue=evalue, traceback=[f"{ename}: {evalue}"]))
+
+
+class FeedbackView(_NbGraderPreprocessor):
+    """Feedback for students: test cells show only their visible part and, per test, the
+    result and the message (``ename: evalue``), never hidden tests or tracebacks into them;
+    written answers not yet graded by hand show "to be graded"."""
+
+    def preprocess(self, nb, resources):
+        import re
+
+        hidden = re.compile(r"^[ \t]*### BEGIN HIDDEN TESTS.*?### END HIDDEN TESTS[ \t]*\n?", re.S | re.M)
+        waiting = _waiting_for_hand_grading(resources)
+        pending = 0.0
+        for cell in nb.cells:
+            gmeta = cell.metadata.get("nbgrader", {})
+            if gmeta.get("grade") and gmeta.get("solution") and gmeta.get("grade_id") in waiting:
+                gmeta["to_be_graded"] = True
+                pending += float(gmeta.get("points", 0))
+            if cell.cell_type != "code" or not (gmeta.get("grade") and not gmeta.get("solution")):
+                continue
+            cell.source = hidden.sub("", cell.source).rstrip() + "\n# (more tests run when grading)"
+            outputs = []
+            for out in cell.get("outputs", []):
+                if out.output_type == "error":
+                    out.traceback = [f"{out.ename}: {out.evalue}"]
+                    outputs.append(out)
+                elif out.output_type == "stream" and out.name == "stdout":
+                    outputs.append(out)
+            if not any(o.output_type == "error" for o in outputs):
+                from nbformat.v4 import new_output
+
+                outputs.append(new_output("stream", name="stdout", text="passed\n"))
+            cell.outputs = outputs
+        resources["nbgrader"]["to_be_graded"] = pending
+        return nb, resources
+
+
+def _waiting_for_hand_grading(resources):
+    """Grade ids of this submission that nbgrader marks as needing a human (no manual score yet)."""
+    from nbgrader.api import Gradebook, MissingEntry
+
+    info = resources.get("nbgrader", {})
+    if "db_url" not in info:
+        return {k for k in info.get("waiting", ())}
+    with Gradebook(info["db_url"]) as gb:
+        try:
+            nb = gb.find_submission_notebook(info["notebook"], info["assignment"], info["student"])
+        except MissingEntry:
+            return set()
+        return {g.name for g in nb.grades if g.needs_manual_grade and g.manual_score is None}
+
+
+def feedback_template_dir():
+    """The folder holding the course's feedback template (nbgrader's, with "to be graded")."""
+    return INSTRUCTORS_DIR / "templates"
 
 
 # ---------------------------------------------------------------------------
@@ -331,12 +1219,19 @@ def build_parser():
     p_train.add_argument("--seed", type=int, default=DEFAULT_SEED)
     p_train.add_argument("--replace", action="store_true",
                          help="replace the shipped model in saved_models/, only if the new one is at least as accurate")
-    p_grade = sub.add_parser("grading", help="nbgrader glue for the exercise notebook (README: for instructors)")
-    p_grade.add_argument("action", choices=["source", "collect", "scores"],
-                         help="source: copy the notebook to nbgrader's source/; collect FOLDER: copy "
-                              "<student_id>.ipynb files to submitted/; scores: print the gradebook")
-    p_grade.add_argument("folder", nargs="?", help="for collect: a folder of <student_id>.ipynb files")
-    p_grade.add_argument("--course-dir", default=str(GRADING_DIR), help="nbgrader course directory")
+    p_rel = sub.add_parser("release", help="write the student version of the exercise notebook (nbgrader)")
+    p_rel.add_argument("--course-dir", default=str(GRADING_DIR), help="nbgrader course directory (default: nbgrader/)")
+    p_grade = sub.add_parser("grade", help="autograde FOLDER/<student_id>.ipynb: isolated, in parallel, with feedback")
+    p_grade.add_argument("folder", help="a folder of submissions named <student_id>.ipynb")
+    p_grade.add_argument("--jobs", type=_positive_int, default=os.cpu_count() or 1,
+                         help="submissions graded at once (default: the number of cores)")
+    p_grade.add_argument("--cell-timeout", type=_positive_int, default=CELL_TIMEOUT,
+                         help=f"seconds per cell before it is interrupted (default {CELL_TIMEOUT})")
+    p_grade.add_argument("--notebook-timeout", type=_positive_int, default=NOTEBOOK_TIMEOUT,
+                         help=f"seconds per notebook before grading it stops (default {NOTEBOOK_TIMEOUT})")
+    p_grade.add_argument("--memory", type=_positive_int, default=MEMORY_LIMIT_MB,
+                         help=f"address-space limit per notebook in MB (default {MEMORY_LIMIT_MB})")
+    p_grade.add_argument("--course-dir", default=str(GRADING_DIR), help="nbgrader course directory (default: nbgrader/)")
     return parser
 
 
@@ -356,16 +1251,13 @@ def main(argv=None):
             if args.replace and not info["replaced"]:
                 print(f"The shipped model ({info['kept_shipped_accuracy']:.2%}) is more accurate and was "
                       f"kept in {cnn_utils.model_path(args.dataset)}.")
-        elif args.command == "grading":
-            if args.action == "source":
-                print(f"Wrote {grading_source(args.course_dir)}")
-            elif args.action == "collect":
-                if not args.folder:
-                    parser.error("grading collect needs a FOLDER of <student_id>.ipynb files")
-                students = grading_collect(args.folder, args.course_dir)
-                print(f"Collected {len(students)} submission(s): {', '.join(students)}")
-            else:
-                print_scores(grading_scores(args.course_dir))
+        elif args.command == "release":
+            released = release(args.course_dir)
+            print(f"Student version (no solutions, no hidden tests): {STUDENT_NOTEBOOK}\n"
+                  f"nbgrader's release copy: {released}")
+        elif args.command == "grade":
+            grade(args.folder, jobs=args.jobs, course_dir=args.course_dir, cell_timeout=args.cell_timeout,
+                  notebook_timeout=args.notebook_timeout, memory_mb=args.memory)
     except (CourseError, cnn_utils.DataError, ValueError, TypeError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -73,7 +73,7 @@ def test_help_lists_every_command(capsys):
     with pytest.raises(SystemExit):
         course.main(["--help"])
     out = capsys.readouterr().out
-    for command in ("run", "prefetch", "train", "grading"):
+    for command in ("run", "prefetch", "train", "release", "grade"):
         assert f"    {command}" in out
 
 

@@ -1,41 +1,43 @@
-"""The exercise notebook's grading flow with nbgrader (notebooks/09_exercises.ipynb).
+"""Grading the exercise notebook as course staff would (``python -m course grade FOLDER``).
 
-One module-scoped run does the work, as course staff would: copy the source into a
-temporary nbgrader course directory, generate the student version, build a folder of
-submissions from it (filled in programmatically from the instructor version, some
-wrong on purpose), autograde them all in ONE `nbgrader autograde` run, and generate
-feedback. The tests then read the gradebook. They prove the checks can fail:
+One module-scoped run does the work: release the student version into a temporary nbgrader
+course directory, build a folder of submissions from it (filled in programmatically from the
+instructors' version; honest, wrong, cheating and crashing ones), and grade them all with ONE
+``python -m course grade`` (parallel, sandboxed). The tests then read scores.csv, the
+gradebook, the autograded notebooks and the feedback pages:
 
-* instructor: every solution filled in                    -> all autograded points
-* untouched:  the student version as handed out           -> 0 autograded points
-* fgsm_only:  exercise 2 right, LRP wrong, the rest empty -> exactly exercise 2's points
-* mixed:      ex. 1, 3 right, FGSM steps the wrong way, ex. 4 done with Grad-CAM
-              -> exercise 1, 3, 4 points plus the FGSM cells that the mistake does not break
-* broken:     ex. 1 loops forever, ex. 3's function raises -> exercises 2 and 4 still graded
-
-The endless loop costs one per-cell timeout, so the autograde run uses a short one
-(`--Execute.timeout=LOOP_TIMEOUT`) instead of the 120 s in nbgrader_config.py.
+* instructor    every solution filled in                            -> 18, graded, no flag
+* untouched     the student version as handed out                   -> 0, graded, no flag
+* transformer   blank + an IPython input transformer that turns every later cell into `pass`
+                                                                    -> 0, flagged
+* monkeypatch   right answers but LRP wrong, with check_close, check_array and
+                numpy.testing replaced                              -> 0, flagged
+* cells         right answers, a test cell deleted, one edited, an attempt to append to
+                cnn_utils.py                                        -> 15, flagged; files unchanged
+* wrong         a real test digit instead of the ascent, FGSM success counted over all images,
+                an invisible plot, `from cnn_utils import grad_cam as _gc`, an endless Python
+                loop (interrupted)                                  -> 12, graded, no flag
+* crash         ex. 1-2 right, then os._exit in exercise 3          -> failed, 10 points, feedback
+* stuck         a loop inside a tf.function that SIGINT cannot stop -> failed, feedback
 """
-import os
+import json
 import re
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import nbformat
 import pytest
 
-from conftest import ROOT, count_images, find_number, notebook_text, run_notebook
+from conftest import ROOT
 
 import cnn_utils
 import course
 
 ASSIGNMENT = course.EXERCISE_ASSIGNMENT
-SOURCE = ROOT / "notebooks" / f"{ASSIGNMENT}.ipynb"
-#: Per-cell limit for the test's autograde run: above the slowest instructor cell
-#: (about 10 s on a busy 2-core machine), and what the endless loop costs.
-LOOP_TIMEOUT = 30
+SOURCE = course.EXERCISE_SOURCE
+pytestmark = pytest.mark.skipif(not SOURCE.is_file(), reason="a copy of the course without instructors/")
+#: Per-cell limit for the test run: above the slowest honest cell on a busy 2-core machine,
+#: and what the endless loops cost.
+CELL_TIMEOUT = 30
 
 #: Points of each autograded test cell, by exercise.
 POINTS = {
@@ -48,129 +50,158 @@ MANUAL = {"ex2_figure_answer": 1, "ex3_comparison_answer": 1, "ex5_hierarchy": 2
           "ex5_redundancy": 2, "ex5_abstract": 2, "ex5_uses": 2}
 
 
-def exercise_cells(n):
-    return {g for g in POINTS if g.startswith(f"ex{n}_")}
+def exercise_cells(*numbers):
+    return {g for g in POINTS if int(g[2]) in numbers}
 
 
-# What each submission should earn, cell by cell (every other autograded cell: 0).
-EXPECTED_FULL = {
+#: What each submission should earn, test cell by test cell (every other autograded cell: 0).
+EXPECTED = {
     "instructor": set(POINTS),
     "untouched": set(),
-    "fgsm_only": exercise_cells(2),
-    # FGSM with x - eps*sign(grad): still within the budget (norm test) but the sign pattern and
-    # the growth of the success rate fail; saliency and plot, in the same cells, are right.
-    "mixed": exercise_cells(1) | exercise_cells(3) | exercise_cells(4)
-    | {"ex2_norm_test", "ex2_saliency_test", "ex2_plot_test"},
-    "broken": exercise_cells(2) | exercise_cells(4),
+    "transformer": set(),
+    "monkeypatch": set(),
+    "cells": set(POINTS) - {"ex1_tv_test", "ex2_sign_test"},
+    "wrong": set(POINTS) - {"ex1_score_test", "ex1_regularization_test", "ex2_success_test", "ex2_plot_test",
+                            "ex4_own_work_test"},
+    "crash": exercise_cells(1, 2),
+    "stuck": set(),
 }
+STATUS = {"instructor": "graded", "untouched": "graded", "transformer": "flagged", "monkeypatch": "flagged",
+          "cells": "flagged", "wrong": "graded", "crash": "failed", "stuck": "failed"}
 
 
 # ---------------------------------------------------------------------------
-# Building submissions from the instructor version
+# Building submissions from the instructors' version
 # ---------------------------------------------------------------------------
 
 def grade_id(cell):
     return cell.metadata.get("nbgrader", {}).get("grade_id")
 
 
-def instructor_answers(source_nb):
-    """The instructor's answer in every solution cell (markers removed), by grade id."""
-    answers = {}
-    for cell in source_nb.cells:
-        meta = cell.metadata.get("nbgrader", {})
-        if meta.get("solution"):
-            lines = [l for l in cell.source.split("\n")
-                     if "### BEGIN SOLUTION" not in l and "### END SOLUTION" not in l]
-            answers[meta["grade_id"]] = "\n".join(lines)
-    return answers
-
-
 def changed(code, old, new):
-    assert old in code, f"the instructor solution no longer contains {old!r}: update the test"
+    assert old in code, f"the instructors' solution no longer contains {old!r}: update the test"
     return code.replace(old, new)
 
 
-def submissions(source_nb):
-    """Solution cells to fill in, per submission: {student: {grade_id: code}}."""
-    ok = instructor_answers(source_nb)
-    wrong_fgsm = changed(ok["ex2_fgsm"], "x + eps * tf.sign(grad)", "x - eps * tf.sign(grad)")
+STUB = "# YOUR CODE HERE\nraise NotImplementedError()"
+
+TRANSFORMER = '''def _neutralise(lines):
+    return ["pass\\n"]
+get_ipython().input_transformers_post.append(_neutralise)
+'''
+
+MONKEYPATCH = '''import numpy.testing
+cnn_utils.check_close = lambda *args, **kwargs: None
+cnn_utils.check_array = lambda value, *args, **kwargs: np.asarray(value, dtype=float)
+np.testing.assert_allclose = lambda *args, **kwargs: None
+'''
+
+APPEND = '''with open(cnn_utils.__file__, "a") as f:   # make the helpers accept anything, for everyone after me
+    f.write("\\ncheck_close = lambda *a, **k: None\\n")
+'''
+
+REAL_DIGIT = '''def class_activation_maximization(score_model, class_index, steps=60, lr=0.2, tv_weight=0.0,
+                                  l2_weight=0.0, seed=0):
+    return x_test[np.flatnonzero(y_test == class_index)[0]].copy()   # a real digit: no ascent at all
+'''
+
+OWN_WORK_ALIAS = '''from cnn_utils import grad_cam as _gc
+METHOD = "grad_cam"
+
+def my_attribution(model, images, class_index=None):
+    return _gc(model, images, class_index=class_index)
+'''
+
+COMPILED_LOOP = '''@tf.function
+def _spin():
+    return tf.while_loop(lambda i: tf.constant(True), lambda i: i + 1, [tf.constant(0)])
+_spin()
+'''
+
+
+def submissions(source_nb, release_nb):
+    """Every submission as a notebook: {student: notebook}."""
+    ok = course.instructor_answers(source_nb)
     wrong_lrp = changed(ok["ex3_lrp"], "R = a * (s @ W.T)", "R = s @ W.T")  # forgets the activations
-    grad_cam = changed(ok["ex4_attribution"], 'METHOD = "integrated_gradients"', 'METHOD = "grad_cam"')
-    loops = "while True:  # a student's endless loop\n    pass\n" + ok["ex1_tv"]
-    raises = changed(ok["ex3_lrp"], "    activations = [np.asarray(a0",
-                     "    raise RuntimeError('a bug in the student code')\n    activations = [np.asarray(a0")
+    count_all = changed(ok["ex2_fgsm"], """    correct = np.argmax(score_model(images), axis=1) == labels
+    adversarial = fgsm(score_model, images[correct], labels[correct], eps)
+    return float(np.mean(np.argmax(score_model(adversarial), axis=1) != labels[correct]))""",
+                        """    adversarial = fgsm(score_model, images, labels, eps)      # counts every image
+    return float(np.mean(np.argmax(score_model(adversarial), axis=1) != labels))""")
+    invisible = changed(ok["ex2_plot"], 'ax.plot(epsilons, rates, marker="o")',
+                        'ax.plot(epsilons, rates, marker="o", alpha=0.0)')
+
+    def fill(answers, extra=(), drop=(), edit=None):
+        nb = nbformat.from_dict(release_nb)  # a deep copy
+        for cell in nb.cells:
+            if grade_id(cell) in answers:
+                cell.source = answers[grade_id(cell)]
+            if edit and grade_id(cell) in edit:
+                cell.source = edit[grade_id(cell)]
+        for after, code in extra:  # student cells of their own, after the cell with this grade id
+            i = next(i for i, c in enumerate(nb.cells) if grade_id(c) == after)
+            nb.cells.insert(i + 1, nbformat.v4.new_code_cell(code))
+        nb.cells = [c for c in nb.cells if grade_id(c) not in drop]
+        return nb
+
     return {
-        "instructor": dict(ok),
-        "untouched": {},
-        "fgsm_only": {"ex2_fgsm": ok["ex2_fgsm"], "ex2_plot": ok["ex2_plot"], "ex2_figure": ok["ex2_figure"],
-                      "ex3_lrp": wrong_lrp},
-        "mixed": {**ok, "ex2_fgsm": wrong_fgsm, "ex4_attribution": grad_cam},
-        "broken": {**ok, "ex1_tv": loops, "ex3_lrp": raises},
+        "instructor": fill(ok),
+        "untouched": fill({}),
+        "transformer": fill({"ex1_tv": TRANSFORMER + STUB}),
+        "monkeypatch": fill({**ok, "ex1_tv": MONKEYPATCH + ok["ex1_tv"], "ex3_lrp": wrong_lrp}),
+        "cells": fill(ok, extra=[("ex1_tv", APPEND)], drop={"ex1_tv_test"},
+                      edit={"ex2_sign_test": "# Test 2a\npass\n"}),
+        "wrong": fill({**ok, "ex1_cam": REAL_DIGIT, "ex2_fgsm": count_all, "ex2_plot": invisible,
+                       "ex4_attribution": OWN_WORK_ALIAS},
+                      extra=[("ex4_own_work_test", "while True:  # a student's endless loop\n    pass\n")]),
+        "crash": fill({**ok, "ex3_lrp": "import os\nos._exit(1)\n" + ok["ex3_lrp"]}),
+        "stuck": fill({**ok, "ex1_tv": COMPILED_LOOP + ok["ex1_tv"]}),
     }
-
-
-def fill(release_nb, answers):
-    nb = nbformat.from_dict(release_nb)  # a deep copy
-    for cell in nb.cells:
-        if grade_id(cell) in answers:
-            cell.source = answers[grade_id(cell)]
-    return nb
 
 
 # ---------------------------------------------------------------------------
 # The grading run (once per module)
 # ---------------------------------------------------------------------------
 
-def nbgrader(*args, course):
-    """Run nbgrader from the project folder (so it reads nbgrader_config.py)."""
-    env = dict(os.environ)
-    # nbgrader runs the `alembic` command of its environment; the notebook's setup cell
-    # finds cnn_utils through CNN_COURSE_DIR (the course directory is in /tmp).
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    env["CNN_COURSE_DIR"] = str(ROOT)
-    cmd = [sys.executable, "-m", "nbgrader", *args, f"--CourseDirectory.root={course}"]
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-    return result
-
-
 @pytest.fixture(scope="module")
 def graded(tmp_path_factory):
+    import contextlib
+    import io
+
     course_dir = tmp_path_factory.mktemp("course")
-    course.grading_source(course_dir)
-    times = {}
-    start = time.perf_counter()
-    nbgrader("generate_assignment", ASSIGNMENT, "--force", course=course_dir)
-    times["generate_assignment"] = time.perf_counter() - start
-
+    student_copy = course_dir / "student_version.ipynb"
+    course.release(course_dir, student_copy=student_copy)
     source_nb = nbformat.read(str(SOURCE), as_version=4)
-    release_path = course_dir / "release" / ASSIGNMENT / f"{ASSIGNMENT}.ipynb"
-    release_nb = nbformat.read(str(release_path), as_version=4)
+    release_nb = nbformat.read(str(student_copy), as_version=4)
     inbox = tmp_path_factory.mktemp("inbox")
-    for student, answers in submissions(source_nb).items():
-        nbformat.write(fill(release_nb, answers), str(inbox / f"{student}.ipynb"))
-    students = course.grading_collect(inbox, course_dir)
-
-    start = time.perf_counter()
-    log = nbgrader("autograde", ASSIGNMENT, "--force", f"--Execute.timeout={LOOP_TIMEOUT}", course=course_dir)
-    times["autograde (all submissions)"] = time.perf_counter() - start
-    start = time.perf_counter()
-    nbgrader("generate_feedback", ASSIGNMENT, "--force", course=course_dir)
-    times["generate_feedback"] = time.perf_counter() - start
-    print("\nnbgrader run times: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
-    return {
-        "course": course_dir, "students": students, "release": release_nb, "source": source_nb,
-        "scores": course.grading_scores(course_dir), "log": log.stdout + log.stderr,
-    }
+    for student, nb in submissions(source_nb, release_nb).items():
+        nbformat.write(nb, str(inbox / f"{student}.ipynb"))
+    (inbox / "unreadable.ipynb").write_text("{ this is not a notebook")
+    before = course.course_file_hashes()
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = course.main(["grade", str(inbox), "--course-dir", str(course_dir), "--jobs", "2",
+                              f"--cell-timeout={CELL_TIMEOUT}", "--notebook-timeout=600"])
+    print(out.getvalue())
+    rows = {r["student_id"]: r for r in _read_csv(course_dir / "reports" / "scores.csv")}
+    return {"course": course_dir, "status": status, "stdout": out.getvalue(), "rows": rows,
+            "student_copy": student_copy, "source": source_nb, "release": release_nb,
+            "scores": course.grading_scores(course_dir), "hashes_before": before}
 
 
-def autograded_points(cells):
-    return {gid: g["auto"] for gid, g in cells.items() if gid in POINTS}
+def _read_csv(path):
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def autograded_notebook(graded, student):
-    path = graded["course"] / "autograded" / student / ASSIGNMENT / f"{ASSIGNMENT}.ipynb"
-    return nbformat.read(str(path), as_version=4)
+    return nbformat.read(str(course._notebook_path(graded["course"], "autograded", student)), as_version=4)
+
+
+def feedback_html(graded, student):
+    return course._notebook_path(graded["course"], "feedback", student).with_suffix(".html").read_text()
 
 
 def cell_errors(nb, gid):
@@ -195,12 +226,19 @@ def test_points_in_the_notebook_match_the_tests():
     assert sum(POINTS.values()) == 18 and sum(MANUAL.values()) == 12
 
 
-def test_student_version_has_no_solution_and_no_hidden_test(graded):
-    release = graded["release"]
+def test_committed_student_version_is_generated_from_the_source(graded):
+    committed = nbformat.read(str(course.STUDENT_NOTEBOOK), as_version=4)
+    fresh = nbformat.read(str(graded["student_copy"]), as_version=4)
+    assert [(c.cell_type, c.source, c.metadata) for c in committed.cells] == \
+           [(c.cell_type, c.source, c.metadata) for c in fresh.cells], \
+        "notebooks/09_exercises.ipynb is out of date: run `python -m course release`"
+
+
+def test_student_version_has_no_solution_and_no_hidden_test():
+    release = nbformat.read(str(course.STUDENT_NOTEBOOK), as_version=4)
     text = "\n".join(c.source for c in release.cells)
     for marker in ("BEGIN SOLUTION", "END SOLUTION", "BEGIN HIDDEN TESTS", "END HIDDEN TESTS"):
         assert marker not in text
-    # Every answer cell is the stub, and no line of any instructor answer survives.
     for cell in release.cells:
         meta = cell.metadata.get("nbgrader", {})
         if meta.get("solution") and cell.cell_type == "code":
@@ -212,140 +250,183 @@ def test_student_version_has_no_solution_and_no_hidden_test(graded):
             assert body == [], f"{meta['grade_id']} keeps solution code: {body}"
         elif meta.get("solution"):
             assert "YOUR ANSWER HERE" in cell.source
-    for snippet in ("tf.sign(grad)", "np.where(z >= 0, 1.0, -1.0)", "tf.clip_by_value(x + lr",
-                    "_reference_sign", "_ref_lrp", "_forbidden", "R = a * (s @ W.T)",
-                    "LRP on the hand-worked network", "The perturbation is a faint grey texture"):
+    for snippet in ("tf.sign(grad)", "np.where(z >= 0, 1.0, -1.0)", "tf.clip_by_value(x + lr", "_reference_sign",
+                    "_reference_ascent", "_ref_lrp", "check_not_calling", "R = a * (s @ W.T)",
+                    "LRP on the hand-worked network", "The perturbation is a grey texture"):
         assert snippet not in text, snippet
-    # The visible tests are still there, with their messages.
-    assert "FGSM uses only the *sign* of the gradient" in text
-    assert sum(1 for c in release.cells if c.metadata.get("nbgrader", {}).get("grade") and
-               not c.metadata["nbgrader"].get("solution")) == len(POINTS)
-    # The hidden tests are kept in the gradebook's copy of the test cells.
-    hidden_in_source = [c for c in graded["source"].cells if "BEGIN HIDDEN TESTS" in c.source]
+    assert "FGSM uses only the *sign* of the gradient" in text  # the visible tests stay
+    hidden_in_source = [c for c in nbformat.read(str(SOURCE), as_version=4).cells if "BEGIN HIDDEN TESTS" in c.source]
     assert len(hidden_in_source) == len(POINTS) - 1  # every test cell but the plot's
 
 
+def test_make_course_runs_the_instructors_version():
+    paths = course.notebook_paths(["09"])
+    assert paths == [SOURCE]
+
+
 # ---------------------------------------------------------------------------
-# Autograding
+# Scores, statuses and flags
 # ---------------------------------------------------------------------------
 
-def test_every_submission_was_graded(graded):
-    assert sorted(graded["students"]) == sorted(EXPECTED_FULL)
-    assert sorted(graded["scores"]) == sorted(EXPECTED_FULL)
-    for student, cells in graded["scores"].items():
-        assert set(cells) == set(POINTS) | set(MANUAL), student
-        for gid in POINTS:
-            assert cells[gid]["auto"] is not None and not cells[gid]["needs_manual"], (student, gid)
-            assert not cells[gid]["by_hand"]
-        assert all(cells[gid]["by_hand"] for gid in MANUAL)
+def test_scores_csv_columns_and_exit_status(graded):
+    assert graded["status"] == 0  # only students failed
+    header = list(next(iter(graded["rows"].values())))
+    assert header == ["student_id", "status", "ex1", "ex2", "ex3", "ex4", "autograded_total", "flags"]
+    assert sorted(graded["rows"]) == sorted([*EXPECTED, "unreadable"])
+    assert all(r["status"] in course.STATUSES for r in graded["rows"].values())
+    # The table is printed too.
+    assert re.search(r"instructor\s+graded\s+4\s+6\s+5\s+3\s+18", graded["stdout"]), graded["stdout"]
 
 
-def test_instructor_version_earns_full_marks(graded):
-    got = autograded_points(graded["scores"]["instructor"])
-    assert got == {gid: float(p) for gid, p in POINTS.items()}
-    assert sum(got.values()) == 18
-    # Written answers wait for a human; the autograder gives them nothing yet.
-    for gid in MANUAL:
-        assert graded["scores"]["instructor"][gid]["needs_manual"]
-
-
-def test_untouched_student_version_earns_zero(graded):
-    cells = graded["scores"]["untouched"]
-    assert autograded_points(cells) == {gid: 0.0 for gid in POINTS}
-    # Unanswered written questions are recognised (unchanged checksum) and get 0 too.
-    assert all(cells[gid]["auto"] == 0 and not cells[gid]["needs_manual"] for gid in MANUAL)
-    nb = autograded_notebook(graded, "untouched")
-    assert any(o.ename == "NotImplementedError" for c in nb.cells for o in c.get("outputs", [])
-               if o.output_type == "error")
-
-
-@pytest.mark.parametrize("student", ["fgsm_only", "mixed"])
-def test_partly_right_submission_earns_exactly_the_right_parts(graded, student):
-    got = autograded_points(graded["scores"][student])
-    expected = {gid: float(POINTS[gid]) if gid in EXPECTED_FULL[student] else 0.0 for gid in POINTS}
+@pytest.mark.parametrize("student", sorted(EXPECTED))
+def test_each_submission_scores_what_a_fair_instructor_would_give(graded, student):
+    cells = graded["scores"][student]
+    got = {gid: cells[gid]["auto"] for gid in POINTS}
+    expected = {gid: float(POINTS[gid]) if gid in EXPECTED[student] else 0.0 for gid in POINTS}
     assert got == expected
-    total = {"fgsm_only": 6, "mixed": 15}[student]
-    assert sum(got.values()) == total
+    row = graded["rows"][student]
+    assert row["status"] == STATUS[student], row
+    assert float(row["autograded_total"]) == sum(expected.values())
+    for ex in ("ex1", "ex2", "ex3", "ex4"):
+        assert float(row[ex]) == sum(v for g, v in expected.items() if g.startswith(ex))
+    if STATUS[student] == "graded":
+        assert row["flags"] == "", f"an honest submission was flagged: {row['flags']}"
 
 
-def test_wrong_code_gets_a_helpful_message(graded):
-    nb = autograded_notebook(graded, "mixed")
-    [err] = cell_errors(nb, "ex2_sign_test")
-    assert "step *against* the gradient" in err.evalue
-    nb = autograded_notebook(graded, "fgsm_only")
+def test_tampering_is_named_in_the_flags(graded):
+    rows = graded["rows"]
+    assert "input_transformers_post" in rows["transformer"]["flags"] or \
+        "did not run" in rows["transformer"]["flags"]
+    for what in ("cnn_utils.check_close", "cnn_utils.check_array", "numpy.testing.assert_allclose"):
+        assert what in rows["monkeypatch"]["flags"]
+    assert "deleted read-only cell ex1_tv_test" in rows["cells"]["flags"]
+    assert "edited read-only cell ex2_sign_test" in rows["cells"]["flags"]
+    nb = autograded_notebook(graded, "monkeypatch")
+    [err] = [e for e in cell_errors(nb, "ex3_gxi_test") if e.ename == "TamperingDetected"]
+    assert "course staff will review" in err.evalue
+
+
+def test_course_files_are_unchanged_and_read_only_to_students(graded):
+    assert course.course_file_hashes() == graded["hashes_before"]
+    nb = autograded_notebook(graded, "cells")
+    append = next(c for c in nb.cells if "make the helpers accept anything" in c.source)
+    [err] = [o for o in append.outputs if o.output_type == "error"]
+    if course.sandbox_available():
+        assert "Read-only file system" in err.evalue
+
+
+def test_wrong_answers_get_messages_that_say_what_is_wrong(graded):
+    nb = autograded_notebook(graded, "wrong")
+    messages = {gid: " ".join(e.evalue for e in cell_errors(nb, gid))
+                for gid in ("ex1_score_test", "ex2_success_test", "ex2_plot_test", "ex4_own_work_test")}
+    assert "start_image(seed)" in messages["ex1_score_test"]
+    assert "classified correctly before the attack" in messages["ex2_success_test"]
+    assert "cannot be seen in the figure" in messages["ex2_plot_test"]
+    assert "grad_cam" in messages["ex4_own_work_test"] and "yourself" in messages["ex4_own_work_test"]
+    loop = next(c for c in nb.cells if "a student's endless loop" in c.source)
+    assert {o.ename for o in loop.outputs if o.output_type == "error"} & {"KeyboardInterrupt", "CellTimeoutError"}
+
+
+def test_failed_submissions_keep_what_ran_and_say_why(graded):
+    rows = graded["rows"]
+    assert "kernel died" in rows["crash"]["flags"]
+    assert "could not be interrupted" in rows["stuck"]["flags"]
+    assert "could not be read" in rows["unreadable"]["flags"] and rows["unreadable"]["status"] == "failed"
+    nb = autograded_notebook(graded, "crash")
     [err] = cell_errors(nb, "ex3_conservation_test")
-    assert "sum of relevance" in err.evalue and "class score" in err.evalue
-
-
-def test_endless_loop_and_exception_do_not_stop_grading(graded):
-    got = autograded_points(graded["scores"]["broken"])
-    expected = {gid: float(POINTS[gid]) if gid in EXPECTED_FULL["broken"] else 0.0 for gid in POINTS}
-    assert got == expected and sum(got.values()) == 9
-    nb = autograded_notebook(graded, "broken")
-    loop_cell = next(c for c in nb.cells if grade_id(c) == "ex1_tv")
-    enames = {o.ename for o in loop_cell.outputs if o.output_type == "error"}
-    assert enames & {"KeyboardInterrupt", "CellTimeoutError"}, enames  # interrupted, not hung
-    [err] = cell_errors(nb, "ex3_conservation_test")
-    assert err.ename == "RuntimeError" and "a bug in the student code" in err.evalue
-
-
-def test_feedback_is_generated_for_every_student(graded):
-    for student in EXPECTED_FULL:
-        html = (graded["course"] / "feedback" / student / ASSIGNMENT / f"{ASSIGNMENT}.html").read_text()
-        assert "Score:" in html or "score" in html.lower()
-    html = (graded["course"] / "feedback" / "mixed" / ASSIGNMENT / f"{ASSIGNMENT}.html").read_text()
-    assert "step *against* the gradient" in html
-
-
-def test_scores_table(graded, capsys):
-    course.main(["grading", "scores", "--course-dir", str(graded["course"])])
-    out = capsys.readouterr().out
-    assert out.split("\n")[0].split() == ["student", "ex1", "ex2", "ex3", "ex4", "autograded", "by", "hand"]
-    assert re.search(r"instructor\s+4\s+6\s+5\s+3\s+18 / 18\s+0 / 12 \(7 to grade\)", out), out
-    assert re.search(r"mixed\s+4\s+3\s+5\s+3\s+15 / 18", out), out
-    assert re.search(r"untouched\s+0\s+0\s+0\s+0\s+0 / 18\s+0 / 12\n", out), out
+    assert err.ename == "NotRun" and "kernel died" in err.evalue
+    for student in ("crash", "stuck"):
+        assert "Score" in feedback_html(graded, student)
 
 
 # ---------------------------------------------------------------------------
-# Configuration, glue and check helpers (no notebook runs)
+# Feedback
 # ---------------------------------------------------------------------------
 
-def test_config_raises_the_execution_timeout():
+def test_feedback_shows_results_and_messages_but_no_hidden_test(graded):
+    for student in EXPECTED:
+        html = feedback_html(graded, student)
+        for secret in ("BEGIN HIDDEN", "_reference_ascent", "_reference_sign", "_reference_rate", "_ref_lrp",
+                       "_ref_heat", "check_not_calling", "R = a * ((R / (z + eps", "LRP on the hand-worked network"):
+            assert secret not in html, (student, secret)
+    html = feedback_html(graded, "wrong")
+    assert "cannot be seen in the figure" in html
+    assert "more tests run when grading" in html
+    assert "Traceback" not in html.split("ex4_own_work_test")[-1][:5000]
+
+
+def test_written_answers_read_to_be_graded(graded):
+    html = feedback_html(graded, "instructor")
+    assert "to be graded" in html
+    assert "12.0 of these points are still to be graded by hand" in html
+    assert "Score: 0.0 / 2.0" not in html
+
+
+def test_instructors_notebook_states_what_its_outputs_show(graded):
+    """The graded instructors' answers are the notebook run top to bottom: its claims hold."""
+    from conftest import notebook_values
+
+    nb = autograded_notebook(graded, "instructor")
+    errors = [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
+    assert errors == []
+    values = notebook_values(nb)
+    assert values["slice_misclassified"] == 4 and values["slice_accuracy"] == 60 / 64
+    assert 0 <= values["fgsm_figure_flipped"] <= values["fgsm_figure_n"]
+    stderr = [o for c in nb.cells for o in c.get("outputs", []) if o.get("name") == "stderr"]
+    assert stderr == [], "TensorFlow's start-up lines (or other stderr) reach the graded notebook"
+
+
+# ---------------------------------------------------------------------------
+# Configuration, sandbox and check helpers (no notebook runs)
+# ---------------------------------------------------------------------------
+
+def test_config_puts_the_course_steps_into_nbgrader():
     from traitlets.config.loader import PyFileConfigLoader
 
     config = PyFileConfigLoader("nbgrader_config.py", path=str(ROOT)).load_config()
-    assert config.Execute.timeout > 30  # nbgrader's default would stop slow optimisation cells
-    assert config.Execute.interrupt_on_timeout is True  # an endless loop is interrupted
+    assert course.SandboxedExecute in config.Autograde.autograde_preprocessors
+    assert course.RestoreCells in config.Autograde.sanitize_preprocessors
+    assert course.FeedbackView in config.GenerateFeedback.preprocessors
+    assert config.SandboxedExecute.cell_timeout > 30  # nbgrader's default would stop slow optimisation cells
     assert Path(config.CourseDirectory.root) == ROOT / "nbgrader"
 
 
 def test_course_directory_is_git_ignored():
-    lines = (ROOT / ".gitignore").read_text().split()
-    assert "/nbgrader/" in lines
+    assert "/nbgrader/" in (ROOT / ".gitignore").read_text().split()
 
 
-def test_grading_command_line(tmp_path, capsys):
-    course.main(["grading", "source", "--course-dir", str(tmp_path)])
-    copied = tmp_path / "source" / ASSIGNMENT / f"{ASSIGNMENT}.ipynb"
-    assert copied.read_bytes() == SOURCE.read_bytes()
-    with pytest.raises(SystemExit):
-        course.main(["grading", "collect", "--course-dir", str(tmp_path)])
-    assert "needs a FOLDER" in capsys.readouterr().err
+def test_sandbox_hides_solutions_and_network():
+    cmd = course.sandbox_command(["python"])
+    assert "--unshare-net" in cmd and "--cap-drop" in cmd
+    bound = [cmd[i + 1] for i, a in enumerate(cmd) if a in ("--ro-bind-try", "--bind", "--ro-bind")]
+    for secret in ("instructors", "nbgrader", "build", ".git"):
+        assert str(ROOT / secret) not in bound
+    assert str(ROOT) not in bound  # only the runtime files of the course, one by one
+    assert str(ROOT / "cnn_utils.py") in bound
 
 
-def test_grading_collect_layout_and_errors(tmp_path):
-    inbox = tmp_path / "inbox"
-    inbox.mkdir()
+def test_feedback_view_strips_hidden_tests_and_tracebacks():
+    nb = nbformat.v4.new_notebook()
+    test = nbformat.v4.new_code_cell("check(1)\n### BEGIN HIDDEN TESTS\nsecret()\n### END HIDDEN TESTS\n")
+    test.metadata["nbgrader"] = {"grade": True, "solution": False, "grade_id": "t", "points": 1, "score": 0}
+    test.outputs = [nbformat.v4.new_output("error", ename="AssertionError", evalue="x is wrong",
+                                           traceback=["----> 3 secret()", "AssertionError: x is wrong"]),
+                    nbformat.v4.new_output("stream", name="stderr", text="secret path")]
+    answer = nbformat.v4.new_markdown_cell("YOUR ANSWER HERE")
+    answer.metadata["nbgrader"] = {"grade": True, "solution": True, "grade_id": "a", "points": 2, "score": None}
+    nb.cells = [test, answer]
+    nb, resources = course.FeedbackView().preprocess(nb, {"nbgrader": {"waiting": ["a"]}})
+    assert "secret" not in json.dumps(nb)
+    assert nb.cells[0].outputs[0].traceback == ["AssertionError: x is wrong"]
+    assert nb.cells[1].metadata["nbgrader"]["to_be_graded"] and resources["nbgrader"]["to_be_graded"] == 2
+
+
+def test_grade_refuses_a_missing_folder(tmp_path, capsys):
+    assert course.main(["grade", str(tmp_path / "nowhere"), "--course-dir", str(tmp_path)]) == 1
+    assert "is not a folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
     with pytest.raises(course.CourseError, match="No submissions"):
-        course.grading_collect(inbox, tmp_path / "course")
-    nbformat.write(nbformat.v4.new_notebook(), str(inbox / "alice.ipynb"))
-    assert course.grading_collect(inbox, tmp_path / "course") == ["alice"]
-    assert (tmp_path / "course" / "submitted" / "alice" / ASSIGNMENT / f"{ASSIGNMENT}.ipynb").is_file()
-    (inbox / "bob.ipynb").write_text("not a notebook")
-    with pytest.raises(course.CourseError, match="bob.ipynb is not a readable notebook"):
-        course.grading_collect(inbox, tmp_path / "course")
-    with pytest.raises(course.CourseError, match="No gradebook"):
-        course.grading_scores(tmp_path / "course")
+        course.collect(tmp_path / "empty", tmp_path / "course")
 
 
 def test_check_array_messages():
@@ -370,34 +451,63 @@ def test_check_close_messages():
     import numpy as np
 
     assert cnn_utils.check_close([1.0, 2.0], [1.0, 2.0 + 1e-9], "x") is None
-    assert cnn_utils.check_close(np.array(0.9), 0.9, "tv") is None
     assert cnn_utils.check_close(np.array([0.9]), 0.9, "tv") is None  # one value vs a scalar
     with pytest.raises(AssertionError) as info:
         cnn_utils.check_close([[1.0, 2.0], [3.0, 5.0]], [[1.0, 2.0], [3.0, 4.0]], "R", hint="Check z.")
     assert str(info.value) == ("R is wrong in 1 of 4 value(s); the largest difference is 1 at index (1, 1) "
                                "(got 5, expected 4). Check z.")
-    with pytest.raises(AssertionError, match=r"R should have shape \(3,\), got \(2,\)"):
-        cnn_utils.check_close([1.0, 2.0], [1.0, 2.0, 3.0], "R")
-    # The tolerance is atol + rtol * |expected|.
     assert cnn_utils.check_close([100.5], [100.0], "x", rtol=0.01, atol=0) is None
     with pytest.raises(AssertionError):
         cnn_utils.check_close([100.5], [100.0], "x", rtol=0.001, atol=0)
 
 
-# ---------------------------------------------------------------------------
-# The notebook in the series (papermill, as `make course` runs it)
-# ---------------------------------------------------------------------------
+def test_check_visible_sees_only_what_is_drawn():
+    import matplotlib
 
-@pytest.mark.notebook
-def test_exercise_notebook_runs_with_its_solutions(tmp_path):
-    nb = run_notebook(f"{ASSIGNMENT}.ipynb", tmp_path)
-    text = notebook_text(nb)
-    assert not re.search(r"\bnan\b", text.lower())
-    assert find_number(text, "accuracy on the slice:") > 0.95
-    before, after = map(float, re.search(r"class 8 score: (-?[0-9.]+) at the start, (-?[0-9.]+) after", text).groups())
-    assert after > before + 5
-    assert find_number(text, "eps = 0.2 : success rate") > find_number(text, "eps = 0.01: success rate")
-    # Figures: class images, success rate, FGSM figure, LRP vs saliency, own method.
-    assert count_images(nb) == 5
-    errors = [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
-    assert errors == []
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for style, visible in [({"marker": "o"}, True), ({"visible": False}, False), ({"alpha": 0.0}, False),
+                           ({"linewidth": 0}, False), ({"color": "white"}, False)]:
+        fig, ax = plt.subplots()
+        line, = ax.plot([0, 1], [0, 1], **style)
+        if visible:
+            assert cnn_utils.check_visible(fig, line, "the line") > 100
+        else:
+            with pytest.raises(AssertionError, match="cannot be seen"):
+                cnn_utils.check_visible(fig, line, "the line")
+        assert line.get_visible() == style.get("visible", True)  # the figure is left as it was
+        plt.close(fig)
+
+
+def _reference(images, class_index=None):
+    return ("reference", images)
+
+
+def _helper(images):
+    return _reference(images)
+
+
+def test_check_not_calling_finds_the_reference_under_any_name():
+    import types
+
+    forbidden = [_reference]
+    alias = _reference
+
+    def honest(images):
+        return images * 2
+
+    def renamed(images):
+        return alias(images)
+
+    def through_helper(images):
+        return _helper(images)
+
+    def through_getattr(images):
+        return getattr(types.SimpleNamespace(f=_reference), "f")(images)
+
+    assert cnn_utils.check_not_calling(honest, forbidden, "mine", args=(3,)) == 6
+    for cheat in (renamed, through_helper, through_getattr):
+        with pytest.raises(AssertionError, match="yourself"):
+            cnn_utils.check_not_calling(cheat, forbidden, "mine", args=(3,))
+
