@@ -1325,15 +1325,15 @@ def _linear_interpolation_matrix(centres, size, seen=None):
     return m
 
 
-def naive_upsampling_matrices(feature_hw, input_hw):
+def naive_upsampling_matrices(map_hw, input_hw):
     """What bilinear resizing (``tf.image.resize``, half-pixel centres) does, as matrices:
     cell ``i`` of ``h`` placed at ``(i + 0.5) * H / h - 0.5``. Shown for comparison only."""
-    (h, w), (H, W) = _check_hw(feature_hw, "feature_hw"), _check_hw(input_hw, "input_hw")
+    (h, w), (H, W) = _check_hw(map_hw, "map_hw"), _check_hw(input_hw, "input_hw")
     return (_linear_interpolation_matrix((np.arange(h) + 0.5) * H / h - 0.5, H),
             _linear_interpolation_matrix((np.arange(w) + 0.5) * W / w - 0.5, W))
 
 
-def cam_upsampling_matrices(model, layer, input_hw, *, feature_hw=None):
+def cam_upsampling_matrices(model, layer, input_hw, map_hw=None):
     """Matrices ``(R_y (H, h), R_x (W, w))`` that bring a map ``(h, w)`` of ``layer`` to
     the input grid: ``up = R_y @ cam @ R_x.T``.
 
@@ -1343,17 +1343,17 @@ def cam_upsampling_matrices(model, layer, input_hw, *, feature_hw=None):
     ...).seen`` is False: e.g. the last two rows and columns of the course CNN, lost
     to valid convolutions and flooring pools) are 0. For same-padded networks whose
     pools divide the input (VGG16) this equals bilinear resizing with half-pixel
-    centres. ``feature_hw``, if given (e.g. measured in a forward pass), is checked
+    centres. ``map_hw``, if given (e.g. measured in a forward pass), is checked
     against the traced size.
     """
     rf = receptive_fields(model, layer, input_hw)
     H, W = _check_hw(input_hw, "input_hw")
-    if feature_hw is not None:
-        feature_hw = _check_hw(feature_hw, "feature_hw")
+    if map_hw is not None:
+        map_hw = _check_hw(map_hw, "map_hw")
         traced = (len(rf.y.centres), len(rf.x.centres))
-        if feature_hw != traced:
+        if map_hw != traced:
             raise ValueError(
-                f"Layer {layer!r} gives a {feature_hw[0]}x{feature_hw[1]} map, but tracing its chain of "
+                f"Layer {layer!r} gives a {map_hw[0]}x{map_hw[1]} map, but tracing its chain of "
                 f"layers predicts {traced[0]}x{traced[1]}: the model does not apply its modules in "
                 "registration order (or uses an operation that is not a module), so its geometry is unknown.")
     return (_linear_interpolation_matrix(rf.y.centres, H, rf.y.seen),

@@ -187,9 +187,9 @@ def test_same_padded_vgg_like_chain_equals_naive_resizing():
     net = _torch_chain()["vgg_like"]
     for hw in [(28, 28), (32, 24)]:
         for name, h_div in (("0", 1), ("3", 2), ("7", 4)):
-            feature_hw = (hw[0] // h_div, hw[1] // h_div)
-            aligned = cu.cam_upsampling_matrices(net, name, hw, feature_hw=feature_hw)
-            naive = cu.naive_upsampling_matrices(feature_hw, hw)
+            map_hw = (hw[0] // h_div, hw[1] // h_div)
+            aligned = cu.cam_upsampling_matrices(net, name, hw, map_hw=map_hw)
+            naive = cu.naive_upsampling_matrices(map_hw, hw)
             for a, b in zip(aligned, naive):
                 np.testing.assert_allclose(a, b, atol=1e-6)
 
@@ -309,7 +309,7 @@ def test_errors(mnist_model):
     with pytest.raises(ValueError, match="input_hw"):
         cu.cam_upsampling_matrices(mnist_model, "conv3", (28,))
     with pytest.raises(ValueError, match="predicts 3x3"):
-        cu.cam_upsampling_matrices(mnist_model, "conv3", (28, 28), feature_hw=(4, 4))
+        cu.cam_upsampling_matrices(mnist_model, "conv3", (28, 28), map_hw=(4, 4))
     keras = _keras()
     inp = keras.Input((12, 12, 1))
     a = keras.layers.Conv2D(1, 3, name="a")(inp)
@@ -331,4 +331,4 @@ def test_errors(mnist_model):
     with pytest.raises(ValueError, match="Unknown module"):
         cu.receptive_fields(net, "features.3", (10, 10))
     with pytest.raises(ValueError, match="registration order"):
-        cu.cam_upsampling_matrices(net, "0", (10, 10), feature_hw=(10, 10))
+        cu.cam_upsampling_matrices(net, "0", (10, 10), map_hw=(10, 10))
