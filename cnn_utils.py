@@ -1291,6 +1291,8 @@ def receptive_fields(model, layer, input_hw=None):
     least one unit sees. (Araujo et al., "Computing receptive fields of CNNs", Distill 2019.)
     """
     torch_model = _is_torch_module(model)
+    if not torch_model and not isinstance(model, _keras().Model):
+        raise TypeError(f"model must be a Keras model or a PyTorch nn.Module, got {type(model).__name__}.")
     if input_hw is None:
         if torch_model:
             raise ValueError("input_hw is required for a PyTorch model: pass the image size (height, width).")

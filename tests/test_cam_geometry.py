@@ -304,6 +304,8 @@ def test_course_architecture_bright_pixel_is_where_the_aligned_map_is_high():
 def test_errors(mnist_model):
     with pytest.raises(ValueError, match="'dense1'.*Flatten"):
         cu.receptive_fields(mnist_model, "dense1")
+    with pytest.raises(TypeError, match="Keras model or a PyTorch"):
+        cu.receptive_fields("mnist", "conv3")
     with pytest.raises(ValueError, match="Unknown layer"):
         cu.receptive_fields(mnist_model, "conv9")
     with pytest.raises(ValueError, match="input_hw"):
