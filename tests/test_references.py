@@ -54,7 +54,7 @@ def test_plain_grad_cam_equals_grad_cam(mnist_model, images_and_classes, layer):
     assert cam.shape == (len(x),) + tuple(mnist_model.get_layer(layer).output.shape[1:3])
     r_y, r_x = cu.cam_upsampling_matrices(mnist_model, layer, x.shape[1:3])
     expected = np.einsum("ij,njk,lk->nil", r_y, cam, r_x)
-    fast = cu.grad_cam(mnist_model, x, classes, layer_name=layer, normalize=False)
+    fast = cu.grad_cam(mnist_model, x, classes, layer=layer, normalize=False)
     np.testing.assert_allclose(fast, expected, rtol=1e-4, atol=1e-5 * expected.max())
     unseen = ~cu.receptive_fields(mnist_model, layer).seen
     assert unseen.sum() == {"conv3": 28 * 28 - 26 * 26, "conv2": 0}[layer]
