@@ -194,10 +194,8 @@ def test_same_padded_vgg_like_chain_equals_naive_resizing():
                 np.testing.assert_allclose(a, b, atol=1e-6)
 
 
-def test_torchvision_vgg16_equals_naive_resizing():
-    import torchvision
-
-    vgg = torchvision.models.vgg16(weights=None, init_weights=False)
+def test_course_vgg16_equals_naive_resizing():
+    vgg = cu.load_vgg16(pretrained=False, device="cpu")     # torchvision's VGG16, [0, 1] input
     for name, size in (("features.3", 224), ("features.22", 28), ("features.29", 14), ("features.30", 7)):
         rf = cu.receptive_fields(vgg, name, (224, 224))
         assert len(rf.y.centres) == size and rf.seen.all()
