@@ -1283,6 +1283,7 @@ def _keras_layer_geometry(layer, inputs):
 
 
 def _keras_receptive_fields(model, layer_name, input_hw):
+    model = _flat_model(model)   # Sequential([base, ...]): the base's layers in one graph
     _check_keras_model(model)
     keras = _keras()
     if isinstance(layer_name, keras.layers.Layer):

@@ -297,6 +297,19 @@ def test_course_architecture_bright_pixel_is_where_the_aligned_map_is_high():
     assert aligned[26:].max() == 0 and aligned[:, 26:].max() == 0      # seen by no unit
 
 
+def test_nested_base_model():
+    """Sequential([base, pooling, head]): the layers inside the base are traced from its input."""
+    keras = _keras()
+    inp = keras.Input((12, 12, 1))
+    h = keras.layers.Conv2D(2, 3, name="c1")(inp)
+    h = keras.layers.MaxPooling2D(2, name="p1")(h)
+    base = keras.Model(inp, keras.layers.Conv2D(2, 3, name="c2")(h), name="base")
+    model = keras.Sequential([base, keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(3)])
+    rf = cu.receptive_fields(model, "c2")
+    np.testing.assert_array_equal(rf.y.centres, [3.5, 5.5, 7.5])     # 1 -> 1.5 + 2j -> 3.5 + 2j
+    assert (rf.y.size, rf.y.stride) == (8, 2) and rf.seen.all()
+
+
 # --- errors ------------------------------------------------------------------------------------
 
 def test_errors(mnist_model):
