@@ -102,8 +102,8 @@ def main(argv=None):
         long = "Score-CAM" in name or "occlusion" in name   # hundreds of passes: no warm-up needed
         t_theirs = timed(theirs, 1 if long else args.repeats, warm_up=not long)
         t_ours = timed(ours, 1 if long else args.repeats, warm_up=not long)
-        target = TARGETS.get(name)
-        verdict = f"< {target} s: {'ok' if t_ours < target else 'MISSED'}" if target else ""
+        goal = TARGETS.get(name)
+        verdict = f"< {goal} s: {'ok' if t_ours < goal else 'MISSED'}" if goal else ""
         if "Score-CAM" in name:
             verdict = f"<= reference: {'ok' if t_ours <= t_theirs else 'MISSED'}"
         print(f"{name:34s} {t_ours:8.2f} {t_theirs:12.2f} {t_ours / t_theirs:6.2f}  {ref:17s} {verdict}", flush=True)

@@ -660,6 +660,7 @@ def test_binary_sigmoid_score_cam_weights_are_not_all_one():
     ("empty batch", ValueError, "empty"),
     ("layer for a gradient method", ValueError, "layer must be None"),
     ("bad score", ValueError, "score must be"),
+    ("nested base in a functional model", ValueError, "Sequential\\(\\[base, pooling, head\\]\\)"),
 ])
 def test_refused_clearly(case, error, match):
     keras = _keras()
@@ -673,9 +674,19 @@ def test_refused_clearly(case, error, match):
         "empty batch": lambda: cu.saliency_map(one, np.zeros((0, 4, 4, 1), np.float32)),
         "layer for a gradient method": lambda: cu.smoothgrad(one, x, layer="dense"),
         "bad score": lambda: cu.score_cam(one, x, score="softmax"),
+        "nested base in a functional model": lambda: cu.grad_cam(_functional_with_nested_base(), x),
     }[case]
     with pytest.raises(error, match=match):
         call()
+
+
+def _functional_with_nested_base():
+    keras = _keras()
+    inp = keras.Input((4, 4, 1))
+    base = keras.Model(inp, keras.layers.Conv2D(3, 3, name="c")(inp), name="base")
+    outer_in = keras.Input((4, 4, 1))
+    h = keras.layers.GlobalAveragePooling2D()(base(outer_in))
+    return keras.Model(outer_in, keras.layers.Dense(2)(h))
 
 
 def test_memory_budget_splits_every_method(mnist_model, digits, monkeypatch):
