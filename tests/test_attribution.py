@@ -455,16 +455,23 @@ def test_tf_keras_vis_smoothgrad_agrees_as_well_as_two_seeds(mnist_model, digits
     assert rho > 0.95 and rho > self_rho - 0.02, (rho, self_rho)
 
 
-def _upsample_like_us(cam_lowres, size=(28, 28)):
-    tf = cu._tf()
-    up = tf.image.resize(np.asarray(cam_lowres, np.float32)[..., None], size, method="bilinear")[..., 0]
-    return cu.normalize_maps(up.numpy())
+def _upsample_like_us(cam_lowres, model, layer, size=(28, 28)):
+    r_y, r_x = cu.cam_upsampling_matrices(model, layer, size)
+    return cu.normalize_maps(np.einsum("ij,njk,lk->nil", r_y, np.asarray(cam_lowres, np.float32), r_x))
+
+
+def _corner_aligned(model, layer, input_hw, map_hw=None):
+    """tf-keras-vis's placement (scipy.ndimage.zoom): first and last cells on the corner pixels."""
+    map_hw = map_hw or tuple(model.get_layer(layer).output.shape[1:3])
+    return tuple(cu._linear_interpolation_matrix(np.arange(m) * (s - 1) / (m - 1), s)
+                 for m, s in zip(map_hw, input_hw))
 
 
 @pytest.mark.parametrize("layer", ["conv3", "conv2"])
-def test_tf_keras_vis_gradcam_same_before_upsampling(mnist_model, digits, tkv, layer):
-    """tf-keras-vis upsamples with scipy.ndimage.zoom (corner-aligned); we use TF's half-pixel
-    bilinear resize. Upsampling their low-resolution map our way gives our map exactly."""
+def test_tf_keras_vis_gradcam_same_before_upsampling(mnist_model, digits, tkv, layer, monkeypatch):
+    """tf-keras-vis upsamples with scipy.ndimage.zoom (corner-aligned); we place each cell at
+    its receptive-field centre. Upsampling their low-resolution map our way gives our map
+    exactly, and with their placement their full map."""
     from tf_keras_vis.gradcam import Gradcam
     from tf_keras_vis.gradcam_plus_plus import GradcamPlusPlus
 
@@ -473,22 +480,26 @@ def test_tf_keras_vis_gradcam_same_before_upsampling(mnist_model, digits, tkv, l
     _, classes = cu.class_scores(mnist_model, x)
     score = Score(list(classes))
     low = Gradcam(lm)(score, x, penultimate_layer=layer, expand_cam=False, normalize_cam=False)
-    np.testing.assert_allclose(cu.grad_cam(mnist_model, x, layer=layer), _upsample_like_us(low), atol=1e-4)
-    full = Gradcam(lm)(score, x, penultimate_layer=layer)
-    assert cu.rank_correlation(cu.grad_cam(mnist_model, x, layer=layer), full).mean() > 0.9
+    np.testing.assert_allclose(cu.grad_cam(mnist_model, x, layer=layer),
+                               _upsample_like_us(low, mnist_model, layer), atol=1e-4)
     # Grad-CAM++: identical with the authors' alpha renormalisation, different without it
     low = GradcamPlusPlus(lm)(score, x, penultimate_layer=layer, expand_cam=False, normalize_cam=False)
     ours_r = cu.grad_cam_plus_plus(mnist_model, x, layer=layer, renormalize_alphas=True)
-    np.testing.assert_allclose(ours_r, _upsample_like_us(low), atol=1e-4)
+    np.testing.assert_allclose(ours_r, _upsample_like_us(low, mnist_model, layer), atol=1e-4)
     paper = cu.grad_cam_plus_plus(mnist_model, x, layer=layer)
     assert np.abs(paper - ours_r).max() > 0.05
+    full = Gradcam(lm)(score, x, penultimate_layer=layer)
+    monkeypatch.setattr(cu, "cam_upsampling_matrices", _corner_aligned)
+    assert cu.rank_correlation(cu.grad_cam(mnist_model, x, layer=layer), full).mean() > 0.9
 
 
-def test_tf_keras_vis_scorecam_high_correlation(mnist_model, digits, tkv):
-    """Their masks are upsampled with scipy zoom and a constant channel still gets a weight;
-    otherwise the same method, so the maps agree closely but not exactly."""
+def test_tf_keras_vis_scorecam_high_correlation(mnist_model, digits, tkv, monkeypatch):
+    """Their masks are upsampled with scipy zoom (placed here the same way) and a constant
+    channel still gets a weight; otherwise the same method, so the maps agree closely but not
+    exactly."""
     from tf_keras_vis.scorecam import Scorecam
 
+    monkeypatch.setattr(cu, "cam_upsampling_matrices", _corner_aligned)
     x, _ = digits
     lm, Score = tkv
     _, classes = cu.class_scores(mnist_model, x)
