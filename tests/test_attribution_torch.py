@@ -137,7 +137,9 @@ def linear_pair():
     with torch.no_grad():
         lin.weight.copy_(torch.tensor(np.stack([np.ones(9), np.zeros(9)]), dtype=torch.float32))
         lin.bias.zero_()
-    return kmodel, torch.nn.Sequential(torch.nn.Flatten(), lin)
+    # hand-worked pixels 1..9 lie outside [0, 1]: no input range on these two models
+    return (cu.set_input_range(kmodel, None),
+            cu.set_input_range(torch.nn.Sequential(torch.nn.Flatten(), lin), None))
 
 
 X_HAND = np.arange(1, 10, dtype=np.float32).reshape(1, 3, 3, 1)   # 1 2 3 / 4 5 6 / 7 8 9
