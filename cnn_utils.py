@@ -2297,6 +2297,298 @@ def image_similarity(original, reconstruction):
     return float(ssim), float(psnr)
 
 
+# -- VGG16 feature visualization ---------------------------------------------
+
+#: Colour decorrelation of Olah et al. (2017, lucid): the square root of ImageNet's RGB
+#: covariance (from its SVD). The optimised colours live in this decorrelated space.
+_COLOR_CORRELATION_SVD_SQRT = np.array([[0.26, 0.09, 0.02],
+                                        [0.27, 0.00, -0.05],
+                                        [0.27, -0.09, 0.03]], dtype=np.float32)
+
+#: Pseudo-layer name of the classifier's output (pre-softmax class scores).
+VGG_LOGITS = "logits"
+
+
+class _StopForward(Exception):
+    """Raised by a forward hook once the wanted layer has run: the rest is not computed."""
+
+
+def _vgg_features_and_input(model):
+    """``(features, to_model_input)``: VGG's ``features`` and the map from pixels in [0, 1]
+    to the input the features expect (ImageNet normalisation)."""
+    torch, _ = _torch()
+    features = getattr(model, "features", None)
+    if features is None or not hasattr(features, "__len__"):
+        raise TypeError("model must be torchvision's VGG16 (with a `features` attribute), as "
+                        f"load_vgg16() returns; got {type(model).__name__}.")
+    p = next(model.parameters())
+    mean = torch.tensor(IMAGENET_MEAN, device=p.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=p.device).view(1, 3, 1, 1)
+    return features, lambda x: (x - mean) / std
+
+
+def _vgg_layer_module(model, layer):
+    """The module of ``model.features`` whose output is ``layer`` (a name like 'conv4_3'),
+    and its index. For a 'relu' layer the conv before it is returned, with ``relu=True``:
+    activation maximization ascends the pre-ReLU value (Olah et al.), which keeps a
+    gradient where the unit is off."""
+    names = vgg_layer_names(model)
+    if layer not in names:
+        raise ValueError(f"Unknown layer {layer!r}; VGG16's layers are: {', '.join(names)} "
+                         f"(and {VGG_LOGITS!r} for the class scores).")
+    index = names.index(layer)
+    relu = layer.startswith("relu")
+    if relu:
+        index -= 1
+    return model.features[index], index, relu
+
+
+def vgg_layer_activations(model, images, layer, *, batch_size=16):
+    """Activations of one VGG16 layer for photos in [0, 1]: (N, C, h, w) float32 array.
+
+    ``images``: (N, H, W, 3) float in [0, 1] (or one photo). Only the layers up to
+    ``layer`` run. ``layer``: a name of ``vgg_layer_names`` (a 'relu' layer gives the
+    rectified map).
+    """
+    torch, _ = _torch()
+    x = _photo_batch(images)
+    features, to_input = _vgg_features_and_input(model)
+    names = vgg_layer_names(model)
+    if layer not in names:
+        raise ValueError(f"Unknown layer {layer!r}; VGG16's layers are: {', '.join(names)}.")
+    trunk = features[: names.index(layer) + 1]
+    device = next(model.parameters()).device
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            xb = torch.from_numpy(x[i: i + batch_size]).permute(0, 3, 1, 2).to(device)
+            out.append(trunk(to_input(xb)).cpu().numpy().copy())
+    return np.concatenate(out).astype(np.float32)
+
+
+def _photo_batch(images, name="images"):
+    """(N, H, W, 3) float32 in [0, 1] from a batch or one photo; clear errors otherwise."""
+    x = np.asarray(images)
+    if x.ndim == 3:
+        x = x[None]
+    if x.ndim != 4 or x.shape[-1] != 3 or x.shape[0] == 0:
+        raise ValueError(f"{name} must be photos (N, H, W, 3) or one photo (H, W, 3), RGB in [0, 1]; "
+                         f"got shape {x.shape}.")
+    if x.dtype == np.uint8:
+        return x.astype(np.float32) / 255.0
+    x = x.astype(np.float32)
+    if not np.all(np.isfinite(x)) or x.min() < 0 or x.max() > 1:
+        raise ValueError(f"{name} must hold values in [0, 1] (cnn_utils.load_photo gives that); got "
+                         f"{np.nanmin(x):.4g} .. {np.nanmax(x):.4g}.")
+    return x
+
+
+def vgg_receptive_field(model, layer):
+    """Receptive field of a unit of ``layer``: ``(size, stride, offset)`` in input pixels.
+
+    Unit ``i`` (along an axis) sees the input pixels centred on ``offset + i * stride``,
+    a window ``size`` wide. Computed from the chain of convolutions and poolings:
+    ``size += (k - 1) * stride``, ``offset += ((k - 1) / 2 - padding) * stride``,
+    ``stride *= s`` (VGG16's 3 x 3 convolutions have padding 1 and keep the offset).
+    """
+    torch, _ = _torch()
+    names = vgg_layer_names(model)
+    if layer not in names:
+        raise ValueError(f"Unknown layer {layer!r}; VGG16's layers are: {', '.join(names)}.")
+    size, stride, offset = 1, 1, 0.0
+    for module in model.features[: names.index(layer) + 1]:
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.MaxPool2d)):
+            k, s, p = (v if isinstance(v, int) else v[0]
+                       for v in (module.kernel_size, module.stride, module.padding))
+            size += (k - 1) * stride
+            offset += ((k - 1) / 2 - p) * stride
+            stride *= s
+    return size, stride, offset
+
+
+def top_activating_crops(model, photos, layer, channel, k=4, *, per_photo=1):
+    """The photo patches that drive one channel of ``layer`` hardest (dataset examples).
+
+    For every photo (dict name -> (H, W, 3) in [0, 1], all of one size) the channel's map
+    is computed; the ``k`` strongest units overall (at most ``per_photo`` per photo, the
+    others at least a stride apart) are cut out as the patch of their receptive field
+    (``vgg_receptive_field``; clipped to the photo). Returns a list of dicts, strongest
+    first: ``photo``, ``value``, ``position`` (unit row, column), ``box`` (top, left,
+    bottom, right in pixels) and ``crop`` (float32 patch).
+    """
+    if not photos:
+        raise ValueError("photos must be a non-empty dict {name: photo (H, W, 3) in [0, 1]}.")
+    names = list(photos)
+    x = _photo_batch(np.stack([np.asarray(photos[n], dtype=np.float32) for n in names]), "photos")
+    maps = vgg_layer_activations(model, x, layer)
+    n_channels = maps.shape[1]
+    if isinstance(channel, bool) or not isinstance(channel, (int, np.integer)) or not 0 <= channel < n_channels:
+        raise ValueError(f"channel must be an int from 0 to {n_channels - 1} ({layer} has {n_channels} "
+                         f"channels); got {channel!r}.")
+    size, stride, offset = vgg_receptive_field(model, layer)
+    height, width = x.shape[1:3]
+    half = size // 2
+    found = []
+    for i, name in enumerate(names):
+        m = maps[i, channel]
+        order = np.argsort(m, axis=None)[::-1]
+        taken = []
+        for flat in order:
+            if len(taken) >= per_photo:
+                break
+            r, c = np.unravel_index(flat, m.shape)
+            if any(abs(r - r0) <= 1 and abs(c - c0) <= 1 for r0, c0 in taken):
+                continue
+            taken.append((int(r), int(c)))
+            cy, cx = offset + r * stride, offset + c * stride
+            top, left = int(max(0, round(cy - half))), int(max(0, round(cx - half)))
+            bottom, right = int(min(height, round(cy + half + 1))), int(min(width, round(cx + half + 1)))
+            found.append({"photo": name, "value": float(m[r, c]), "position": (int(r), int(c)),
+                          "box": (top, left, bottom, right), "crop": x[i, top:bottom, left:right].copy()})
+    found.sort(key=lambda d: -d["value"])
+    return found[: int(k)]
+
+
+def _fourier_scale(height, width, decay=1.0):
+    """Per-frequency scale 1 / max(f, 1 / max(H, W))^decay of an rfft2 grid, times sqrt(HW)."""
+    fy = np.fft.fftfreq(height)[:, None]
+    fx = np.fft.rfftfreq(width)[None, :]
+    freqs = np.sqrt(fy ** 2 + fx ** 2)
+    return (1.0 / np.maximum(freqs, 1.0 / max(height, width)) ** decay * np.sqrt(height * width)).astype(np.float32)
+
+
+def _fourier_image(torch, spectrum, scale, height, width, decorrelate):
+    """Olah et al.'s parametrisation: spectrum (B, 3, H, W//2+1, 2) -> pixels (B, 3, H, W) in (0, 1).
+
+    Scaled 1/f spectrum -> inverse FFT -> (optionally) decorrelated colours -> sigmoid.
+    """
+    spec = torch.view_as_complex(spectrum) * scale
+    img = torch.fft.irfft2(spec, s=(height, width)) / 4.0
+    if decorrelate:
+        c = torch.as_tensor(_COLOR_CORRELATION_SVD_SQRT / np.max(np.linalg.norm(
+            _COLOR_CORRELATION_SVD_SQRT, axis=0)), device=img.device)
+        img = torch.einsum("ij,bjhw->bihw", c, img)
+    return torch.sigmoid(img)
+
+
+def _random_transform(torch, img, gen, jitter, scales, angles, pad):
+    """The transformation robustness of Olah et al.: pad, jitter, scale, rotate, jitter
+    (one random draw per step, the same for the whole batch)."""
+    import torch.nn.functional as F
+
+    def rand_int(n):
+        return int(torch.randint(n, (1,), generator=gen))
+
+    if pad:
+        img = F.pad(img, (pad,) * 4, mode="constant", value=0.5)
+    if jitter:
+        dy, dx = rand_int(2 * jitter + 1) - jitter, rand_int(2 * jitter + 1) - jitter
+        img = torch.roll(img, (dy, dx), dims=(2, 3))
+    s = scales[rand_int(len(scales))] if scales else 1.0
+    a = np.deg2rad(angles[rand_int(len(angles))]) if angles else 0.0
+    if s != 1.0 or a != 0.0:
+        theta = torch.tensor([[np.cos(a) / s, -np.sin(a) / s, 0.0],
+                              [np.sin(a) / s, np.cos(a) / s, 0.0]], dtype=img.dtype, device=img.device)
+        grid = F.affine_grid(theta.expand(len(img), 2, 3), list(img.shape), align_corners=False)
+        img = F.grid_sample(img, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    if jitter:
+        dy, dx = rand_int(jitter // 2 * 2 + 1) - jitter // 2, rand_int(jitter // 2 * 2 + 1) - jitter // 2
+        img = torch.roll(img, (dy, dx), dims=(2, 3))
+    return img
+
+
+def vgg_feature_visualization(model, layer, units, *, size=128, steps=128, lr=0.05, decorrelate=True,
+                              jitter=8, scales=(1.0, 0.975, 1.025, 0.95, 1.05), angles=tuple(range(-8, 9)),
+                              pad=12, seed=DEFAULT_SEED, progress=True):
+    """Activation maximization on VGG16 with the robustness of Olah et al., "Feature
+    Visualization" (Distill, 2017), all ``units`` optimised together in one batch.
+
+    Objective per image b: the mean over positions of channel ``units[b]`` of ``layer``
+    (a 'relu' layer is ascended on its pre-ReLU conv output), or with
+    ``layer="logits"`` the pre-softmax score of class ``units[b]``. Only the layers up to
+    ``layer`` run. Regularisation by parametrisation and transformation, not penalties:
+    the image is a 1/f-scaled Fourier spectrum, with colours in ImageNet's decorrelated
+    colour space (``decorrelate``), squashed to (0, 1) by a sigmoid; every step sees it
+    padded, jittered, rescaled and rotated at random. Adam with rate ``lr``.
+
+    Returns a dict: ``images`` float32 (B, size, size, 3) in [0, 1], ``objective`` (steps,
+    B) history, ``units``, ``layer``, ``seconds``.
+    """
+    import time
+
+    from tqdm.auto import tqdm
+
+    torch, _ = _torch()
+    units = [units] if isinstance(units, (int, np.integer)) else list(units)
+    if not units or any(isinstance(u, bool) or not isinstance(u, (int, np.integer)) for u in units):
+        raise TypeError(f"units must be an int or a non-empty list of ints (channels or classes); got {units!r}.")
+    if int(steps) < 1 or int(size) < 32:
+        raise ValueError(f"steps must be >= 1 and size >= 32 (VGG16 pools five times); got steps={steps}, "
+                         f"size={size}.")
+    features, to_input = _vgg_features_and_input(model)
+    if layer == VGG_LOGITS:
+        module, n_units = None, int(model.classifier[-1].out_features)
+    else:
+        module, index, _ = _vgg_layer_module(model, layer)
+        n_units = int(next(m.out_channels for m in reversed(features[: index + 1]) if hasattr(m, "out_channels")))
+    bad = [u for u in units if not 0 <= u < n_units]
+    if bad:
+        raise ValueError(f"{layer} has {n_units} {'classes' if module is None else 'channels'} "
+                         f"(0..{n_units - 1}); got {bad[0]}.")
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(int(seed))
+    b, h, w = len(units), int(size), int(size)
+    spectrum = (0.01 * torch.randn((b, 3, h, w // 2 + 1, 2), generator=gen)).to(device).requires_grad_(True)
+    scale = torch.as_tensor(_fourier_scale(h, w), device=device)[..., None].expand(h, w // 2 + 1, 1)
+    scale = torch.view_as_complex(torch.cat([scale, torch.zeros_like(scale)], -1).contiguous())
+    idx = torch.as_tensor(units, device=device)
+    captured = {}
+
+    def hook(_module, _inputs, output):
+        captured["out"] = output
+        raise _StopForward
+
+    handle = module.register_forward_hook(hook) if module is not None else None
+    requires = [p.requires_grad for p in model.parameters()]
+    was_training = model.training
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.Adam([spectrum], lr=lr)
+    history = np.empty((int(steps), b), dtype=np.float32)
+    start = time.perf_counter()
+    try:
+        bar = tqdm(range(int(steps)), disable=not progress, desc=f"visualising {layer}")
+        for step in bar:
+            img = _fourier_image(torch, spectrum, scale, h, w, decorrelate)
+            x = to_input(_random_transform(torch, img, gen, jitter, scales, angles, pad))
+            if module is None:
+                obj = model(x)[torch.arange(b), idx]
+            else:
+                try:
+                    features(x)
+                except _StopForward:
+                    pass
+                obj = captured.pop("out")[torch.arange(b), idx].mean(dim=(1, 2))
+            opt.zero_grad(set_to_none=True)
+            (-obj.sum()).backward()
+            opt.step()
+            history[step] = obj.detach().cpu().numpy()
+            if step % 8 == 0:
+                bar.set_postfix(objective=f"{history[step].mean():.3g}")
+        bar.close()
+    finally:
+        if handle is not None:
+            handle.remove()
+        for p, r in zip(model.parameters(), requires):
+            p.requires_grad_(r)
+        model.train(was_training)
+    with torch.no_grad():
+        images = _fourier_image(torch, spectrum, scale, h, w, decorrelate)
+    return {"images": images.permute(0, 2, 3, 1).cpu().numpy().astype(np.float32), "objective": history,
+            "units": units, "layer": layer, "seconds": time.perf_counter() - start}
+
+
 # ---------------------------------------------------------------------------
 # Plotting
 # ---------------------------------------------------------------------------
