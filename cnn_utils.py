@@ -1822,7 +1822,7 @@ def load_photo(photo, size=224, *, fit="crop", name="photo"):
     box = (_centre_crop_box(height, width, hw[1] / hw[0]) if fit == "crop" else (0, 0, width, height))
     if isinstance(src, Image.Image):
         if box != (0, 0, width, height) or hw != (height, width):
-            src = src.resize((hw[1], hw[0]), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
+            src = src.resize((hw[1], hw[0]), Image.Resampling.BICUBIC, box=box)
         return np.asarray(src, dtype=np.float32) / 255.0
     if box == (0, 0, width, height) and hw == (height, width):
         return np.ascontiguousarray(src, dtype=np.float32)
@@ -2361,7 +2361,7 @@ def vgg_layer_activations(model, images, layer, *, batch_size=16):
     out = []
     with torch.no_grad():
         for i in range(0, len(x), batch_size):
-            xb = torch.from_numpy(x[i: i + batch_size]).permute(0, 3, 1, 2).to(device)
+            xb = torch.from_numpy(x[i: i + batch_size]).permute(0, 3, 1, 2).contiguous().to(device)
             out.append(trunk(to_input(xb)).cpu().numpy().copy())
     return np.concatenate(out).astype(np.float32)
 
@@ -3452,24 +3452,29 @@ def colormap(name):
 # Widgets
 # ---------------------------------------------------------------------------
 
-def explorer_methods():
-    """The explorer's methods: name -> ``f(model, x, class_index, layer_name) -> (N, H, W)``.
+def explorer_methods(samples=32):
+    """The explorer's methods: name -> ``f(model, x, class_index, layer) -> (N, H, W)``.
 
     Each returns maps in [0, 1] at input resolution, computed by the course's own
-    functions, so what the explorer shows is exactly what those functions return.
+    functions (Keras or PyTorch model alike), so what the explorer shows is exactly what
+    those functions return. ``samples``: SmoothGrad's noisy copies and Integrated
+    Gradients' steps (each one gradient pass).
     """
     return {
         "Saliency": lambda m, x, c, l: saliency_map(m, x, class_index=c),
-        "SmoothGrad": lambda m, x, c, l: smoothgrad(m, x, class_index=c, samples=32, seed=0),
+        "SmoothGrad": lambda m, x, c, l: smoothgrad(m, x, class_index=c, samples=samples, seed=0),
         "Integrated Gradients": lambda m, x, c, l: normalize_maps(
-            np.abs(integrated_gradients(m, x, class_index=c, steps=32)).sum(axis=-1)),
-        "Grad-CAM": lambda m, x, c, l: grad_cam(m, x, class_index=c, layer_name=l),
-        "Grad-CAM++": lambda m, x, c, l: grad_cam_plus_plus(m, x, class_index=c, layer_name=l),
-        "Score-CAM": lambda m, x, c, l: score_cam(m, x, class_index=c, layer_name=l),
+            np.abs(integrated_gradients(m, x, class_index=c, steps=samples)).sum(axis=-1)),
+        "Grad-CAM": lambda m, x, c, l: grad_cam(m, x, class_index=c, layer=l),
+        "Grad-CAM++": lambda m, x, c, l: grad_cam_plus_plus(m, x, class_index=c, layer=l),
+        "Score-CAM": lambda m, x, c, l: score_cam(m, x, class_index=c, layer=l),
     }
 
 
 ACTIVATIONS_METHOD = "Layer activations"
+
+#: Most feature maps the explorer tiles at once (the strongest ones of a wider layer).
+_MAX_TILED_CHANNELS = 64
 
 
 def _png(rgb_or_gray, scale=1):
@@ -3499,51 +3504,206 @@ def _tile_channels(maps, ncols=8):
     return mosaic
 
 
-def _probability_bars_html(probs, class_names, predicted, true_label):
+def _mosaic_png(mosaic, width):
+    """A ``_tile_channels`` mosaic in viridis (gaps white) as PNG, about ``width`` px wide."""
+    import matplotlib
+
+    rgb = matplotlib.colormaps["viridis"](np.nan_to_num(mosaic, nan=1.0))[..., :3]
+    rgb[np.isnan(mosaic)] = 1.0
+    return _png(rgb, max(1, width // rgb.shape[1]))
+
+
+def _is_torch_model(model):
+    """True for a PyTorch ``nn.Module`` (without importing torch when it is not loaded)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(model, torch.nn.Module)
+
+
+def _outputs_probabilities(model, scores):
+    """Does ``model`` output probabilities (a softmax layer last) rather than logits?
+
+    Structural test first (a Keras ``Softmax`` layer or ``activation="softmax"``; a
+    PyTorch ``nn.Softmax`` last), then the numbers: non-negative rows summing to 1.
+    """
+    if _is_torch_model(model):
+        torch = sys.modules["torch"]
+        last = list(model.modules())[-1]
+        if isinstance(last, torch.nn.Softmax):
+            return True
+    else:
+        keras = _keras()
+        last = model.layers[-1]
+        if isinstance(last, keras.layers.Softmax) or getattr(
+                getattr(last, "activation", None), "__name__", "") == "softmax":
+            return True
+    s = np.asarray(scores, dtype=np.float64)
+    return bool(s.size and s.min() >= 0 and np.allclose(s.sum(axis=1), 1.0, atol=1e-4))
+
+
+def class_probabilities(model, images, batch_size=None):
+    """Class probabilities of a Keras or PyTorch model, whatever its last layer outputs.
+
+    A model that ends in a softmax gives probabilities as they are; a model that outputs
+    logits (VGG16, a Keras model without a final softmax) gets ``softmax(logits)``.
+    ``images``: (N, H, W, C) in the model's input range. Returns ``(probs (N, K),
+    "probabilities" or "logits")``: the second says what the model output.
+    """
+    if _is_torch_model(model):
+        torch = sys.modules["torch"]
+        x = _photo_batch(images)
+        device = next(model.parameters()).device
+        outs = []
+        with torch.no_grad():
+            for i in range(0, len(x), batch_size or 8):
+                xb = torch.from_numpy(x[i: i + (batch_size or 8)]).permute(0, 3, 1, 2).to(device)
+                outs.append(model(xb).float().cpu().numpy())
+        scores = np.concatenate(outs)
+    else:
+        x = as_image_batch(images, model)
+        scores = np.asarray(model.predict(x, batch_size=batch_size or 1000, verbose=0), dtype=np.float64)
+    if scores.ndim != 2:
+        raise ValueError(f"The model's output has shape {scores.shape}; expected class scores (N, classes).")
+    if _outputs_probabilities(model, scores):
+        return scores.astype(np.float64), "probabilities"
+    return softmax(scores), "logits"
+
+
+def _probability_bars_html(probs, class_names, predicted, true_label=None, top_k=None, source="logits"):
+    """Bars for the ``top_k`` most probable classes (all, in class order, when they fit)."""
+    order = (np.arange(len(probs)) if top_k is None or top_k >= len(probs)
+             else np.argsort(probs)[::-1][:top_k])
     rows = []
-    for k, p in enumerate(probs):
-        colour = "#2a7ab9" if k != predicted else ("#2e8b57" if k == true_label else "#c0392b")
-        mark = " ✔ true" if k == true_label else ""
+    for k in order:
+        p = float(probs[k])
+        colour = "#2a7ab9" if k != predicted else (
+            "#2e8b57" if true_label is None or k == true_label else "#c0392b")
+        mark = " ✔ true" if true_label is not None and k == true_label else ""
         rows.append(
             f"<tr><td style='text-align:right;padding-right:6px'>{class_names[k]}</td>"
             f"<td style='width:180px'><div style='background:{colour};height:12px;"
             f"width:{max(p, 0.004) * 100:.1f}%'></div></td>"
-            f"<td style='padding-left:6px'>{p:.1%}{mark}</td></tr>"
+            f"<td style='padding-left:6px'>{_percent(p)}{mark}</td></tr>"
         )
-    return ("<b>Class probabilities</b> (softmax)<table style='font-size:12px;border-collapse:collapse'>"
+    what = "softmax of the logits" if source == "logits" else "the model's softmax output"
+    head = f"top {len(order)} of {len(probs)}" if len(order) < len(probs) else "all classes"
+    return (f"<b>Class probabilities</b> ({what}; {head})<table style='font-size:12px;border-collapse:collapse'>"
             + "".join(rows) + "</table>")
 
 
-def explorer(model, images, labels, class_names=None, scale=8):
-    """An interactive explorer for a live demo: pick an image, a method, a class, a layer.
+def _percent(p):
+    """A probability as a percentage with enough digits that 0.9997 does not read 100.0 %."""
+    for digits in (1, 2, 3, 4):
+        text = f"{100 * p:.{digits}f}"
+        if 0 < p < 1 and float(text) in (0.0, 100.0):
+            continue
+        return text + " %"
+    return f"{100 * p:.4g} %"
 
-    Shows the image, the method's heatmap (or the chosen layer's feature maps), the
-    overlay and the class probabilities, and updates on every change. Errors raised
-    by a method are shown in the app. Returns an ``ipywidgets.VBox`` with extra
-    attributes for programmatic use: ``controls`` (dict of the control widgets),
-    ``last`` (what was shown last: method, index, class, layer, heatmap, seconds)
-    and ``refresh()``.
+
+def _widget_app(rows, controls, refresh_body, css_class=None):
+    """The scaffold both explorers share: controls, a status line, a body of panels.
+
+    ``refresh_body()`` draws everything for the current control values and returns the
+    dict stored as ``app.last``; its errors are caught and shown in the status line
+    (with ``app.last = {"error": ...}``), never lost in a log. Changes made to controls
+    while drawing do not trigger a second refresh. Returns the ``ipywidgets.VBox`` with
+    ``controls``, ``status``, ``last`` and ``refresh()``; every control refreshes it.
     """
     import time
 
     import ipywidgets as widgets
+
+    status = widgets.HTML()
+    box = widgets.VBox(rows(status))
+    if css_class:
+        box.add_class(css_class)
+    busy = []
+
+    def refresh(*_):
+        if busy:  # a control changed by the drawing code itself
+            return
+        busy.append(True)
+        start = time.perf_counter()
+        try:
+            last = refresh_body()
+            seconds = time.perf_counter() - start
+            last["seconds"] = seconds
+            box.last = last
+            note = last.pop("note", "")
+            status.value = (f"<span style='color:#2e8b57'>✔ {last.get('method', 'updated')} in "
+                            f"{seconds * 1000:.0f} ms{'; ' + note if note else ''}</span>")
+        except Exception as err:  # shown in the app, not lost in a log
+            box.last = {"error": err, "method": getattr(controls.get("method"), "value", None)}
+            status.value = (f"<span style='color:#c0392b'><b>{type(err).__name__}:</b> "
+                            f"{str(err)[:400]}</span>")
+        finally:
+            busy.clear()
+
+    box.controls = controls
+    box.status = status
+    box.refresh = refresh
+    box.last = {}
+    for control in controls.values():
+        control.observe(refresh, names="value")
+    return box
+
+
+def explorer(model, images, labels=None, class_names=None, *, scale=None, top_k=10, samples=None,
+             layers=None):
+    """An interactive explorer for a live demo: pick an image, a method, a class, a layer.
+
+    Works on the course's Keras CNN and on a PyTorch model such as ``load_vgg16()``
+    (``images`` (N, H, W, C) in the model's input range, [0, 1] for both; photos from
+    ``sample_photos``/``load_photo``). Shows the image, the method's heatmap (or the
+    chosen layer's feature maps), the overlay and the class probabilities (a softmax of
+    the logits, or the model's own softmax output: ``class_probabilities``), and updates
+    on every change. The target class list holds the image's ``top_k`` classes (tick
+    "all classes" for the rest). ``labels`` (optional) are the true classes;
+    ``samples`` SmoothGrad's copies and IG's steps (default 32 for small inputs, 8 for
+    photos); ``layers`` the layer choice (default: every conv and pooling layer).
+    Heatmaps are cached, so going back to a view (or changing the opacity) costs nothing.
+
+    Returns an ``ipywidgets.VBox`` with, for programmatic use, ``controls`` (dict of the
+    control widgets), ``images``, ``status``, ``last`` (what was shown last: method,
+    index, class, layer, heatmap, seconds) and ``refresh()``.
+    """
+    import ipywidgets as widgets
     import matplotlib
 
-    x_all = as_image_batch(images, model)
-    labels = np.asarray(labels).astype(int)
-    if len(labels) != len(x_all):
-        raise ValueError(f"explorer got {len(x_all)} images but {len(labels)} labels.")
-    n_classes = int(model.outputs[0].shape[-1])
-    class_names = list(class_names) if class_names is not None else [str(i) for i in range(n_classes)]
+    torch_model = _is_torch_model(model)
+    x_all = _photo_batch(images) if torch_model else as_image_batch(images, model)
+    if labels is not None:
+        labels = np.asarray(labels).astype(int)
+        if labels.shape != (len(x_all),):
+            raise ValueError(f"explorer got {len(x_all)} images but {labels.size} labels; pass one label per "
+                             "image, or labels=None.")
+    probs_all, source = class_probabilities(model, x_all)
+    n_classes = probs_all.shape[1]
+    if class_names is None:
+        class_names = getattr(model, "class_names", None) or [str(i) for i in range(n_classes)]
+    class_names = list(class_names)
     if len(class_names) != n_classes:
         raise ValueError(f"class_names has {len(class_names)} names; the model has {n_classes} classes.")
-    probs_all = np.asarray(model.predict(x_all, batch_size=1000, verbose=0))
+    top_k = max(1, min(int(top_k), n_classes))
     pred_all = probs_all.argmax(axis=1)
-    wrong = np.flatnonzero(pred_all != labels)
-    methods = explorer_methods()
-    layers = conv_and_pool_layer_names(model)
+    wrong = np.flatnonzero(pred_all != labels) if labels is not None else np.array([], int)
+    if samples is None:
+        samples = 32 if x_all.shape[1] * x_all.shape[2] <= 64 * 64 else 8
+    methods = explorer_methods(samples=samples)
+    if layers is None:
+        if torch_model:
+            layers = (vgg_layer_names(model) if hasattr(model, "features") else
+                      [n for n, m in model.named_modules() if type(m).__name__ in ("Conv2d", "MaxPool2d")])
+        else:
+            layers = conv_and_pool_layer_names(model)
+    layers = list(layers)
+    default_layer = (next((n for n in reversed(layers) if n.startswith("relu")), layers[-1]) if torch_model
+                     else last_conv_layer_name(model))
+    if scale is None:
+        scale = max(1, 224 // x_all.shape[2])
     jet = matplotlib.colormaps["jet"]
-    viridis = matplotlib.colormaps["viridis"]
+    random_weights = torch_model and getattr(model, "pretrained", True) is False
+    cache, state = {}, {"only_misclassified": False}
 
     style = {"description_width": "110px"}
     layout = widgets.Layout(width="360px")
@@ -3553,13 +3713,14 @@ def explorer(model, images, labels, class_names=None, scale=8):
                                disabled=len(wrong) == 0, style=style)
     c_method = widgets.Dropdown(options=list(methods) + [ACTIVATIONS_METHOD], value="Grad-CAM",
                                 description="method", style=style, layout=layout)
-    c_class = widgets.Dropdown(options=[("predicted", -1)] + [(f"{k}: {n}", k) for k, n in enumerate(class_names)],
-                               value=-1, description="target class", style=style, layout=layout)
-    c_layer = widgets.Dropdown(options=layers, value=last_conv_layer_name(model),
-                               description="layer", style=style, layout=layout)
+    c_class = widgets.Dropdown(options=[("predicted", -1)], value=-1, description="target class",
+                               style=style, layout=layout)
+    c_all = widgets.Checkbox(False, description=f"all {n_classes} classes", style=style,
+                             disabled=top_k >= n_classes)
+    c_layer = widgets.Dropdown(options=layers, value=default_layer, description="layer", style=style,
+                               layout=layout)
     c_alpha = widgets.FloatSlider(0.4, min=0.0, max=1.0, step=0.05, description="overlay opacity",
                                   style=style, layout=layout, continuous_update=False)
-    status = widgets.HTML()
     caption = widgets.HTML()
     size = f"{x_all.shape[2] * scale}px"
     w_image = widgets.Image(format="png", layout=widgets.Layout(width=size))
@@ -3572,84 +3733,99 @@ def explorer(model, images, labels, class_names=None, scale=8):
     colorbar_note = widgets.HTML("<div style='display:flex;justify-content:space-between;font-size:11px'>"
                                  "<span>0 = least</span><span>importance</span><span>1 = most</span></div>")
     probs_html = widgets.HTML()
-    heading = lambda text: widgets.HTML(f"<b>{text}</b>")  # noqa: E731
     heat_title = widgets.HTML()
 
     def pool():
         return wrong if c_wrong.value and len(wrong) else np.arange(len(x_all))
 
-    def on_wrong(_change):
-        c_index.unobserve(refresh, names="value")
-        c_index.max = len(pool()) - 1
-        c_index.value = 0
-        c_index.observe(refresh, names="value")
-        refresh()
+    def class_options(idx):
+        ranked = np.argsort(probs_all[idx])[::-1]
+        shown = list(ranked if c_all.value else ranked[:top_k])
+        if c_class.value not in (-1, *shown):
+            shown.append(int(c_class.value))  # keep the chosen class on the list
+        rank = {int(k): r for r, k in enumerate(ranked)}
+        return [("predicted", -1)] + [(f"#{rank[int(k)] + 1} {class_names[k]} ({_percent(probs_all[idx, k])})",
+                                       int(k)) for k in shown]
 
-    def refresh(*_):
-        start = time.perf_counter()
+    def draw():
+        if c_wrong.value != state["only_misclassified"]:  # a new pool of images: start at its first
+            state["only_misclassified"] = c_wrong.value
+            c_index.value = 0
+            c_index.max = len(pool()) - 1
         idx = int(pool()[min(c_index.value, len(pool()) - 1)])
+        options = class_options(idx)
+        if list(c_class.options) != options:
+            value = c_class.value
+            c_class.options = options
+            c_class.value = value
         method = c_method.value
         target = int(pred_all[idx]) if c_class.value == -1 else int(c_class.value)
-        status.value = f"<span style='color:#777'>⏳ computing {method} …</span>"
-        try:
-            x = x_all[idx: idx + 1]
-            image = x[0, ..., 0] if x.shape[-1] == 1 else x[0]
+        x = x_all[idx: idx + 1]
+        image = x[0, ..., 0] if x.shape[-1] == 1 else x[0]
+        gray = np.repeat(image[..., None], 3, axis=-1) if image.ndim == 2 else image
+        key = (idx, method, target, c_layer.value)
+        if key not in cache:
             if method == ACTIVATIONS_METHOD:
-                maps = get_activations(model, x, [c_layer.value])[c_layer.value][0]
-                heat = _tile_channels(maps)
-                heat_rgb = viridis(np.nan_to_num(heat, nan=1.0))[..., :3]
-                heat_rgb[np.isnan(heat)] = 1.0
-                w_heat.value = _png(heat_rgb, scale=max(1, scale * x.shape[2] // heat_rgb.shape[1]))
-                overlay = None
-                heat_title.value = f"<b>{maps.shape[-1]} feature maps of {c_layer.value}</b>"
+                if torch_model:
+                    maps = np.transpose(vgg_layer_activations(model, x, c_layer.value)[0], (1, 2, 0))
+                else:
+                    maps = get_activations(model, x, [c_layer.value])[c_layer.value][0]
+                keep = np.sort(np.argsort(maps.mean(axis=(0, 1)))[::-1][:_MAX_TILED_CHANNELS])
+                cache[key] = (_tile_channels(maps[..., keep]), maps.shape[-1], len(keep))
             else:
-                heat = methods[method](model, x, target, c_layer.value)[0]
-                w_heat.value = _png(jet(heat)[..., :3], scale)
-                overlay = overlay_heatmap(image, heat, alpha=c_alpha.value)
-                heat_title.value = f"<b>{method} for class {class_names[target]}</b>"
-            gray = np.repeat(image[..., None], 3, axis=-1) if image.ndim == 2 else image
-            w_image.value = _png(gray, scale)
-            w_overlay.value = _png(overlay, scale) if overlay is not None else _png(gray, scale)
-            probs_html.value = _probability_bars_html(probs_all[idx], class_names, pred_all[idx], labels[idx])
+                cache[key] = methods[method](model, x, target, c_layer.value)[0]
+        heat = cache[key]
+        weights_note = " — RANDOM weights" if random_weights else ""
+        if method == ACTIVATIONS_METHOD:
+            heat, n_maps, n_shown = heat
+            w_heat.value = _mosaic_png(heat, x.shape[2] * scale)
+            overlay = gray
+            shown = f"the {n_shown} strongest of {n_maps}" if n_shown < n_maps else f"{n_maps}"
+            heat_title.value = f"<b>{shown} feature maps of {c_layer.value}{weights_note}</b>"
+        else:
+            w_heat.value = _png(jet(heat)[..., :3], scale)
+            overlay = overlay_heatmap(image, heat, alpha=c_alpha.value)
+            heat_title.value = f"<b>{method} for class {class_names[target]}{weights_note}</b>"
+        w_image.value = _png(gray, scale)
+        w_overlay.value = _png(overlay, scale)
+        true = None if labels is None else labels[idx]
+        probs_html.value = _probability_bars_html(probs_all[idx], class_names, pred_all[idx], true,
+                                                  top_k=top_k, source=source)
+        p = probs_all[idx, pred_all[idx]]
+        if labels is None:
+            caption.value = f"image #{idx}: predicted <b>{class_names[pred_all[idx]]}</b> ({_percent(p)})"
+        else:
             ok = "✔ correct" if pred_all[idx] == labels[idx] else "✘ wrong"
             caption.value = (f"test image #{idx}: true <b>{class_names[labels[idx]]}</b>, predicted "
-                             f"<b>{class_names[pred_all[idx]]}</b> ({probs_all[idx, pred_all[idx]]:.1%}) {ok}")
-            seconds = time.perf_counter() - start
-            box.last = {"index": idx, "method": method, "class_index": target, "layer": c_layer.value,
-                        "heatmap": heat, "seconds": seconds}
-            status.value = f"<span style='color:#2e8b57'>✔ {method} in {seconds * 1000:.0f} ms</span>"
-        except Exception as err:  # shown in the app, not lost in a log
-            box.last = {"index": idx, "method": method, "error": err}
-            status.value = (f"<span style='color:#c0392b'><b>{type(err).__name__}:</b> "
-                            f"{str(err)[:400]}</span>")
+                             f"<b>{class_names[pred_all[idx]]}</b> ({_percent(p)}) {ok}")
+        if random_weights:
+            caption.value += " <b style='color:#c0392b'>RANDOM weights: predictions are meaningless</b>"
+        return {"index": idx, "method": method, "class_index": target, "layer": c_layer.value,
+                "heatmap": heat}
 
-    controls = widgets.VBox([c_index, c_wrong, c_method, c_class, c_layer, c_alpha, status])
-    panels = widgets.HBox([
-        widgets.VBox([heading("input image"), w_image]),
-        widgets.VBox([heat_title, w_heat, w_colorbar, colorbar_note]),
-        widgets.VBox([heading("overlay"), w_overlay]),
-        probs_html,
-    ], layout=widgets.Layout(gap="12px", align_items="flex-start"))
-    box = widgets.VBox([widgets.HBox([controls, caption]), panels])
-    box.add_class("cnn-explorer")
-    box.controls = {"index": c_index, "only_misclassified": c_wrong, "method": c_method,
-                    "class_index": c_class, "layer": c_layer, "alpha": c_alpha}
+    controls = {"index": c_index, "only_misclassified": c_wrong, "method": c_method,
+                "class_index": c_class, "all_classes": c_all, "layer": c_layer, "alpha": c_alpha}
+
+    def rows(status):
+        panels = widgets.HBox([
+            widgets.VBox([widgets.HTML("<b>input image</b>"), w_image]),
+            widgets.VBox([heat_title, w_heat, w_colorbar, colorbar_note]),
+            widgets.VBox([widgets.HTML("<b>overlay</b>"), w_overlay]),
+            probs_html,
+        ], layout=widgets.Layout(gap="12px", align_items="flex-start"))
+        return [widgets.HBox([widgets.VBox([c_index, c_wrong, c_method, c_class, c_all, c_layer, c_alpha,
+                                            status]), caption]), panels]
+
+    box = _widget_app(rows, controls, draw, css_class="cnn-explorer")
     box.images = {"image": w_image, "heatmap": w_heat, "overlay": w_overlay}
-    box.status = status
-    box.refresh = refresh
-    box.last = {}
-    for control in (c_index, c_method, c_class, c_layer, c_alpha):
-        control.observe(refresh, names="value")
-    c_wrong.observe(on_wrong, names="value")
-    refresh()
+    box.refresh()
     return box
-
 
 
 def vgg_layer_explorer(model, photos, size=224, layer="relu3_3"):
     """A small interactive viewer of VGG16's feature maps (PyTorch), for a live demo.
 
-    ``photos`` is a dict name -> image (anything ``preprocess_image`` takes). Choose the
+    ``photos`` is a dict name -> image (anything ``load_photo`` takes). Choose the
     photo, the layer of ``model.features`` and a channel; it shows the photo, that
     channel's feature map and the 16 strongest channels of the layer. Feature maps are
     computed once per (photo, layer), so moving the channel slider is instant. Returns an
@@ -3663,72 +3839,54 @@ def vgg_layer_explorer(model, photos, size=224, layer="relu3_3"):
     names = vgg_layer_names(model)
     if layer not in names:
         raise ValueError(f"Unknown layer {layer!r}; VGG16's layers are: {', '.join(names)}.")
-    inputs = {name: preprocess_image(img, size=size) for name, img in photos.items()}
+    pixels = {name: load_photo(img, size, fit="stretch", name=name) for name, img in photos.items()}
     viridis = matplotlib.colormaps["viridis"]
     maps_cache = {}
 
     def maps_for(photo, index):
         if (photo, index) not in maps_cache:
-            maps_cache[(photo, index)] = vgg_feature_maps(model, inputs[photo], [index])[index]
+            maps_cache[(photo, index)] = vgg_layer_activations(model, pixels[photo], names[index])[0]
         return maps_cache[(photo, index)]
 
     style = {"description_width": "80px"}
-    c_photo = widgets.Dropdown(options=list(inputs), description="photo", style=style)
+    c_photo = widgets.Dropdown(options=list(pixels), description="photo", style=style)
     c_layer = widgets.Dropdown(options=[(f"{i}: {n}", i) for i, n in enumerate(names)],
                                value=names.index(layer), description="layer", style=style)
     c_channel = widgets.IntSlider(0, 0, 1, description="channel", style=style, continuous_update=False)
-    status = widgets.HTML()
     px = f"{size}px"
     w_photo = widgets.Image(format="png", layout=widgets.Layout(width=px))
     w_channel = widgets.Image(format="png", layout=widgets.Layout(width=px))
     w_strongest = widgets.Image(format="png", layout=widgets.Layout(width=px))
     titles = [widgets.HTML("<b>photo</b>"), widgets.HTML(), widgets.HTML()]
+    weights = "ImageNet weights" if getattr(model, "pretrained", False) else "RANDOM weights"
 
-    def refresh(*_):
-        try:
-            maps = maps_for(c_photo.value, c_layer.value)  # (C, H, W)
-            c = maps.shape[0]
-            if c_channel.max != c - 1:
-                c_channel.unobserve(refresh, names="value")
-                c_channel.max = c - 1
-                c_channel.value = min(c_channel.value, c - 1)
-                c_channel.observe(refresh, names="value")
-            fmap = maps[c_channel.value]
-            top = fmap.max()
-            w_channel.value = _png(viridis(fmap / top if top > 0 else fmap)[..., :3],
-                                   max(1, size // fmap.shape[-1]))
-            strongest = _strongest_channels(maps, 16)
-            mosaic = _tile_channels(np.transpose(maps[strongest], (1, 2, 0)), ncols=4)
-            rgb = viridis(np.nan_to_num(mosaic, nan=1.0))[..., :3]
-            rgb[np.isnan(mosaic)] = 1.0
-            w_strongest.value = _png(rgb, max(1, size // rgb.shape[1]))
-            w_photo.value = _png(recreate_image(inputs[c_photo.value]) / 255.0)
-            layer_name = names[c_layer.value]
-            titles[1].value = (f"<b>{layer_name}, channel {c_channel.value}</b> "
-                               f"(max {top:.2f}; {'silent' if top <= 0 else 'active'})")
-            titles[2].value = f"<b>16 strongest of {c} channels ({fmap.shape[0]}×{fmap.shape[1]})</b>"
-            box.last = {"photo": c_photo.value, "layer_index": c_layer.value, "channel": c_channel.value,
-                        "feature_map": fmap}
-            weights = "ImageNet weights" if getattr(model, "pretrained", False) else "RANDOM weights"
-            status.value = f"<span style='color:#2e8b57'>✔ {weights}; colour: yellow = strong, dark = zero</span>"
-        except Exception as err:  # shown in the app, not lost in a log
-            box.last = {"error": err}
-            status.value = f"<span style='color:#c0392b'><b>{type(err).__name__}:</b> {str(err)[:400]}</span>"
+    def draw():
+        maps = maps_for(c_photo.value, c_layer.value)  # (C, H, W)
+        c = maps.shape[0]
+        if c_channel.max != c - 1:
+            c_channel.max = c - 1
+        fmap = maps[c_channel.value]
+        top = fmap.max()
+        w_channel.value = _png(viridis(fmap / top if top > 0 else fmap)[..., :3],
+                               max(1, size // fmap.shape[-1]))
+        strongest = _strongest_channels(maps, 16)
+        w_strongest.value = _mosaic_png(_tile_channels(np.transpose(maps[strongest], (1, 2, 0)), ncols=4), size)
+        w_photo.value = _png(pixels[c_photo.value])
+        titles[1].value = (f"<b>{names[c_layer.value]}, channel {c_channel.value}</b> "
+                           f"(max {top:.2f}; {'silent' if top <= 0 else 'active'})")
+        titles[2].value = f"<b>16 strongest of {c} channels ({fmap.shape[0]}×{fmap.shape[1]})</b>"
+        return {"photo": c_photo.value, "layer_index": c_layer.value, "channel": c_channel.value,
+                "feature_map": fmap, "method": "feature map",
+                "note": f"{weights}; colour: yellow = strong, dark = zero"}
 
-    box = widgets.VBox([
-        widgets.HBox([c_photo, c_layer, c_channel]),
-        status,
-        widgets.HBox([widgets.VBox([titles[0], w_photo]), widgets.VBox([titles[1], w_channel]),
-                      widgets.VBox([titles[2], w_strongest])], layout=widgets.Layout(gap="12px")),
-    ])
-    box.controls = {"photo": c_photo, "layer": c_layer, "channel": c_channel}
+    def rows(status):
+        return [widgets.HBox([c_photo, c_layer, c_channel]), status,
+                widgets.HBox([widgets.VBox([titles[0], w_photo]), widgets.VBox([titles[1], w_channel]),
+                              widgets.VBox([titles[2], w_strongest])], layout=widgets.Layout(gap="12px"))]
+
+    box = _widget_app(rows, {"photo": c_photo, "layer": c_layer, "channel": c_channel}, draw)
     box.images = {"photo": w_photo, "channel": w_channel, "strongest": w_strongest}
-    box.status = status
-    box.refresh = refresh
-    box.last = {}
-    for control in (c_photo, c_layer, c_channel):
-        control.observe(refresh, names="value")
-    refresh()
+    box.refresh()
     return box
 
 

@@ -20,8 +20,8 @@ def viewer():
 def test_shows_the_layers_feature_map(viewer):
     app, model, photos = viewer
     index = cnn_utils.vgg_layer_names(model).index("relu1_2")
-    expected = cnn_utils.vgg_feature_maps(model, cnn_utils.preprocess_image(photos["chelsea"], 64),
-                                          [index])[index]
+    pixels = cnn_utils.load_photo(photos["chelsea"], 64, fit="stretch")
+    expected = cnn_utils.vgg_layer_activations(model, pixels, "relu1_2")[0]
     assert app.last["layer_index"] == index and app.last["channel"] == 0
     np.testing.assert_allclose(app.last["feature_map"], expected[0], atol=1e-6)
     assert app.controls["channel"].max == expected.shape[0] - 1 == 63

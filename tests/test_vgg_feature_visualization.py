@@ -76,6 +76,17 @@ def test_bad_arguments(vgg):
         cnn_utils.vgg_feature_visualization(vgg, "conv1_1", 0, size=16, progress=False)
 
 
+def test_layer_activations_equal_the_feature_maps_of_notebook_07(vgg):
+    photo = np.round(cnn_utils.sample_photos(["coffee"], size=48)["coffee"] * 255).astype(np.uint8)
+    names = cnn_utils.vgg_layer_names(vgg)
+    for layer in ("conv1_1", "pool2", "relu4_3"):
+        i = names.index(layer)
+        expected = cnn_utils.vgg_feature_maps(vgg, cnn_utils.preprocess_image(photo, 48), [i])[i]
+        got = cnn_utils.vgg_layer_activations(vgg, photo / 255.0, layer)
+        assert got.shape == (1,) + expected.shape
+        np.testing.assert_allclose(got[0], expected, rtol=1e-4, atol=1e-4)
+
+
 def test_top_activating_crops(vgg):
     photos = cnn_utils.sample_photos(["chelsea", "coffee", "rocket"], size=64)
     crops = cnn_utils.top_activating_crops(vgg, photos, "relu3_3", 11, k=4, per_photo=2)
