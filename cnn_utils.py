@@ -3818,8 +3818,53 @@ def explorer(model, images, labels=None, class_names=None, *, scale=None, top_k=
 
     box = _widget_app(rows, controls, draw, css_class="cnn-explorer")
     box.images = {"image": w_image, "heatmap": w_heat, "overlay": w_overlay}
+    box.texts = {"caption": caption, "heatmap_title": heat_title, "probabilities": probs_html}
+    box.probabilities, box.model_outputs = probs_all, source
     box.refresh()
     return box
+
+
+def explorer_snapshot(app, views=None):
+    """A static HTML copy of what ``explorer`` shows, for handouts: no kernel, no JavaScript.
+
+    An exported notebook (HTML) holds the widgets' state, but drawing live widgets needs
+    the widget library from the internet; this copy needs nothing. ``views``: a list of
+    dicts of control values (e.g. ``{"index": 3, "method": "Saliency"}``) shown in turn,
+    one row each (default: the current view). The controls are restored afterwards.
+    Returns an ``IPython.display.HTML``.
+    """
+    import base64
+
+    from IPython.display import HTML
+
+    order = ["only_misclassified", "all_classes", "index", "method", "layer", "class_index", "alpha"]
+    saved = {k: app.controls[k].value for k in order if k in app.controls}
+
+    def img(key):
+        data = base64.b64encode(app.images[key].value).decode("ascii")
+        return f"<img src='data:image/png;base64,{data}' style='width:{app.images[key].layout.width}'>"
+
+    rows = []
+    try:
+        for view in views or [{}]:
+            unknown = set(view) - set(app.controls)
+            if unknown:
+                raise ValueError(f"views: unknown control(s) {', '.join(sorted(unknown))}; the explorer's "
+                                 f"controls are {', '.join(app.controls)}.")
+            for k in sorted(view, key=order.index):
+                app.controls[k].value = view[k]
+            t = app.texts
+            rows.append(
+                f"<div style='margin:6px 0'>{t['caption'].value} — {app.status.value}</div>"
+                "<div style='display:flex;gap:12px;align-items:flex-start'>"
+                f"<div><b>input image</b><br>{img('image')}</div>"
+                f"<div>{t['heatmap_title'].value}<br>{img('heatmap')}</div>"
+                f"<div><b>overlay</b><br>{img('overlay')}</div><div>{t['probabilities'].value}</div></div>")
+    finally:
+        for k, v in saved.items():
+            app.controls[k].value = v
+    return HTML("<div class='cnn-explorer-snapshot'><p><i>Static copy of the explorer (what it showed when "
+                "this notebook ran)</i></p>" + "<hr>".join(rows) + "</div>")
 
 
 def vgg_layer_explorer(model, photos, size=224, layer="relu3_3"):
