@@ -3441,6 +3441,40 @@ def plot_saliency(image, saliency, title="Gradient saliency", cmap="hot"):
     return fig
 
 
+def plot_units_with_crops(images, crops, titles, title="Feature visualization", size=1.5):
+    """One row per unit: its synthesised image (from ``vgg_feature_visualization``) beside
+    the photo patches that drive it hardest (``top_activating_crops``).
+
+    ``images``: (K, H, W, 3) in [0, 1]; ``crops``: K lists of dicts with ``crop``, ``photo``
+    and ``value``; ``titles``: K row labels. Returns the Figure.
+    """
+    import matplotlib.pyplot as plt
+
+    images = np.asarray(images, dtype=np.float32)
+    if len(images) != len(crops) or len(images) != len(titles):
+        raise ValueError(f"images, crops and titles must have one entry per unit; got {len(images)}, "
+                         f"{len(crops)} and {len(titles)}.")
+    ncols = 1 + max((len(c) for c in crops), default=0)
+    fig, axes = plt.subplots(len(images), ncols, figsize=(size * ncols + 0.4, size * len(images) + 0.6),
+                             squeeze=False)
+    for i, (img, row) in enumerate(zip(images, crops)):
+        axes[i, 0].imshow(np.clip(img, 0, 1))
+        axes[i, 0].set_ylabel(str(titles[i]), fontsize=8)
+        for j in range(1, ncols):
+            if j - 1 < len(row):
+                axes[i, j].imshow(np.clip(row[j - 1]["crop"], 0, 1))
+                axes[i, j].set_title(f"{row[j - 1]['photo']}: {row[j - 1]['value']:.3g}", fontsize=7)
+            else:
+                axes[i, j].axis("off")
+        for ax in axes[i]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    axes[0, 0].set_title("synthesised", fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
 def colormap(name):
     """A matplotlib colormap by name (the current ``matplotlib.colormaps`` registry)."""
     import matplotlib
