@@ -2327,6 +2327,17 @@ def _vgg_features_and_input(model):
     return features, lambda x: (x - mean) / std
 
 
+def vgg_module_name(model, layer):
+    """The name in ``model.named_modules()`` of VGG16's layer ``layer`` (e.g. 'relu5_3' ->
+    'features.29'), for hooks and for the attribution functions' ``layer`` argument."""
+    names = vgg_layer_names(model)
+    if layer not in names:
+        raise ValueError(f"Unknown layer {layer!r}; VGG16's layers are: {', '.join(names)}.")
+    features = _vgg_features_and_input(model)[0]
+    prefix = next(n for n, m in model.named_modules() if m is features)
+    return f"{prefix}.{names.index(layer)}"
+
+
 def _vgg_layer_module(model, layer):
     """The module of ``model.features`` whose output is ``layer`` (a name like 'conv4_3'),
     and its index. For a 'relu' layer the conv before it is returned, with ``relu=True``:
@@ -3854,6 +3865,8 @@ def explorer(model, images, labels=None, class_names=None, *, scale=None, top_k=
     box.images = {"image": w_image, "heatmap": w_heat, "overlay": w_overlay}
     box.texts = {"caption": caption, "heatmap_title": heat_title, "probabilities": probs_html}
     box.probabilities, box.model_outputs = probs_all, source
+    box.cache = cache  # (image, method, class, layer) -> heatmap; benchmarks clear it
+    box.samples = samples
     box.refresh()
     return box
 
