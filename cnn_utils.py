@@ -2573,8 +2573,9 @@ def vgg_feature_visualization(model, layer, units, *, size=128, steps=128, lr=0.
         for step in bar:
             img = _fourier_image(torch, spectrum, scale, h, w, decorrelate)
             x = to_input(_random_transform(torch, img, gen, jitter, scales, angles, pad))
-            if module is None:
-                obj = model(x)[torch.arange(b), idx]
+            if module is None:  # torchvision's VGG.forward, on the normalised input
+                logits = model.classifier(torch.flatten(model.avgpool(features(x)), 1))
+                obj = logits[torch.arange(b), idx]
             else:
                 try:
                     features(x)

@@ -48,7 +48,7 @@ def test_recorded_objective_is_the_units_activation(vgg, layer, unit):
     std = torch.tensor(cnn_utils.IMAGENET_STD).view(1, 3, 1, 1)
     with torch.no_grad():
         if layer == "logits":
-            expected = vgg((x - mean) / std)[0, unit].item()
+            expected = vgg.classifier(torch.flatten(vgg.avgpool(vgg.features((x - mean) / std)), 1))[0, unit].item()
         else:
             pre = layer.replace("relu", "conv")
             expected = cnn_utils.vgg_layer_activations(vgg, img, pre)[0, unit].mean()
