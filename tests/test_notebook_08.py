@@ -88,7 +88,7 @@ def test_occlusion_sanity_check_feature_visualization_and_explorer(executed):
     for row in values["sanity"].values():
         assert all(-1 <= r <= 1 for r in row.values())
     assert set(values["sanity_passes"]) == set(values["sanity"]["fc8"])
-    assert set(values["fv_rise"]) == {"conv4_3", "conv5_3"}
+    assert set(values["fv_rise"]) == {"conv3_3", "conv4_3"}
     assert all(np.isfinite(v) for v in values["fv_rise"].values())
     assert len(values["class_rise"]) == 2
     assert values["explorer_first_update_seconds"] > 0
