@@ -3,7 +3,8 @@
 One module, sections in the order data flows:
 
     data -> models -> activations and filters -> feature visualization ->
-    attribution -> confidence and embeddings -> PyTorch inversion ->
+    attribution -> confidence and embeddings -> sample photos ->
+    PyTorch (VGG16: inversion, feature visualization) ->
     plotting -> widgets -> exercise checks -> command line
 
 Importing this module is cheap: it imports neither TensorFlow nor PyTorch.
