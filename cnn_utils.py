@@ -3810,6 +3810,20 @@ def explorer(model, images, labels=None, class_names=None, *, scale=None, top_k=
         x = x_all[idx: idx + 1]
         image = x[0, ..., 0] if x.shape[-1] == 1 else x[0]
         gray = np.repeat(image[..., None], 3, axis=-1) if image.ndim == 2 else image
+        w_image.value = _png(gray, scale)
+        true = None if labels is None else labels[idx]
+        probs_html.value = _probability_bars_html(probs_all[idx], class_names, pred_all[idx], true,
+                                                  top_k=top_k, source=source)
+        p = probs_all[idx, pred_all[idx]]
+        if labels is None:
+            caption.value = f"image #{idx}: predicted <b>{class_names[pred_all[idx]]}</b> ({_percent(p)})"
+        else:
+            ok = "✔ correct" if pred_all[idx] == labels[idx] else "✘ wrong"
+            caption.value = (f"test image #{idx}: true <b>{class_names[labels[idx]]}</b>, predicted "
+                             f"<b>{class_names[pred_all[idx]]}</b> ({_percent(p)}) {ok}")
+        if random_weights:
+            caption.value += " <b style='color:#c0392b'>RANDOM weights: predictions are meaningless</b>"
+        heat_title.value = f"<b>{method}: not shown (see the status line)</b>"
         key = (idx, method, target, c_layer.value)
         if key not in cache:
             if method == ACTIVATIONS_METHOD:
@@ -3833,20 +3847,7 @@ def explorer(model, images, labels=None, class_names=None, *, scale=None, top_k=
             w_heat.value = _png(jet(heat)[..., :3], scale)
             overlay = overlay_heatmap(image, heat, alpha=c_alpha.value)
             heat_title.value = f"<b>{method} for class {class_names[target]}{weights_note}</b>"
-        w_image.value = _png(gray, scale)
         w_overlay.value = _png(overlay, scale)
-        true = None if labels is None else labels[idx]
-        probs_html.value = _probability_bars_html(probs_all[idx], class_names, pred_all[idx], true,
-                                                  top_k=top_k, source=source)
-        p = probs_all[idx, pred_all[idx]]
-        if labels is None:
-            caption.value = f"image #{idx}: predicted <b>{class_names[pred_all[idx]]}</b> ({_percent(p)})"
-        else:
-            ok = "✔ correct" if pred_all[idx] == labels[idx] else "✘ wrong"
-            caption.value = (f"test image #{idx}: true <b>{class_names[labels[idx]]}</b>, predicted "
-                             f"<b>{class_names[pred_all[idx]]}</b> ({_percent(p)}) {ok}")
-        if random_weights:
-            caption.value += " <b style='color:#c0392b'>RANDOM weights: predictions are meaningless</b>"
         return {"index": idx, "method": method, "class_index": target, "layer": c_layer.value,
                 "heatmap": heat}
 
