@@ -410,9 +410,21 @@ def _layer_type(layer):
     return type(layer).__name__
 
 
+def _all_layers(model):
+    """The model's layers in order, the layers of nested models (a transfer-learning
+    base inside ``Sequential([base, pooling, head])``) right after the nested model."""
+    keras = sys.modules.get("keras")
+    out = []
+    for layer in model.layers:
+        out.append(layer)
+        if keras is not None and isinstance(layer, keras.Model):
+            out.extend(_all_layers(layer))
+    return out
+
+
 def conv_layer_names(model):
-    """Names of the model's 2-D convolutional layers, in model order."""
-    return [l.name for l in model.layers if _layer_type(l) in _CONV_TYPES
+    """Names of the model's 2-D convolutional layers (nested models' included), in model order."""
+    return [l.name for l in _all_layers(model) if _layer_type(l) in _CONV_TYPES
             and len(l.output.shape) == 4]
 
 
@@ -423,7 +435,8 @@ def conv_and_pool_layer_names(model):
 
 
 def last_conv_layer_name(model):
-    """Name of the model's last convolutional layer (4-D output), found automatically.
+    """Name of the model's last convolutional layer (4-D output), found automatically,
+    inside a nested base model too.
 
     Raises ``ValueError`` listing the model's layers when there is none.
     """
@@ -437,19 +450,73 @@ def last_conv_layer_name(model):
 
 
 def _layer_list(model):
-    return ", ".join(f"{l.name} ({_layer_type(l)})" for l in model.layers)
+    return ", ".join(f"{l.name} ({_layer_type(l)})" for l in _all_layers(model))
 
 
 def get_layer(model, layer_name):
-    """``model.get_layer(layer_name)`` with an error that lists the model's layers."""
+    """``model.get_layer(layer_name)``, searching nested models too, with an error that
+    lists the model's layers."""
     if not isinstance(layer_name, str):
         raise TypeError(f"layer_name must be a string, got {type(layer_name).__name__}.")
-    for layer in model.layers:
+    for layer in _all_layers(model):
         if layer.name == layer_name:
             return layer
     raise ValueError(
         f"Unknown layer {layer_name!r}. The model's layers are: {_layer_list(model)}."
     )
+
+
+def _flat_model(model):
+    """For ``Sequential([base, ...])`` whose first layer is a model: the same network as one
+    functional graph from the base's input (``base`` layers, then the rest), so that layers
+    inside the base can be reached. Other models are returned as they are."""
+    keras = _keras()
+    if not (isinstance(model, keras.Sequential) and model.layers
+            and isinstance(model.layers[0], keras.Model)):
+        return model
+
+    def build():
+        base = model.layers[0]
+        h = base.outputs[0]
+        for layer in model.layers[1:]:
+            h = layer(h)
+        return keras.Model(base.inputs, h, name=f"{model.name}_flat")
+    return _cached(model, ("flat",), build)
+
+
+def _resolve_layer(model, layer_name, for_cam=True):
+    """The layer for a CAM method: a named layer with a spatial map (N, h, w, k).
+
+    ``None``: the last convolutional layer's output after its ReLU, i.e. the conv layer
+    itself when the ReLU is built in, else the ReLU / Activation layer that follows it
+    (through a BatchNormalization), as in keras.applications' ResNets.
+    """
+    keras = _keras()
+    if layer_name is None:
+        layers = _all_layers(model)
+        last = get_layer(model, last_conv_layer_name(model))
+        chosen = prev = last
+        for layer in layers[layers.index(last) + 1:]:
+            if getattr(layer, "input", None) is not prev.output:
+                break
+            if _layer_type(layer) == "BatchNormalization":
+                prev = layer
+                continue
+            act = getattr(getattr(layer, "activation", None), "__name__", None)
+            if _layer_type(layer) == "ReLU" or (_layer_type(layer) == "Activation" and act == "relu"):
+                chosen = layer
+            break
+        return chosen
+    layer = get_layer(model, layer_name)
+    shape = tuple(layer.output.shape)
+    if isinstance(layer, keras.layers.InputLayer) or len(shape) != 4:
+        convs = conv_layer_names(model)
+        raise ValueError(
+            f"Layer {layer_name!r} ({type(layer).__name__}, output shape {shape}) has no spatial feature "
+            "map (N, h, w, channels); CAM methods need a convolutional (or pooling) layer. "
+            f"Convolutional layers of this model: {', '.join(convs) or 'none'}."
+        )
+    return layer
 
 # Sub-models and compiled TensorFlow functions are cached per (model, key) so that a
 # notebook or a live demo pays the building and tracing cost once. The cache holds at
@@ -865,109 +932,169 @@ def deprocess_image(x, crop=0, contrast=0.15):
 # ---------------------------------------------------------------------------
 # Attribution
 # ---------------------------------------------------------------------------
+#
+# One API for Keras models and PyTorch modules:
+#
+#     f(model, images, class_index=None, *, layer=None, score="logits", normalize=True, ...)
+#
+# ``images`` are NumPy (N, H, W, C) (or one (H, W, C)) in the model's input range;
+# maps come back as float32 (N, H, W). Each method is written once, in NumPy, from
+# what a framework "engine" gives it: the class scores of a batch, their gradient
+# with respect to the input, or a layer's feature maps A (N, h, w, k, channels last)
+# and the gradient dS_c/dA. The formulas below (``grad_cam_weights``, ...) accept
+# NumPy arrays, TensorFlow tensors and PyTorch tensors alike, so a notebook can show
+# them on its own GradientTape or autograd code.
 
-#: Images per compiled call for the methods that multiply the batch (SmoothGrad,
-#: Integrated Gradients, Score-CAM): bounds memory, keeps every call one batch.
-_ATTR_CHUNK = 2048
-
-
-def _check_keras_model(model):
-    keras = _keras()
-    if not isinstance(model, keras.Model):
-        raise TypeError(f"model must be a Keras model, got {type(model).__name__}.")
-    try:
-        model.inputs
-    except (AttributeError, ValueError):
-        raise ValueError(
-            "The model has no defined input yet (a Sequential model without an Input layer); "
-            "build it as a functional model or call it once on data."
-        ) from None
-    if len(model.inputs) != 1:
-        raise ValueError(f"Attribution needs a model with one image input; this one has {len(model.inputs)}.")
+#: Bytes of intermediate values (activations, their gradients) one call into the
+#: model may hold. Every method splits its batch (and Score-CAM / occlusion their
+#: masked copies) into calls below this, so memory stays bounded whatever the batch.
+ATTRIBUTION_MEMORY_BUDGET = 1 << 30
 
 
-def _score_output(model, score):
-    """The symbolic tensor of class scores: pre-softmax (``"logits"``) or ``"probability"``."""
-    keras = _keras()
-    if score not in ("logits", "probability"):
-        raise ValueError(f"score must be 'logits' (pre-softmax, the default) or 'probability', got {score!r}.")
-    out = model.outputs[0]
-    last = model.layers[-1]
-    if score == "probability":
-        return out
-    names = [layer.name for layer in model.layers]
-    if LOGITS_LAYER in names:
-        return model.get_layer(LOGITS_LAYER).output
-    if isinstance(last, keras.layers.Softmax):
-        return last.input
-    activation = getattr(last, "activation", None)
-    if activation is not None and getattr(activation, "__name__", "") == "softmax":
-        raise ValueError(
-            f"The model's last layer {last.name!r} applies a softmax, and the model has no layer named "
-            f"{LOGITS_LAYER!r} holding pre-softmax scores. Add a Dense layer named {LOGITS_LAYER!r} "
-            "followed by a Softmax layer, or pass score='probability'."
-        )
-    return out  # the model already outputs unnormalised scores
+class _Ops:
+    """The few tensor operations the attribution formulas use, for NumPy, TF or torch."""
 
+    def __init__(self, kind):
+        self.kind = kind
+        if kind == "torch":
+            import torch
 
-def _resolve_layer(model, layer_name, for_cam=True):
-    """The layer for a CAM method: a named layer with a spatial map (N, h, w, k)."""
-    if layer_name is None:
-        layer_name = last_conv_layer_name(model)
-    layer = get_layer(model, layer_name)
-    keras = _keras()
-    shape = tuple(layer.output.shape)
-    if isinstance(layer, keras.layers.InputLayer) or len(shape) != 4:
-        convs = conv_layer_names(model)
-        raise ValueError(
-            f"Layer {layer_name!r} ({type(layer).__name__}, output shape {shape}) has no spatial feature "
-            "map (N, h, w, channels); CAM methods need a convolutional (or pooling) layer. "
-            f"Convolutional layers of this model: {', '.join(convs) or 'none'}."
-        )
-    return layer
-
-
-def _class_indices(class_index, n, num_classes):
-    """Per-image target classes as int32 (N,), with -1 meaning 'the predicted class'."""
-    if class_index is None:
-        return np.full(n, -1, dtype=np.int32)
-    arr = np.asarray(class_index)
-    if arr.dtype.kind not in "iu":
-        if arr.dtype.kind == "f" and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
-            arr = arr.astype(np.int64)
+            self.sum = lambda a, axis, keepdims=False: torch.sum(a, dim=axis, keepdim=keepdims)
+            self.mean = lambda a, axis, keepdims=False: torch.mean(a, dim=axis, keepdim=keepdims)
+            self.amax = lambda a, axis, keepdims=False: torch.amax(a, dim=axis, keepdim=keepdims)
+            self.amin = lambda a, axis, keepdims=False: torch.amin(a, dim=axis, keepdim=keepdims)
+            self.relu, self.where, self.einsum, self.abs = torch.relu, torch.where, torch.einsum, torch.abs
+        elif kind == "tensorflow":
+            tf = _tf()
+            self.sum = lambda a, axis, keepdims=False: tf.reduce_sum(a, axis=axis, keepdims=keepdims)
+            self.mean = lambda a, axis, keepdims=False: tf.reduce_mean(a, axis=axis, keepdims=keepdims)
+            self.amax = lambda a, axis, keepdims=False: tf.reduce_max(a, axis=axis, keepdims=keepdims)
+            self.amin = lambda a, axis, keepdims=False: tf.reduce_min(a, axis=axis, keepdims=keepdims)
+            self.relu, self.where, self.einsum, self.abs = tf.nn.relu, tf.where, tf.einsum, tf.abs
         else:
-            raise TypeError(f"class_index must be None, an int or one int per image; got {class_index!r}.")
-    if arr.ndim == 0:
-        arr = np.full(n, int(arr))
-    elif arr.shape != (n,):
-        raise ValueError(
-            f"class_index must be None, an int, or one int per image (shape ({n},)); got shape {arr.shape}."
-        )
-    bad = (arr < 0) | (arr >= num_classes)
-    if np.any(bad):
-        raise ValueError(
-            f"class_index {arr[bad][0]} is out of range: the model has {num_classes} classes (0..{num_classes - 1})."
-        )
-    return arr.astype(np.int32)
+            self.sum = lambda a, axis, keepdims=False: np.sum(a, axis=axis, keepdims=keepdims)
+            self.mean = lambda a, axis, keepdims=False: np.mean(a, axis=axis, keepdims=keepdims)
+            self.amax = lambda a, axis, keepdims=False: np.max(a, axis=axis, keepdims=keepdims)
+            self.amin = lambda a, axis, keepdims=False: np.min(a, axis=axis, keepdims=keepdims)
+            self.relu = lambda a: np.maximum(a, 0)
+            self.where, self.einsum, self.abs = np.where, np.einsum, np.abs
 
 
-def _prepare(model, images, class_index, score):
-    """Validate the arguments; return (x float32 batch, class indices int32, score tensor)."""
-    _check_keras_model(model)
-    x = as_image_batch(images, model)
-    out = _score_output(model, score)
-    if len(tuple(out.shape)) != 2:
-        raise ValueError(f"The model's class scores have shape {tuple(out.shape)}; expected (N, classes).")
-    cls = _class_indices(class_index, len(x), int(out.shape[-1]))
-    return x, cls, out
+_OPS = {}
 
 
-def _pick_class(scores, cls):
-    """Inside a graph: -1 -> argmax of the scores; then the target score per row."""
-    tf = _tf()
-    predicted = tf.argmax(scores, axis=-1, output_type=tf.int32)
-    cls = tf.where(cls < 0, predicted, cls)
-    return cls, tf.gather(scores, cls, axis=1, batch_dims=1)
+def _ops(x):
+    kind = type(x).__module__.split(".")[0]
+    kind = kind if kind in ("torch", "tensorflow") else "numpy"
+    if kind not in _OPS:
+        _OPS[kind] = _Ops(kind)
+    return _OPS[kind]
+
+
+def saliency_from_gradients(grads):
+    """Simonyan et al. (2014): ``M_ij = max_c |dS/dx_ijc|``; (N, H, W, C) -> (N, H, W)."""
+    o = _ops(grads)
+    return o.amax(o.abs(grads), -1)
+
+
+def grad_cam_weights(activations, grads):
+    """Grad-CAM channel weights (Selvaraju et al., 2017, eq. 1):
+    ``w_k = mean_ij dS_c / dA^k_ij``. ``activations`` and ``grads`` (N, h, w, k) -> (N, k)."""
+    return _ops(grads).mean(grads, (1, 2))
+
+
+def grad_cam_plus_plus_weights(activations, grads, renormalize_alphas=False):
+    """Grad-CAM++ channel weights (Chattopadhay et al., 2018, eq. 19), for ``Y_c = exp(S_c)``:
+
+    ``alpha^k_ij = g^2 / (2 g^2 + sum_ab A^k_ab g^3)`` (0 where the denominator is 0),
+    ``w_k = sum_ij alpha^k_ij ReLU(g)``, with ``g = dS_c / dA^k_ij``. The positive
+    factor ``exp(S_c)`` is left out (it scales an image's weights alike).
+    ``renormalize_alphas``: divide each channel's alphas by their spatial sum, as the
+    authors' code and tf-keras-vis do. (N, h, w, k) -> (N, k).
+    """
+    o = _ops(grads)
+    g2 = grads * grads
+    denom = 2.0 * g2 + o.sum(activations, (1, 2), keepdims=True) * g2 * grads
+    alpha = o.where(denom != 0, g2 / o.where(denom != 0, denom, 1.0), 0.0 * g2)
+    if renormalize_alphas:
+        total = o.sum(alpha, (1, 2), keepdims=True)
+        alpha = alpha / o.where(total != 0, total, 1.0 + 0.0 * total)
+    return o.sum(alpha * o.relu(grads), (1, 2))
+
+
+def class_activation_map(activations, weights):
+    """``L = ReLU(sum_k w_k A^k)``: (N, h, w, k) and (N, k) -> (N, h, w)."""
+    o = _ops(activations)
+    return o.relu(o.einsum("nhwk,nk->nhw", activations, weights))
+
+
+def score_cam_masks(upsampled):
+    """Score-CAM masks (Wang et al., 2020): each upsampled map min-max scaled to [0, 1],
+    ``M^k = (A^k - min A^k) / (max A^k - min A^k)``. (N, H, W, k) -> (masks, varies (N, k));
+    a constant channel has no mask (all zeros, ``varies`` False)."""
+    o = _ops(upsampled)
+    lo = o.amin(upsampled, (1, 2), keepdims=True)
+    span = o.amax(upsampled, (1, 2), keepdims=True) - lo
+    varies = span > 0
+    masks = o.where(varies, (upsampled - lo) / o.where(varies, span, 1.0 + 0.0 * span), 0.0 * span)
+    return masks, varies[:, 0, 0, :]
+
+
+def score_cam_weights(masked_scores, cls, varies, weighting="probability", probabilities=False):
+    """Score-CAM channel weights from the class scores of the masked inputs.
+
+    ``masked_scores`` (N, k, K): pre-softmax scores ``S(x * M^k)``. With
+    ``weighting="probability"`` (the authors' code, tf-keras-vis):
+    ``w_k = softmax(S(x * M^k))_c``; with ``"channel_softmax"`` (the paper's
+    Algorithm 1 without a baseline, pytorch-grad-cam): ``w = softmax_k(S_c(x * M^k))``.
+    ``probabilities=True``: the scores are probabilities already, used as they are.
+    Constant channels (``varies`` False) get weight 0. NumPy; returns (N, k).
+    """
+    s = np.asarray(masked_scores, dtype=np.float64)
+    target = np.take_along_axis(s, np.asarray(cls)[:, None, None], axis=2)[..., 0]     # (N, k)
+    if weighting == "probability" and probabilities:
+        w = target
+    elif weighting == "probability":
+        w = 1.0 / np.exp(s - target[..., None]).sum(axis=2)              # softmax_c, stable
+    elif weighting == "channel_softmax":
+        t = np.where(varies, target, -np.inf)
+        t = t - t.max(axis=1, keepdims=True)
+        w = np.exp(t) / np.exp(t).sum(axis=1, keepdims=True)
+    else:
+        raise ValueError(f"weighting must be 'probability' or 'channel_softmax', got {weighting!r}.")
+    return np.where(varies, w, 0.0).astype(np.float32)
+
+
+def occlusion_windows(input_hw, window, stride):
+    """Top-left corners of Zeiler & Fergus' occluding windows: every ``stride`` pixels
+    while the window fits (as captum's ``Occlusion``). Returns (rows, cols, (wh, ww))."""
+    H, W = input_hw
+    win = (window, window) if np.isscalar(window) else tuple(window)
+    st = (stride, stride) if np.isscalar(stride) else tuple(stride)
+    for name, value, limit in (("window", win, (H, W)), ("stride", st, (H, W))):
+        if len(value) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1
+                                  for v in value):
+            raise ValueError(f"{name} must be a positive int or a pair (height, width) of positive ints; "
+                             f"got {value!r}.")
+    if win[0] > H or win[1] > W:
+        raise ValueError(f"window {win} is larger than the images ({H}, {W}): choose a smaller window.")
+    rows = np.arange(0, H - win[0] + 1, st[0])
+    cols = np.arange(0, W - win[1] + 1, st[1])
+    return rows, cols, win
+
+
+def occlusion_map(drops, input_hw, rows, cols, win):
+    """Zeiler & Fergus (2014): the map at a pixel is the mean score drop
+    ``S_c(x) - S_c(x occluded)`` over the windows covering it (0 where none does).
+    ``drops`` (N, len(rows), len(cols)) -> (N, H, W)."""
+    N = len(drops)
+    total = np.zeros((N,) + tuple(input_hw), np.float64)
+    count = np.zeros(tuple(input_hw), np.float64)
+    for i, r in enumerate(rows):
+        for j, c in enumerate(cols):
+            total[:, r:r + win[0], c:c + win[1]] += drops[:, i, j, None, None]
+            count[r:r + win[0], c:c + win[1]] += 1
+    return (total / np.maximum(count, 1)).astype(np.float32)
 
 
 def _tf_minmax(maps):
@@ -1015,48 +1142,484 @@ def _linear_interpolation_matrix(centres, size):
     return m
 
 
-def cam_upsampling_matrices(model, layer, input_hw):
+def cam_upsampling_matrices(model, layer, input_hw, map_hw=None):
     """Matrices ``(R_y (H, h), R_x (W, w))`` that bring a map ``(h, w)`` of ``layer`` to
     the input grid: ``up = R_y @ cam @ R_x.T``.
+
+    ``model`` is a Keras model or a PyTorch module, ``layer`` a layer name (for PyTorch
+    a name from ``model.named_modules()``). ``map_hw``: the layer's output size (h, w)
+    for these inputs; needed for PyTorch modules and for Keras models with a variable
+    input size, read from the layer otherwise.
 
     Placeholder: cell ``i`` sits where naive bilinear resizing puts it,
     ``(i + 0.5) * H / h - 0.5`` (what ``tf.image.resize`` does).
     """
-    h, w = (int(d) for d in get_layer(model, layer).output.shape[1:3])
+    if map_hw is None:
+        map_hw = get_layer(model, layer).output.shape[1:3]
+    h, w = (int(d) for d in map_hw)
     H, W = (int(d) for d in input_hw)
     return (_linear_interpolation_matrix((np.arange(h) + 0.5) * H / h - 0.5, H),
             _linear_interpolation_matrix((np.arange(w) + 0.5) * W / w - 0.5, W))
 
 
-def _grad_fn(model, score, saliency=False):
-    """Compiled (x, cls) -> (target scores, classes, d target / d x).
-
-    With ``saliency=True``: (raw saliency maps, min-max scaled maps) instead.
-    """
-    def build():
-        tf, keras = _tf(), _keras()
-        sub = keras.Model(model.inputs, _score_output(model, score))
-        spec = tf.TensorSpec([None] + list(model.inputs[0].shape[1:]), tf.float32)
-
-        @tf.function(input_signature=[spec, tf.TensorSpec([None], tf.int32)], autograph=False)
-        def fn(x, cls):
-            with tf.GradientTape() as tape:
-                tape.watch(x)
-                scores = sub(x, training=False)
-                cls, target = _pick_class(scores, cls)
-            grads = tape.gradient(target, x)
-            if saliency:
-                maps = tf.reduce_max(tf.abs(grads), axis=-1)
-                return maps, _tf_minmax(maps)
-            return target, cls, grads
-        return fn
-    return _cached(model, ("grad", score, saliency), build)
+def _upsample(maps, R_y, R_x):
+    """``R_y @ map @ R_x.T`` for each map: (N, h, w) -> (N, H, W), or (N, h, w, k) -> (N, H, W, k)."""
+    if maps.ndim == 3:
+        return np.matmul(np.matmul(R_y, maps), R_x.T)
+    out = np.tensordot(maps, R_x, axes=([2], [1]))                       # (N, h, k, W)
+    out = np.tensordot(R_y, out, axes=([1], [1]))                        # (H, N, k, W)
+    return np.ascontiguousarray(out.transpose(1, 0, 3, 2))               # (N, H, W, k)
 
 
-def _chunks(n, per_item):
-    """Slices of a batch of n images so that each call handles <= _ATTR_CHUNK inputs."""
-    step = max(1, _ATTR_CHUNK // max(1, per_item))
+def _chunks(n, bytes_per_item):
+    """Slices of n items so that each slice holds at most ATTRIBUTION_MEMORY_BUDGET bytes."""
+    step = int(max(1, ATTRIBUTION_MEMORY_BUDGET // max(1, int(bytes_per_item))))
     return [slice(i, min(n, i + step)) for i in range(0, n, step)]
+
+
+def _class_indices(class_index, n, num_classes):
+    """Per-image target classes as int32 (N,), with -1 meaning 'the predicted class'."""
+    if class_index is None:
+        return np.full(n, -1, dtype=np.int32)
+    arr = np.asarray(class_index)
+    if arr.dtype.kind not in "iu":
+        if arr.dtype.kind == "f" and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
+            arr = arr.astype(np.int64)
+        else:
+            raise TypeError(f"class_index must be None, an int or one int per image; got {class_index!r}.")
+    if arr.ndim == 0:
+        arr = np.full(n, int(arr))
+    elif arr.shape != (n,):
+        raise ValueError(
+            f"class_index must be None, an int, or one int per image (shape ({n},)); got shape {arr.shape}."
+        )
+    bad = (arr < 0) | (arr >= num_classes)
+    if np.any(bad):
+        raise ValueError(
+            f"class_index {arr[bad][0]} is out of range: the model has {num_classes} classes (0..{num_classes - 1})."
+        )
+    return arr.astype(np.int32)
+
+
+def _check_score(score):
+    if score not in ("logits", "probability"):
+        raise ValueError(f"score must be 'logits' (pre-softmax, the default) or 'probability', got {score!r}.")
+
+
+def _no_layer(layer, method):
+    if layer is not None:
+        raise ValueError(f"{method} attributes to the input pixels: layer must be None, got {layer!r} "
+                         "(layer chooses the feature maps of the CAM methods).")
+
+
+# -- Keras engine -----------------------------------------------------------------
+
+def _check_keras_model(model):
+    keras = _keras()
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"model must be a Keras model or a PyTorch nn.Module, got {type(model).__name__}.")
+    try:
+        model.inputs
+    except (AttributeError, ValueError):
+        raise ValueError(
+            f"The model {model.name!r} is not built yet (a Sequential model without an Input layer "
+            "has no input shape): build it first, e.g. model.build((None, 28, 28, 1)) or start it "
+            "with keras.Input(shape), or call it once on a batch of images."
+        ) from None
+    if len(model.inputs) != 1:
+        raise ValueError(f"Attribution needs a model with one image input; this one has {len(model.inputs)}.")
+    if len(model.outputs) != 1:
+        raise ValueError(
+            f"The model {model.name!r} has {len(model.outputs)} outputs; attribution explains one "
+            "class-score output. Choose it explicitly: keras.Model(model.inputs, model.outputs[i])."
+        )
+
+
+def _score_output(model, score):
+    """The symbolic tensor of class scores (N, K): pre-softmax (``"logits"``) or the model's
+    output (``"probability"``). For ``"logits"``: the layer named ``LOGITS_LAYER``, else the
+    input of a final Softmax layer, else the pre-activation of a final Dense layer with a
+    softmax or sigmoid activation, else the output itself (already unnormalised scores)."""
+    keras = _keras()
+    _check_score(score)
+    out = model.outputs[0]
+    if score == "probability":
+        return out
+    last = model.layers[-1]
+    if LOGITS_LAYER in [layer.name for layer in model.layers]:
+        return model.get_layer(LOGITS_LAYER).output
+    if isinstance(last, keras.layers.Softmax):
+        return last.input
+    activation = getattr(getattr(last, "activation", None), "__name__", "linear")
+    if activation in ("softmax", "sigmoid"):
+        pre, _ = _pre_activation(last)
+        if pre is None:
+            raise ValueError(
+                f"The model's last layer {last.name!r} applies a {activation} and its pre-activation "
+                f"cannot be recovered; add a layer named {LOGITS_LAYER!r} holding pre-softmax scores, "
+                "or pass score='probability'.")
+        return pre(last.input)
+    return out
+
+
+def _two_classes(scores, score, ops_kind):
+    """A model with one output unit (binary, sigmoid) as two classes: logit z becomes
+    scores ``[-z/2, z/2]`` (softmax of which is ``[1 - sigmoid(z), sigmoid(z)]``), a
+    probability p becomes ``[1 - p, p]``. Class 1 is the positive class."""
+    if ops_kind == "tensorflow":
+        tf = _tf()
+        return tf.concat([-scores / 2, scores / 2] if score == "logits" else [1.0 - scores, scores], axis=1)
+    import torch
+
+    return torch.cat([-scores / 2, scores / 2] if score == "logits" else [1.0 - scores, scores], dim=1)
+
+
+def _keras_scores_model(model, score, layer=None):
+    """A cached Keras model: image -> class scores (N, K), or with ``layer``
+    image -> (the layer's feature maps, class scores)."""
+    keras = _keras()
+
+    def build():
+        out = _score_output(model, score)
+        if len(tuple(out.shape)) != 2:
+            raise ValueError(f"The model's output has shape {tuple(out.shape)}; attribution needs class "
+                             "scores (N, classes).")
+        outputs = out if layer is None else [get_layer(model, layer).output, out]
+        return keras.Model(_single_input(model), outputs)
+    return _cached(model, ("scores_model", score, layer), build)
+
+
+def _keras_fn(model, score, kind, layer=None):
+    """Compiled TensorFlow functions, cached per model:
+    ``"grad"``: (x, cls) -> (target score, class, dS_c/dx);
+    ``"cam"``: (x, cls) -> (target, class, A, dS_c/dA);
+    ``"forward"``: x -> scores; ``"features"``: x -> (A, scores)."""
+    def build():
+        tf = _tf()
+        sub = _keras_scores_model(model, score, layer)
+        spec = tf.TensorSpec([None] + list(model.inputs[0].shape[1:]), tf.float32)
+        cls_spec = tf.TensorSpec([None], tf.int32)
+
+        def scores_of(out):
+            return _two_classes(out, score, "tensorflow") if out.shape[-1] == 1 else out
+
+        def pick(scores, cls):
+            cls = tf.where(cls < 0, tf.argmax(scores, axis=-1, output_type=tf.int32), cls)
+            return cls, tf.gather(scores, cls, axis=1, batch_dims=1)
+
+        if kind == "grad":
+            @tf.function(input_signature=[spec, cls_spec], autograph=False)
+            def fn(x, cls):
+                with tf.GradientTape() as tape:
+                    tape.watch(x)
+                    cls, target = pick(scores_of(sub(x, training=False)), cls)
+                return target, cls, tape.gradient(target, x)
+        elif kind == "cam":
+            @tf.function(input_signature=[spec, cls_spec], autograph=False)
+            def fn(x, cls):
+                with tf.GradientTape() as tape:
+                    feats, out = sub(x, training=False)
+                    tape.watch(feats)
+                    cls, target = pick(scores_of(out), cls)
+                return target, cls, feats, tape.gradient(target, feats)
+        elif kind == "forward":
+            @tf.function(input_signature=[spec], autograph=False)
+            def fn(x):
+                return scores_of(sub(x, training=False))
+        else:
+            @tf.function(input_signature=[spec], autograph=False)
+            def fn(x):
+                feats, out = sub(x, training=False)
+                return feats, scores_of(out)
+        return fn
+    return _cached(model, ("attribution", kind, score, layer), build)
+
+
+class _KerasEngine:
+    """What the attribution methods need from a Keras model (NumPy in, NumPy out)."""
+
+    def __init__(self, model, score):
+        _check_keras_model(model)
+        _check_score(score)
+        model = _flat_model(model)
+        self.model, self.score = model, score
+        out = _keras_scores_model(model, score).outputs[0]
+        self.num_classes = max(2, int(out.shape[-1]))
+
+    def images(self, images):
+        return as_image_batch(images, self.model)
+
+    def bytes_per_image(self, x):
+        keras = _keras()
+        n = 0
+        for layer in _all_layers(self.model):
+            if isinstance(layer, keras.Model):
+                continue
+            try:
+                shapes = layer.output.shape
+            except (AttributeError, ValueError):
+                continue
+            dims = [d for d in tuple(shapes)[1:]]
+            size = int(np.prod([d for d in dims if d is not None] or [1]))
+            if any(d is None for d in dims):
+                size *= int(np.prod(x.shape[1:3]))
+            n += size
+        return 4 * max(n, int(np.prod(x.shape[1:])))
+
+    def grad(self, x, cls):
+        tf = _tf()
+        t, c, g = _keras_fn(self.model, self.score, "grad")(tf.constant(x), tf.constant(cls))
+        return t.numpy(), c.numpy(), g.numpy()
+
+    def layer_grad(self, x, cls, layer):
+        tf = _tf()
+        t, c, a, g = _keras_fn(self.model, self.score, "cam", layer)(tf.constant(x), tf.constant(cls))
+        return t.numpy(), c.numpy(), a.numpy(), g.numpy()
+
+    def forward(self, x):
+        return _keras_fn(self.model, self.score, "forward")(_tf().constant(x)).numpy()
+
+    def features(self, x, layer):
+        a, s = _keras_fn(self.model, self.score, "features", layer)(_tf().constant(x))
+        return a.numpy(), s.numpy()
+
+    def resolve_layer(self, layer, x):
+        return _resolve_layer(self.model, layer).name
+
+    def channels(self, layer, x):
+        return int(get_layer(self.model, layer).output.shape[-1])
+
+
+# -- PyTorch engine ---------------------------------------------------------------
+
+def _is_torch_module(model):
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(model, torch.nn.Module)
+
+
+def _vgg_alias_names(model):
+    """VGG's conventional names (``conv5_3``, ``relu5_3``, ``pool5``, ...) -> names in
+    ``model.named_modules()`` (``features.28`` ...), for a model with VGG's ``features``."""
+    features = getattr(model, "features", None)
+    if features is None or not hasattr(features, "__len__"):
+        return {}
+    return {name: f"features.{i}" for i, name in enumerate(vgg_layer_names(model))}
+
+
+class _TorchEngine:
+    """What the attribution methods need from a PyTorch module mapping (N, C, H, W) to
+    class scores (N, K). Images come in as NumPy (N, H, W, C)."""
+
+    def __init__(self, model, score):
+        torch, _ = _torch()
+        _check_score(score)
+        self.torch, self.model, self.score = torch, model, score
+        params = list(model.parameters())
+        self.device = params[0].device if params else torch.device("cpu")
+        self.dtype = params[0].dtype if params and params[0].is_floating_point() else torch.float32
+        self.num_classes = None
+
+    def images(self, images):
+        x = as_image_batch(images, None)
+        conv = next((m for m in self.model.modules() if isinstance(m, self.torch.nn.Conv2d)), None)
+        if conv is not None and x.ndim == 4 and x.shape[-1] != conv.in_channels:
+            raise ValueError(f"images have {x.shape[-1]} channels (last axis of (N, H, W, C)), but the "
+                             f"model's first convolution takes {conv.in_channels}; pass images channels-last.")
+        if len(x):
+            with self.torch.no_grad():
+                self.num_classes = max(2, int(self._scores(self._call(self._tensor(x[:1]))).shape[1]))
+        return x
+
+    def _tensor(self, x):
+        return self.torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(self.device, self.dtype)
+
+    def _call(self, t):
+        training = self.model.training
+        self.model.eval()  # as Keras' training=False: no dropout, BatchNorm's running statistics
+        try:
+            out = self.model(t)
+        finally:
+            self.model.train(training)
+        if not isinstance(out, self.torch.Tensor):
+            raise TypeError(
+                f"The model returned a {type(out).__name__}; attribution needs one tensor of class "
+                "scores (N, classes). Wrap the model so that forward returns the output to explain, "
+                "e.g. torch.nn.Sequential(model, SelectOutput(0)) or a lambda module.")
+        if out.ndim != 2:
+            raise ValueError(f"The model's output has shape {tuple(out.shape)}; attribution needs class "
+                             "scores (N, classes).")
+        return out
+
+    def _scores(self, out):
+        if self.score == "probability":
+            out = self.torch.sigmoid(out) if out.shape[1] == 1 else self.torch.softmax(out, dim=1)
+        return _two_classes(out, self.score, "torch") if out.shape[1] == 1 else out
+
+    def _pick(self, scores, cls):
+        c = self.torch.as_tensor(cls, device=scores.device, dtype=self.torch.long)
+        c = self.torch.where(c < 0, scores.argmax(dim=1), c)
+        return c, scores.gather(1, c[:, None])[:, 0]
+
+    def bytes_per_image(self, x):
+        key = ("bytes", tuple(x.shape[1:]))
+        return _cached(self.model, key, lambda: self._probe_bytes(x))
+
+    def _probe_bytes(self, x):
+        total = [0]
+
+        def hook(module, inputs, output):
+            if isinstance(output, self.torch.Tensor):
+                total[0] += output[0].numel()
+        handles = [m.register_forward_hook(hook) for m in self.model.modules()
+                   if not list(m.children())]
+        try:
+            with self.torch.no_grad():
+                self._call(self._tensor(x[:1]))
+        finally:
+            for h in handles:
+                h.remove()
+        return 4 * max(total[0], int(np.prod(x.shape[1:])))
+
+    def grad(self, x, cls):
+        t = self._tensor(x).requires_grad_(True)
+        c, target = self._pick(self._scores(self._call(t)), cls)
+        (g,) = self.torch.autograd.grad(target.sum(), t)
+        return (target.detach().cpu().numpy(), c.cpu().numpy().astype(np.int32),
+                g.permute(0, 2, 3, 1).cpu().numpy())
+
+    def _hooked(self, layer, t):
+        module = dict(self.model.named_modules())[layer]
+        kept = {}
+
+        def hook(mod, inputs, output):
+            if not isinstance(output, self.torch.Tensor):
+                raise ValueError(f"Layer {layer!r} returns a {type(output).__name__}, not a feature map tensor.")
+            kept["a"] = output
+            return output.clone()  # later in-place layers (ReLU(inplace=True)) must not change it
+        handle = module.register_forward_hook(hook)
+        try:
+            out = self._call(t)
+        finally:
+            handle.remove()
+        if "a" not in kept:
+            raise ValueError(f"Layer {layer!r} did not run in the model's forward pass.")
+        return kept["a"], out
+
+    def layer_grad(self, x, cls, layer):
+        with self.torch.enable_grad():
+            a, out = self._hooked(layer, self._tensor(x))
+            if not a.requires_grad:
+                raise ValueError(f"Layer {layer!r}'s output does not depend on trainable computation; "
+                                 "choose a layer after the first convolution.")
+            c, target = self._pick(self._scores(out), cls)
+            (g,) = self.torch.autograd.grad(target.sum(), a)
+        self._check_map(a, layer)
+        return (target.detach().cpu().numpy(), c.cpu().numpy().astype(np.int32),
+                a.detach().permute(0, 2, 3, 1).cpu().numpy(), g.permute(0, 2, 3, 1).cpu().numpy())
+
+    def _check_map(self, a, layer):
+        if a.ndim != 4:
+            raise ValueError(f"Layer {layer!r} has output shape {tuple(a.shape)}, not a spatial feature map "
+                             "(N, channels, h, w); CAM methods need a convolutional (or pooling) layer.")
+
+    def forward(self, x):
+        with self.torch.no_grad():
+            return self._scores(self._call(self._tensor(x))).cpu().numpy()
+
+    def channels(self, layer, x):
+        return _cached(self.model, ("channels", layer, tuple(x.shape[1:])),
+                       lambda: self.features(x[:1], layer)[0].shape[-1])
+
+    def features(self, x, layer):
+        with self.torch.no_grad():
+            a, out = self._hooked(layer, self._tensor(x))
+        self._check_map(a, layer)
+        return a.permute(0, 2, 3, 1).cpu().numpy(), self._scores(out).cpu().numpy()
+
+    def resolve_layer(self, layer, x):
+        """A name from ``model.named_modules()`` (VGG's ``conv5_3`` etc. translated);
+        ``None``: the last convolution's output after its ReLU."""
+        if layer is None:
+            return _cached(self.model, ("default_layer", tuple(x.shape[1:])), lambda: self._last_conv(x))
+        if not isinstance(layer, str):
+            raise TypeError(f"layer must be a layer name (a string), got {type(layer).__name__}.")
+        named = dict(self.model.named_modules())
+        aliases = _vgg_alias_names(self.model)
+        if layer not in named and layer in aliases:
+            return aliases[layer]
+        if layer not in named or layer == "":
+            convs = [n for n, m in named.items() if isinstance(m, self.torch.nn.Conv2d)]
+            extra = f" VGG names such as {', '.join(list(aliases)[-5:])} work too." if aliases else ""
+            raise ValueError(f"Unknown layer {layer!r}. The model's convolutional layers are: "
+                             f"{', '.join(convs) or 'none'} (any name from model.named_modules() works)."
+                             + extra)
+        return layer
+
+    def _last_conv(self, x):
+        """The last Conv2d to run, or the activation (ReLU ...) applied right after it
+        (through a BatchNorm) when there is one: its name in named_modules()."""
+        torch = self.torch
+        calls = []
+        names = {id(m): n for n, m in self.model.named_modules()}
+
+        def hook(module, inputs, output):
+            calls.append((module, inputs[0] if inputs else None, output))
+        handles = [m.register_forward_hook(hook) for m in self.model.modules() if not list(m.children())]
+        try:
+            with torch.no_grad():
+                self._call(self._tensor(x[:1]))
+        finally:
+            for h in handles:
+                h.remove()
+        last = max((i for i, (m, _, _) in enumerate(calls) if isinstance(m, torch.nn.Conv2d)), default=None)
+        if last is None:
+            raise ValueError(f"The model {type(self.model).__name__} has no Conv2d layer; pass layer= the "
+                             "name of a layer with a spatial feature map (from model.named_modules()).")
+        chosen, prev_out = last, calls[last][2]
+        for i in range(last + 1, len(calls)):
+            m, inp, out = calls[i]
+            if inp is not prev_out and not (inp is not None and inp.data_ptr() == prev_out.data_ptr()
+                                            and inp.shape == prev_out.shape):
+                break
+            if isinstance(m, (torch.nn.BatchNorm2d,)):
+                prev_out = out
+                continue
+            if isinstance(m, (torch.nn.ReLU, torch.nn.LeakyReLU, torch.nn.ReLU6, torch.nn.ELU,
+                              torch.nn.GELU, torch.nn.SiLU)):
+                chosen = i
+            break
+        return names[id(calls[chosen][0])]
+
+
+def _engine(model, score):
+    if _is_torch_module(model):
+        return _TorchEngine(model, score)
+    return _KerasEngine(model, score)
+
+
+class _Explained:
+    """Validated arguments of one attribution call: engine, images x, classes cls."""
+
+    def __init__(self, model, images, class_index, score):
+        self.engine = _engine(model, score)
+        self.x = self.engine.images(images)
+        if len(self.x) == 0:
+            raise ValueError("images is empty: pass at least one image (N >= 1).")
+        self.cls = _class_indices(class_index, len(self.x), self.engine.num_classes)
+        self.per_image = self.engine.bytes_per_image(self.x)
+
+    def chunks(self, copies=1, factor=3):
+        """Slices of the batch whose ``copies`` inputs per image fit the memory budget
+        (``factor``: activations kept for the backward pass, and their gradients)."""
+        return _chunks(len(self.x), copies * factor * self.per_image)
+
+    def fix_classes(self):
+        """Resolve 'predicted class' (-1) on the clean images, chunk by chunk."""
+        if np.any(self.cls < 0):
+            for part in self.chunks(factor=1):
+                scores = self.engine.forward(self.x[part])
+                self.cls[part] = np.where(self.cls[part] < 0, scores.argmax(axis=1), self.cls[part])
+        return self.cls
 
 
 def class_scores(model, images, class_index=None, score="logits"):
@@ -1064,72 +1627,88 @@ def class_scores(model, images, class_index=None, score="logits"):
 
     ``class_index=None`` picks each image's predicted class. Scores are
     pre-softmax by default (``score="probability"`` for softmax outputs).
+    Keras model or PyTorch module.
     """
-    x, cls, _ = _prepare(model, images, class_index, score)
-    fn = _grad_fn(model, score)
-    tf = _tf()
-    target, cls_out, _ = fn(tf.constant(x), tf.constant(cls))
-    return target.numpy().astype(np.float32), cls_out.numpy().astype(np.int64)
+    e = _Explained(model, images, class_index, score)
+    cls = e.fix_classes()
+    out = np.empty(len(e.x), np.float32)
+    for part in e.chunks(factor=1):
+        s = e.engine.forward(e.x[part])
+        out[part] = s[np.arange(len(s)), cls[part]]
+    return out, cls.astype(np.int64)
 
 
-def saliency_map(model, images, class_index=None, *, score="logits", normalize=True):
+def _input_gradients(e, x=None, cls=None, copies=1):
+    """(targets, classes, dS_c/dx) for the batch, in memory-bounded calls."""
+    x = e.x if x is None else x
+    cls = e.cls if cls is None else cls
+    targets = np.empty(len(x), np.float32)
+    classes = np.empty(len(x), np.int32)
+    grads = np.empty(x.shape, np.float32)
+    for part in _chunks(len(x), 3 * e.per_image):
+        targets[part], classes[part], grads[part] = e.engine.grad(x[part], cls[part])
+    return targets, classes, grads
+
+
+def saliency_map(model, images, class_index=None, *, layer=None, score="logits", normalize=True):
     """Vanilla gradient saliency (Simonyan et al., 2014).
 
-    ``M(x) = max_channels | d S_c(x) / d x |`` with ``S_c`` the pre-softmax score
-    of class ``c`` (``class_index=None``: the predicted class; an int; or one int
-    per image). Images (N, H, W, C) or one image (treated as a batch of one).
+    ``M_ij = max_c |dS_c / dx_ijc|`` for the pre-softmax score ``S_c`` of
+    ``class_index`` (``None``: each image's predicted class; an int or one per image).
+    Keras model or PyTorch module; ``images`` (N, H, W, C) or (H, W, C).
     Returns float32 (N, H, W), each map min-max scaled to [0, 1] (``normalize=False``:
-    the raw maximum absolute gradient). One batched gradient call.
+    the raw maximum absolute gradient). Batched, in memory-bounded calls.
     """
-    x, cls, _ = _prepare(model, images, class_index, score)
-    tf = _tf()
-    raw, scaled = _grad_fn(model, score, saliency=True)(tf.constant(x), tf.constant(cls))
-    return (scaled if normalize else raw).numpy()
+    _no_layer(layer, "saliency_map")
+    e = _Explained(model, images, class_index, score)
+    out = np.empty(e.x.shape[:3], np.float32)
+    for part in e.chunks():
+        _, _, g = e.engine.grad(e.x[part], e.cls[part])
+        out[part] = saliency_from_gradients(g)
+    return normalize_maps(out) if normalize else out
 
 
-def smoothgrad(model, images, class_index=None, samples=50, noise=0.2, seed=None, *,
-               score="logits", normalize=True):
+def smoothgrad(model, images, class_index=None, *, layer=None, score="logits", normalize=True,
+               samples=50, noise=0.2, seed=None):
     """SmoothGrad (Smilkov et al., 2017): saliency averaged over noisy copies.
 
     ``M(x) = max_channels (1/n) sum_i | d S_c(x + e_i) / d x |``, ``e_i ~ N(0, s^2)``
     with ``s = noise * (max(x) - min(x))`` for each image. The class is fixed on
     the clean image (``None``: its predicted class). ``noise=0`` gives exactly
-    ``saliency_map``. All noisy copies go through the model in batched calls.
-    Returns float32 (N, H, W) in [0, 1] per image (``normalize=False``: raw).
+    ``saliency_map``. The noisy copies go through the model in batched,
+    memory-bounded calls. Returns float32 (N, H, W) in [0, 1] per image
+    (``normalize=False``: raw).
     """
-    if not isinstance(samples, (int, np.integer)) or samples < 1:
+    _no_layer(layer, "smoothgrad")
+    if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 1:
         raise ValueError(f"samples must be a positive integer, got {samples!r}.")
     if not np.isfinite(noise) or noise < 0:
         raise ValueError(f"noise must be a non-negative number (a fraction of each image's range), got {noise!r}.")
-    x, cls, _ = _prepare(model, images, class_index, score)
-    tf = _tf()
-    fn = _grad_fn(model, score)
-    # Fix the class on the clean images, so every noisy copy explains the same class.
-    _, cls, _ = fn(tf.constant(x), tf.constant(cls))
-    cls = cls.numpy()
+    e = _Explained(model, images, class_index, score)
+    x, cls = e.x, e.fix_classes()
     rng = np.random.default_rng(seed)
     sigma = noise * (x.max(axis=(1, 2, 3)) - x.min(axis=(1, 2, 3)))
     out = np.empty(x.shape[:3], dtype=np.float32)
-    for part in _chunks(len(x), samples):
+    for part in e.chunks(copies=samples):
         xb = x[part]
         nb = len(xb)
         noisy = np.repeat(xb[:, None], samples, axis=1)
         if noise > 0:
             noisy += rng.standard_normal(noisy.shape, dtype=np.float32) * sigma[part, None, None, None, None]
         noisy = noisy.reshape((nb * samples,) + x.shape[1:])
-        _, _, g = fn(tf.constant(noisy), tf.constant(np.repeat(cls[part], samples).astype(np.int32)))
-        g = tf.reshape(tf.abs(g), (nb, samples) + x.shape[1:])
-        out[part] = tf.reduce_max(tf.reduce_mean(g, axis=1), axis=-1).numpy()
+        _, _, g = _input_gradients(e, noisy, np.repeat(cls[part], samples).astype(np.int32))
+        g = np.abs(g).reshape((nb, samples) + x.shape[1:])
+        out[part] = g.mean(axis=1).max(axis=-1)
     return normalize_maps(out) if normalize else out
 
 
-def integrated_gradients(model, images, class_index=None, baseline=None, steps=50, *,
-                         score="logits", return_gap=False):
+def integrated_gradients(model, images, class_index=None, *, layer=None, score="logits",
+                         baseline=None, steps=50, return_gap=False):
     """Integrated Gradients (Sundararajan et al., 2017).
 
     ``IG_i(x) = (x_i - x'_i) * integral_0^1 d S_c(x' + a (x - x')) / d x_i da``,
     the integral taken with the trapezoidal rule on ``steps`` intervals
-    (``steps + 1`` points along the straight path, all in batched gradient calls).
+    (``steps + 1`` points along the straight path, in batched, memory-bounded calls).
     ``baseline`` is ``None`` (a black image), a number, one image or one per image.
     The class is fixed on the input (``None``: its predicted class).
 
@@ -1138,9 +1717,11 @@ def integrated_gradients(model, images, class_index=None, baseline=None, steps=5
     ``(attributions, gap)`` where ``gap = sum(attributions) - (S_c(x) - S_c(x'))``
     per image (N,): Completeness says it tends to 0 as ``steps`` grows.
     """
-    if not isinstance(steps, (int, np.integer)) or steps < 1:
+    _no_layer(layer, "integrated_gradients")
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}.")
-    x, cls, _ = _prepare(model, images, class_index, score)
+    e = _Explained(model, images, class_index, score)
+    x = e.x
     if baseline is None:
         base = np.zeros_like(x)
     else:
@@ -1148,181 +1729,187 @@ def integrated_gradients(model, images, class_index=None, baseline=None, steps=5
         if b.ndim == 0:
             base = np.full_like(x, float(b))
         else:
-            b = as_image_batch(b, model, name="baseline")
-            if len(b) not in (1, len(x)):
+            b = as_image_batch(b, None if _is_torch_module(model) else model, name="baseline")
+            if len(b) not in (1, len(x)) or b.shape[1:] != x.shape[1:]:
                 raise ValueError(
-                    f"baseline must be one image or one per image ({len(x)}); got {len(b)} images."
+                    f"baseline must be one image or one per image ({len(x)}) of shape {x.shape[1:]}; "
+                    f"got {b.shape}."
                 )
             base = np.broadcast_to(b, x.shape).astype(np.float32)
     if not np.all(np.isfinite(base)):
         raise ValueError("baseline contains NaN or infinite values.")
-    tf = _tf()
-    fn = _grad_fn(model, score)
-    target_x, cls, _ = fn(tf.constant(x), tf.constant(cls))
-    cls = cls.numpy()
+    cls = e.fix_classes()
     alphas = np.linspace(0.0, 1.0, steps + 1, dtype=np.float32)
     weights = np.full(steps + 1, 1.0 / steps, dtype=np.float32)
     weights[[0, -1]] *= 0.5  # trapezoidal rule
     k = steps + 1
     attributions = np.empty_like(x)
+    target_x = np.empty(len(x), dtype=np.float32)
     target_base = np.empty(len(x), dtype=np.float32)
-    for part in _chunks(len(x), k):
+    for part in e.chunks(copies=k):
         xb, bb = x[part], base[part]
         nb = len(xb)
         path = bb[:, None] + alphas[None, :, None, None, None] * (xb - bb)[:, None]
-        t, _, g = fn(tf.constant(path.reshape((nb * k,) + x.shape[1:])),
-                     tf.constant(np.repeat(cls[part], k).astype(np.int32)))
-        g = tf.reshape(g, (nb, k) + x.shape[1:])
-        avg = tf.tensordot(g, tf.constant(weights), axes=[[1], [0]])
-        attributions[part] = ((xb - bb) * avg.numpy()).astype(np.float32)
-        target_base[part] = t.numpy().reshape(nb, k)[:, 0]
+        t, _, g = _input_gradients(e, path.reshape((nb * k,) + x.shape[1:]),
+                                   np.repeat(cls[part], k).astype(np.int32))
+        avg = np.tensordot(g.reshape((nb, k) + x.shape[1:]), weights, axes=([1], [0]))
+        attributions[part] = ((xb - bb) * avg).astype(np.float32)
+        t = t.reshape(nb, k)
+        target_base[part], target_x[part] = t[:, 0], t[:, -1]
     if not return_gap:
         return attributions
-    gap = attributions.reshape(len(x), -1).sum(axis=1) - (target_x.numpy() - target_base)
+    gap = attributions.reshape(len(x), -1).sum(axis=1) - (target_x - target_base)
     return attributions, gap.astype(np.float32)
 
 
-def _cam_fn(model, layer_name, method, score):
-    """Compiled (x, cls) -> (raw maps (N, H, W) at input resolution, scaled maps, channel weights)."""
-    def build():
-        tf, keras = _tf(), _keras()
-        layer = model.get_layer(layer_name)
-        sub = keras.Model(model.inputs, [layer.output, _score_output(model, score)])
-        in_shape = list(model.inputs[0].shape[1:])
-        size = in_shape[:2]
-        spec = tf.TensorSpec([None] + in_shape, tf.float32)
-
-        @tf.function(input_signature=[spec, tf.TensorSpec([None], tf.int32)], autograph=False)
-        def fn(x, cls):
-            with tf.GradientTape() as tape:
-                feats, scores = sub(x, training=False)
-                tape.watch(feats)
-                cls, target = _pick_class(scores, cls)
-            g = tape.gradient(target, feats)
-            if method == "grad_cam":
-                w = tf.reduce_mean(g, axis=[1, 2])                                   # (N, k)
-            else:  # grad_cam_plus_plus, closed form for exp(S_c)
-                g2 = tf.square(g)
-                g3 = g2 * g
-                a_sum = tf.reduce_sum(feats, axis=[1, 2], keepdims=True)              # (N, 1, 1, k)
-                denom = 2.0 * g2 + a_sum * g3
-                alpha = tf.where(denom != 0.0, g2 / tf.where(denom != 0.0, denom, 1.0), 0.0)
-                if method == "grad_cam_plus_plus_renorm":  # the authors' code, tf-keras-vis
-                    a_norm = tf.reduce_sum(alpha, axis=[1, 2], keepdims=True)
-                    alpha = alpha / tf.where(a_norm != 0.0, a_norm, 1.0)
-                w = tf.reduce_sum(alpha * tf.nn.relu(g), axis=[1, 2])                # (N, k)
-            cam = tf.nn.relu(tf.einsum("nhwk,nk->nhw", feats, w))
-            up = tf.image.resize(cam[..., None], size, method="bilinear")[..., 0]
-            return up, _tf_minmax(up), w
-        return fn
-    return _cached(model, ("cam", layer_name, method, score), build)
-
-
-def _run_cam(method, model, images, class_index, layer_name, score, normalize, return_weights):
-    x, cls, _ = _prepare(model, images, class_index, score)
-    layer = _resolve_layer(model, layer_name)
-    tf = _tf()
-    raw, scaled, w = _cam_fn(model, layer.name, method, score)(tf.constant(x), tf.constant(cls))
-    maps = (scaled if normalize else raw).numpy()
-    return (maps, w.numpy()) if return_weights else maps
-
-
-def grad_cam(model, images, class_index=None, layer_name=None, *, score="logits",
-             normalize=True, return_weights=False):
-    """Grad-CAM (Selvaraju et al., 2017).
-
-    With feature maps ``A^k`` of ``layer_name`` (``None``: the last convolutional
-    layer) and ``S_c`` the pre-softmax score of class ``c``:
-    ``w_k = mean_ij d S_c / d A^k_ij``, ``L = ReLU(sum_k w_k A^k)``, then bilinear
-    upsampling to the input size. Returns float32 (N, H, W), each map min-max
-    scaled to [0, 1] (a constant map gives zeros); with ``return_weights=True``
-    also the channel weights (N, k).
-    """
-    return _run_cam("grad_cam", model, images, class_index, layer_name, score, normalize, return_weights)
-
-
-def grad_cam_plus_plus(model, images, class_index=None, layer_name=None, *, score="logits",
-                       normalize=True, return_weights=False, renormalize_alphas=False):
-    """Grad-CAM++ (Chattopadhay et al., 2018) with the paper's alpha weights.
-
-    The paper explains ``Y_c = exp(S_c)`` (``S_c`` the pre-softmax score), for
-    which the higher derivatives reduce to powers of ``g = d S_c / d A^k_ij``:
-    ``alpha^k_ij = g^2 / (2 g^2 + sum_ab A^k_ab g^3)`` (0 where the denominator is 0),
-    ``w_k = sum_ij alpha^k_ij ReLU(g)``, ``L = ReLU(sum_k w_k A^k)``, upsampled
-    bilinearly. The positive factor ``exp(S_c)`` of ``d Y_c / d A`` is left out:
-    it scales every weight of an image alike and vanishes in the min-max scaling.
-    By default the alphas are used as the paper's equation gives them; the
-    authors' code and tf-keras-vis also divide each channel's alphas by their
-    spatial sum (``renormalize_alphas=True`` does the same, which changes the
-    relative channel weights and so the map).
-    Returns float32 (N, H, W) in [0, 1] per image (``return_weights``: also (N, k)).
-    """
-    method = "grad_cam_plus_plus_renorm" if renormalize_alphas else "grad_cam_plus_plus"
-    return _run_cam(method, model, images, class_index, layer_name, score, normalize,
-                    return_weights)
-
-
-def _score_cam_fn(model, layer_name):
-    def build():
-        tf, keras = _tf(), _keras()
-        layer = model.get_layer(layer_name)
-        feats_model = keras.Model(model.inputs, [layer.output, _score_output(model, "logits")])
-        logits_sub = keras.Model(model.inputs, _score_output(model, "logits"))
-        in_shape = list(model.inputs[0].shape[1:])
-        size = in_shape[:2]
-        spec = tf.TensorSpec([None] + in_shape, tf.float32)
-
-        @tf.function(input_signature=[spec, tf.TensorSpec([None], tf.int32)], autograph=False)
-        def fn(x, cls):
-            feats, scores = feats_model(x, training=False)
-            cls, _ = _pick_class(scores, cls)
-            n = tf.shape(feats)[0]
-            k = feats.shape[-1]
-            up = tf.image.resize(feats, size, method="bilinear")                     # (N, H, W, k)
-            lo = tf.reduce_min(up, axis=[1, 2], keepdims=True)
-            span = tf.reduce_max(up, axis=[1, 2], keepdims=True) - lo
-            varies = span > 0                                                          # (N, 1, 1, k)
-            masks = tf.where(varies, (up - lo) / tf.where(varies, span, 1.0), 0.0)
-            masks = tf.transpose(masks, [0, 3, 1, 2])[..., None]                      # (N, k, H, W, 1)
-            masked = tf.reshape(x[:, None] * masks, tf.concat([[n * k], tf.shape(x)[1:]], 0))
-            probs = tf.nn.softmax(logits_sub(masked, training=False), axis=-1)
-            probs = tf.reshape(probs, [n, k, -1])
-            w = tf.gather(probs, cls, axis=2, batch_dims=1)                            # (N, k)
-            w = tf.where(tf.reshape(varies, [n, k]), w, 0.0)    # constant channels: skipped
-            cam = tf.nn.relu(tf.einsum("nhwk,nk->nhw", up, w))
-            return cam, w, cls
-        return fn
-    return _cached(model, ("score_cam", layer_name), build)
-
-
-def score_cam(model, images, class_index=None, layer_name=None, *, normalize=True,
-              return_weights=False):
-    """Score-CAM (Wang et al., 2020), batched over channels.
-
-    Each feature map ``A^k`` of ``layer_name`` (``None``: the last convolutional
-    layer) is upsampled bilinearly to the input size and min-max normalised to a
-    mask ``M^k``; the channel weight is the softmax probability of the target
-    class for the masked input, ``w_k = softmax(S(x * M^k))_c`` (the paper uses
-    the softmax-normalised score; the baseline term ``f(x_b)`` is left out, as in
-    the authors' code). A constant channel (no mask) gets weight 0.
-    ``L = ReLU(sum_k w_k up(A^k))``, min-max scaled to [0, 1] per image.
-    All masked inputs of a batch go through the model in one call per chunk.
-    With ``return_weights=True`` also returns the channel weights (N, k).
-    """
-    x, cls, _ = _prepare(model, images, class_index, "logits")
-    layer = _resolve_layer(model, layer_name)
-    k = int(layer.output.shape[-1])
-    tf = _tf()
-    fn = _score_cam_fn(model, layer.name)
-    maps = np.empty(x.shape[:3], dtype=np.float32)
-    weights = np.empty((len(x), k), dtype=np.float32)
-    for part in _chunks(len(x), k):
-        cam, w, _ = fn(tf.constant(x[part]), tf.constant(cls[part]))
-        maps[part] = cam.numpy()
-        weights[part] = w.numpy()
+def _cam(weights_fn, model, images, class_index, layer, score, normalize, return_weights):
+    """Grad-CAM-style maps: ``ReLU(sum_k w_k A^k)`` with ``w = weights_fn(A, dS_c/dA)``,
+    brought to the input grid with ``cam_upsampling_matrices``."""
+    e = _Explained(model, images, class_index, score)
+    name = e.engine.resolve_layer(layer, e.x)
+    maps = np.empty(e.x.shape[:3], np.float32)
+    weights = None
+    mats = {}
+    for part in e.chunks():
+        _, _, a, g = e.engine.layer_grad(e.x[part], e.cls[part], name)
+        w = weights_fn(a, g)
+        if weights is None:
+            weights = np.empty((len(e.x), a.shape[-1]), np.float32)
+        weights[part] = w
+        hw = a.shape[1:3]
+        if hw not in mats:
+            mats[hw] = cam_upsampling_matrices(e.engine.model, name, e.x.shape[1:3], map_hw=hw)
+        maps[part] = _upsample(class_activation_map(a, w), *mats[hw])
     if normalize:
         maps = normalize_maps(maps)
     return (maps, weights) if return_weights else maps
+
+
+def grad_cam(model, images, class_index=None, *, layer=None, score="logits", normalize=True,
+             return_weights=False):
+    """Grad-CAM (Selvaraju et al., 2017).
+
+    With feature maps ``A^k`` of ``layer`` (``None``: the last convolutional layer's
+    output, after its ReLU) and ``S_c`` the pre-softmax score of class ``c``:
+    ``w_k = mean_ij d S_c / d A^k_ij`` (``grad_cam_weights``), ``L = ReLU(sum_k w_k A^k)``,
+    brought to the input grid by ``cam_upsampling_matrices``. Keras model or PyTorch
+    module. Returns float32 (N, H, W), each map min-max scaled to [0, 1] (a constant
+    map gives zeros); with ``return_weights=True`` also the channel weights (N, k).
+    """
+    return _cam(grad_cam_weights, model, images, class_index, layer, score, normalize, return_weights)
+
+
+def grad_cam_plus_plus(model, images, class_index=None, *, layer=None, score="logits",
+                       normalize=True, return_weights=False, renormalize_alphas=False):
+    """Grad-CAM++ (Chattopadhay et al., 2018) with the paper's alpha weights
+    (``grad_cam_plus_plus_weights``): ``L = ReLU(sum_k w_k A^k)``, brought to the input
+    grid as in ``grad_cam``. The paper explains ``Y_c = exp(S_c)``, for which the
+    higher derivatives reduce to powers of ``g = d S_c / d A``. By default the alphas
+    are used as the paper's equation gives them (as pytorch-grad-cam does); the
+    authors' code and tf-keras-vis also divide each channel's alphas by their spatial
+    sum (``renormalize_alphas=True``), which changes the relative channel weights.
+    Returns float32 (N, H, W) in [0, 1] per image (``return_weights``: also (N, k)).
+    """
+    def weights_fn(a, g):
+        return grad_cam_plus_plus_weights(a, g, renormalize_alphas=renormalize_alphas)
+    return _cam(weights_fn, model, images, class_index, layer, score, normalize, return_weights)
+
+
+def score_cam(model, images, class_index=None, *, layer=None, score="logits", normalize=True,
+              return_weights=False, weighting="probability"):
+    """Score-CAM (Wang et al., 2020).
+
+    Each feature map ``A^k`` of ``layer`` (``None``: the last convolutional layer's
+    output, after its ReLU) is brought to the input grid (``cam_upsampling_matrices``)
+    and min-max scaled to a mask ``M^k`` (``score_cam_masks``); the channel weight
+    comes from the class scores of the masked input ``x * M^k`` (``score_cam_weights``):
+    by default ``w_k = softmax(S(x * M^k))_c`` (the authors' code; the baseline term
+    ``f(x_b)`` is left out); ``weighting="channel_softmax"`` gives the paper's
+    Algorithm 1, ``w = softmax_k(S_c(x * M^k))``, as pytorch-grad-cam. ``score`` chooses
+    which scores ``S`` are read: pre-softmax (``"logits"``) or the model's
+    probabilities (``"probability"``, used as they are). A constant channel gets
+    weight 0. ``L = ReLU(sum_k w_k up(A^k))``, min-max scaled per image.
+    The masked inputs go through the model in memory-bounded batches.
+    With ``return_weights=True`` also returns the channel weights (N, k).
+    """
+    e = _Explained(model, images, class_index, score)
+    name = e.engine.resolve_layer(layer, e.x)
+    x, cls = e.x, e.cls
+    maps = np.empty(x.shape[:3], np.float32)
+    weights, mats = None, {}
+    k = e.engine.channels(name, x)
+    for images_part in _chunks(len(x), e.per_image * k):                # masked copies of n images
+        a, s = e.engine.features(x[images_part], name)                 # (n, h, w, k), scores
+        n = len(a)
+        cls[images_part] = np.where(cls[images_part] < 0, s.argmax(axis=1), cls[images_part])
+        hw = a.shape[1:3]
+        if hw not in mats:
+            mats[hw] = cam_upsampling_matrices(e.engine.model, name, x.shape[1:3], map_hw=hw)
+        up = _upsample(a, *mats[hw])                                    # (n, H, W, k)
+        masks, varies = score_cam_masks(up)
+        if weights is None:
+            weights = np.empty((len(x), k), np.float32)
+        pairs = [(i, c) for i in range(n) for c in range(k)]            # (image, channel)
+        scores = None
+        for part in _chunks(len(pairs), e.per_image):
+            idx = np.asarray(pairs[part])
+            masked = x[images_part][idx[:, 0]] * masks[idx[:, 0], :, :, idx[:, 1]][..., None]
+            s = e.engine.forward(masked)
+            if scores is None:
+                scores = np.empty((n * k, s.shape[1]), np.float32)
+            scores[part] = s
+        w = score_cam_weights(scores.reshape(n, k, -1), cls[images_part], varies, weighting,
+                              probabilities=score == "probability")
+        weights[images_part] = w
+        maps[images_part] = class_activation_map(up, w)
+    if normalize:
+        maps = normalize_maps(maps)
+    return (maps, weights) if return_weights else maps
+
+
+def occlusion(model, images, class_index=None, *, layer=None, score="logits", normalize=True,
+              window=None, stride=None, baseline=0.0):
+    """Occlusion sensitivity (Zeiler & Fergus, 2014).
+
+    A ``window`` (int or (height, width); default an eighth of the image side) filled
+    with ``baseline`` (a number, or an image (H, W, C) whose pixels replace the
+    occluded ones) slides over the image every ``stride`` pixels (default half the
+    window) while it fits, as captum's ``Occlusion``. The raw map at a pixel is the
+    mean drop ``S_c(x) - S_c(x occluded)`` of the target score over all windows that
+    cover the pixel (``occlusion_map``; 0 for pixels no window covers). Keras model or
+    PyTorch module. Returns float32 (N, H, W): min-max scaled per image, or signed raw
+    drops with ``normalize=False``.
+    """
+    _no_layer(layer, "occlusion")
+    e = _Explained(model, images, class_index, score)
+    x, cls = e.x, e.fix_classes()
+    H, W = x.shape[1:3]
+    if window is None:
+        window = max(1, min(H, W) // 8)
+    if stride is None:
+        stride = max(1, (window if np.isscalar(window) else min(window)) // 2)
+    rows, cols, win = occlusion_windows((H, W), window, stride)
+    fill = np.asarray(baseline, dtype=np.float32)
+    if fill.ndim not in (0, 3) or (fill.ndim == 3 and fill.shape != x.shape[1:]) or not np.all(np.isfinite(fill)):
+        raise ValueError(f"baseline must be a finite number or one image of shape {x.shape[1:]}; "
+                         f"got shape {fill.shape}.")
+    fill = np.broadcast_to(fill, x.shape[1:])
+    corners = [(r, c) for r in rows for c in cols]
+    clean = np.empty(len(x), np.float32)
+    for part in e.chunks(factor=1):
+        clean[part] = e.engine.forward(x[part])[np.arange(part.stop - part.start), cls[part]]
+    pairs = [(i, j) for i in range(len(x)) for j in range(len(corners))]      # (image, window)
+    drops = np.empty((len(x), len(corners)), np.float32)
+    for part in _chunks(len(pairs), e.per_image):
+        idx = np.asarray(pairs[part])
+        batch = x[idx[:, 0]]
+        for b, j in enumerate(idx[:, 1]):
+            r, c = corners[j]
+            batch[b, r:r + win[0], c:c + win[1]] = fill[r:r + win[0], c:c + win[1]]
+        s = e.engine.forward(batch)
+        drops[idx[:, 0], idx[:, 1]] = clean[idx[:, 0]] - s[np.arange(len(s)), cls[idx[:, 0]]]
+    maps = occlusion_map(drops.reshape(len(x), len(rows), len(cols)), (H, W), rows, cols, win)
+    return normalize_maps(maps) if normalize else maps
 
 
 def randomize_weights(model, layer_names=None, seed=0):
@@ -1937,14 +2524,64 @@ def _download_vgg16_state_dict(timeout=10.0, progress=True):
         socket.setdefaulttimeout(old)
 
 
+_VGG16_CLASS = None
+
+
+def _vgg16_class():
+    """``ImageNetVGG16``: torchvision's VGG16 whose ``forward`` takes RGB in [0, 1].
+
+    Built on first use (``import cnn_utils`` must not import torch). The ImageNet
+    normalisation lives in non-persistent buffers, so the state dict is torchvision's.
+    """
+    global _VGG16_CLASS
+    if _VGG16_CLASS is not None:
+        return _VGG16_CLASS
+    torch, torchvision = _torch()
+    from torchvision.models import vgg
+
+    class ImageNetVGG16(vgg.VGG):
+        """torchvision's VGG16 (``features``, ``avgpool``, ``classifier`` unchanged) with
+        ``forward(x)`` for RGB ``x`` (N, 3, H, W) in [0, 1]: it applies the ImageNet
+        normalisation itself. ``forward_normalized(x)`` is torchvision's forward, for
+        ImageNet-normalised input such as ``preprocess_image`` gives."""
+
+        def __init__(self, init_weights=True):
+            super().__init__(vgg.make_layers(vgg.cfgs["D"], batch_norm=False), init_weights=init_weights)
+            self.register_buffer("input_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+            self.register_buffer("input_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+        def forward(self, x):
+            return super().forward((x - self.input_mean) / self.input_std)
+
+        def forward_normalized(self, x):
+            return super().forward(x)
+
+    ImageNetVGG16.__module__ = __name__
+    _VGG16_CLASS = ImageNetVGG16
+    globals()["ImageNetVGG16"] = ImageNetVGG16  # so that a model can be pickled by name
+    return ImageNetVGG16
+
+
+def _normalized_forward(model):
+    """The function that takes ImageNet-normalised input (``preprocess_image``'s tensors):
+    ``model.forward_normalized`` for the course's VGG16, the model itself otherwise."""
+    return getattr(model, "forward_normalized", model)
+
+
 def load_vgg16(pretrained=True, device=None, seed=DEFAULT_SEED, timeout=10.0):
-    """torchvision's VGG16, in eval mode, on ``device`` (default: GPU if available).
+    """torchvision's VGG16, in eval mode, on ``device`` (default: GPU if available), whose
+    ``forward`` takes RGB images (N, 3, H, W) in [0, 1] and applies the ImageNet
+    normalisation itself, so the attribution functions get images in [0, 1] as for
+    the MNIST models. ``model.forward_normalized`` is torchvision's own forward (for
+    ``preprocess_image``'s normalised tensors); ``model.features``, ``avgpool`` and
+    ``classifier`` are torchvision's layers, fed normalised input as before.
 
     With ``pretrained=True`` the ImageNet weights come from torchvision's cache
     (``vgg16_weights_path()``), downloaded there when missing. If they cannot be had
     (no network, a corrupt file), a plain message says what happened and how to
     prefetch them, and the model keeps randomly initialised weights (seeded with
-    ``seed``) so that everything downstream still runs.
+    ``seed``, the same weights as ``torchvision.models.vgg16(weights=None)``) so that
+    everything downstream still runs.
 
     The returned model carries two extra attributes: ``pretrained`` (True only when
     the ImageNet weights were loaded) and ``class_names`` (the 1000 ImageNet classes).
@@ -1962,7 +2599,7 @@ def load_vgg16(pretrained=True, device=None, seed=DEFAULT_SEED, timeout=10.0):
             try:
                 state = _download_vgg16_state_dict(timeout=timeout)
                 # no (slow) random initialisation: the weights overwrite it
-                model = torchvision.models.vgg16(weights=None, init_weights=False)
+                model = _vgg16_class()(init_weights=False)
                 model.load_state_dict(state)
                 loaded = True
             except Exception as err:  # URLError, socket.timeout, a corrupt or truncated file ...
@@ -1986,7 +2623,7 @@ def load_vgg16(pretrained=True, device=None, seed=DEFAULT_SEED, timeout=10.0):
             )
     if not loaded:
         torch.manual_seed(seed)
-        model = torchvision.models.vgg16(weights=None)
+        model = _vgg16_class()()
     model.pretrained = loaded
     model.class_names = list(weights_enum.meta["categories"])
     return model.eval().to(torch_device(device))
@@ -2136,12 +2773,15 @@ def _as_model_input(image, size=224):
 
 
 def top_k_predictions(model, image, k=5):
-    """The ``k`` most probable ImageNet classes: a list of (class name, probability)."""
+    """The ``k`` most probable ImageNet classes: a list of (class name, probability).
+
+    ``image``: a tensor from ``preprocess_image`` (ImageNet-normalised), or anything
+    ``preprocess_image`` accepts (a photo, an array in [0, 1] or uint8)."""
     torch, _ = _torch()
     device = next(model.parameters()).device
     x = _as_model_input(image).to(device)
     with torch.no_grad():
-        probs = torch.softmax(model(x), dim=1)[0].cpu()
+        probs = torch.softmax(_normalized_forward(model)(x), dim=1)[0].cpu()
     values, indices = probs.topk(k)
     names = getattr(model, "class_names", None) or imagenet_class_names()
     return [(names[i], float(p)) for p, i in zip(values, indices.tolist())]
@@ -2167,22 +2807,41 @@ def vgg_feature_maps(model, image, layer_indices):
 
 
 def gradient_saliency(model, image, class_index=None):
-    """Vanilla gradient saliency (Simonyan et al. 2014) of a class's pre-softmax score.
+    """Vanilla gradient saliency (Simonyan et al. 2014) of a class's pre-softmax score,
+    with respect to the normalised input tensor (``preprocess_image``'s), via ``saliency_map``.
 
     Returns ``(saliency (H, W) array, class_index)``: the largest absolute gradient over
     the three colour channels; ``class_index`` defaults to the predicted class.
     """
     torch, _ = _torch()
-    device = next(model.parameters()).device
-    x = _as_model_input(image).to(device).requires_grad_(True)
-    scores = model(x)
-    n_classes = scores.shape[1]
-    if class_index is None:
-        class_index = int(scores[0].argmax())
-    if not 0 <= class_index < n_classes:
-        raise ValueError(f"class_index must be from 0 to {n_classes - 1}, got {class_index}.")
-    (grad,) = torch.autograd.grad(scores[0, class_index], x)
-    return grad[0].abs().amax(dim=0).cpu().numpy(), class_index
+    x = _as_model_input(image)
+    forward = _normalized_forward(model)
+    net = model if forward is model else _forward_module(forward)
+    n_classes = None
+    if class_index is not None:
+        with torch.no_grad():
+            n_classes = int(forward(x.to(next(model.parameters()).device)).shape[1])
+        if isinstance(class_index, bool) or not isinstance(class_index, (int, np.integer)) \
+                or not 0 <= class_index < n_classes:
+            raise ValueError(f"class_index must be an int from 0 to {n_classes - 1}, got {class_index!r}.")
+    image_hwc = x.permute(0, 2, 3, 1).cpu().numpy()
+    _, cls = class_scores(net, image_hwc, class_index)
+    sal = saliency_map(net, image_hwc, class_index=cls, normalize=False)
+    return sal[0], int(cls[0])
+
+
+def _forward_module(fn):
+    """An ``nn.Module`` whose forward is ``fn`` (which may belong to another module)."""
+    torch, _ = _torch()
+
+    class Forward(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = getattr(fn, "__self__", None)
+
+        def forward(self, x):
+            return fn(x)
+    return Forward()
 
 
 def feature_inversion(model, image, layer_index, iterations=200, lr=0.1, optimizer="adam",
@@ -2330,13 +2989,11 @@ def _vgg_features_and_input(model):
 
 def vgg_module_name(model, layer):
     """The name in ``model.named_modules()`` of VGG16's layer ``layer`` (e.g. 'relu5_3' ->
-    'features.29'), for hooks and for the attribution functions' ``layer`` argument."""
-    names = vgg_layer_names(model)
+    'features.29'), for hooks (the attribution functions take 'relu5_3' directly)."""
+    names = _vgg_alias_names(model)
     if layer not in names:
-        raise ValueError(f"Unknown layer {layer!r}; VGG16's layers are: {', '.join(names)}.")
-    features = _vgg_features_and_input(model)[0]
-    prefix = next(n for n, m in model.named_modules() if m is features)
-    return f"{prefix}.{names.index(layer)}"
+        raise ValueError(f"Unknown layer {layer!r}; VGG16's layers are: {', '.join(names) or 'none'}.")
+    return names[layer]
 
 
 def _vgg_layer_module(model, layer):
@@ -3560,19 +4217,13 @@ def _mosaic_png(mosaic, width):
     return _png(rgb, max(1, width // rgb.shape[1]))
 
 
-def _is_torch_model(model):
-    """True for a PyTorch ``nn.Module`` (without importing torch when it is not loaded)."""
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(model, torch.nn.Module)
-
-
 def _outputs_probabilities(model, scores):
     """Does ``model`` output probabilities (a softmax layer last) rather than logits?
 
     Structural test first (a Keras ``Softmax`` layer or ``activation="softmax"``; a
     PyTorch ``nn.Softmax`` last), then the numbers: non-negative rows summing to 1.
     """
-    if _is_torch_model(model):
+    if _is_torch_module(model):
         torch = sys.modules["torch"]
         last = list(model.modules())[-1]
         if isinstance(last, torch.nn.Softmax):
@@ -3595,7 +4246,7 @@ def class_probabilities(model, images, batch_size=None):
     ``images``: (N, H, W, C) in the model's input range. Returns ``(probs (N, K),
     "probabilities" or "logits")``: the second says what the model output.
     """
-    if _is_torch_model(model):
+    if _is_torch_module(model):
         torch = sys.modules["torch"]
         x = _photo_batch(images)
         device = next(model.parameters()).device
@@ -3717,7 +4368,7 @@ def explorer(model, images, labels=None, class_names=None, *, scale=None, top_k=
     import ipywidgets as widgets
     import matplotlib
 
-    torch_model = _is_torch_model(model)
+    torch_model = _is_torch_module(model)
     x_all = _photo_batch(images) if torch_model else as_image_batch(images, model)
     if labels is not None:
         labels = np.asarray(labels).astype(int)

@@ -99,11 +99,11 @@ def main(argv=None):
             lambda x, c: tkv["saliency"](CategoricalScore(list(c)), x, smooth_samples=s, smooth_noise=0.2)),
         "Integrated Gradients (50 steps)*": (lambda x, c: cu.integrated_gradients(model, x, c, steps=50),
                                              lambda x, c: plain_integrated_gradients(lm, x, c, steps=50)),
-        "Grad-CAM": (lambda x, c: cu.grad_cam(model, x, c, layer),
+        "Grad-CAM": (lambda x, c: cu.grad_cam(model, x, c, layer=layer),
                      lambda x, c: tkv["Grad-CAM"](CategoricalScore(list(c)), x, penultimate_layer=layer)),
-        "Grad-CAM++": (lambda x, c: cu.grad_cam_plus_plus(model, x, c, layer),
+        "Grad-CAM++": (lambda x, c: cu.grad_cam_plus_plus(model, x, c, layer=layer),
                        lambda x, c: tkv["Grad-CAM++"](CategoricalScore(list(c)), x, penultimate_layer=layer)),
-        "Score-CAM": (lambda x, c: cu.score_cam(model, x, c, layer),
+        "Score-CAM": (lambda x, c: cu.score_cam(model, x, c, layer=layer),
                       lambda x, c: tkv["Score-CAM"](CategoricalScore(list(c)), x, penultimate_layer=layer)),
     }
     import keras

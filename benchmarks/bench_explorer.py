@@ -47,7 +47,7 @@ def bench(app, model, x, layer, goals, repeats, skip=()):
         assert "error" not in app.last, app.status.value
         xi = x[:1]
         if name == cnn_utils.ACTIVATIONS_METHOD:
-            if cnn_utils._is_torch_model(model):
+            if cnn_utils._is_torch_module(model):
                 bare = median_ms(lambda: cnn_utils.vgg_layer_activations(model, xi, layer), repeats)
             else:
                 bare = median_ms(lambda: cnn_utils.get_activations(model, xi, [layer]), repeats)

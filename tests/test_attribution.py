@@ -209,7 +209,7 @@ def test_grad_cam_by_hand(conv_model):
         raw, weights = cu.grad_cam(conv_model, x, class_index=c, normalize=False, return_weights=True)
         np.testing.assert_allclose(weights, np.broadcast_to(w, (3, 2)), rtol=1e-5)
         np.testing.assert_allclose(raw, cam, rtol=1e-5, atol=1e-6)
-        maps = cu.grad_cam(conv_model, x, class_index=c, layer_name="conv")
+        maps = cu.grad_cam(conv_model, x, class_index=c, layer="conv")
         assert maps.dtype == np.float32 and maps.shape == (3, 4, 4)
         np.testing.assert_allclose(maps, np_minmax(cam), atol=1e-5)
 
@@ -246,7 +246,7 @@ def test_cam_upsampling_is_bilinear_half_pixel(pool_model):
     cam = np.maximum(p @ w, 0.0)                                     # (N,2,2)
     u = np.array([[1, 0], [0.75, 0.25], [0.25, 0.75], [0, 1]])
     up = np.einsum("ij,njk,lk->nil", u, cam, u)
-    raw = cu.grad_cam(pool_model, x, class_index=c, layer_name="pool", normalize=False)
+    raw = cu.grad_cam(pool_model, x, class_index=c, layer="pool", normalize=False)
     np.testing.assert_allclose(raw, up, rtol=1e-5, atol=1e-6)
 
 
@@ -296,7 +296,7 @@ def test_constant_map_gives_zeros_not_nan(conv_model):
 
 def test_default_layer_is_last_conv(mnist_model, digits):
     x, _ = digits
-    np.testing.assert_array_equal(cu.grad_cam(mnist_model, x[:3]), cu.grad_cam(mnist_model, x[:3], layer_name="conv3"))
+    np.testing.assert_array_equal(cu.grad_cam(mnist_model, x[:3]), cu.grad_cam(mnist_model, x[:3], layer="conv3"))
     assert cu.last_conv_layer_name(mnist_model) == "conv3"
 
 
@@ -370,11 +370,11 @@ def test_errors(mnist_model, digits):
     with pytest.raises(TypeError, match="class_index"):
         cu.grad_cam(mnist_model, x[:2], class_index=1.5)
     with pytest.raises(ValueError, match=r"conv1 \(Conv2D\), pool1 \(MaxPooling2D\)"):
-        cu.grad_cam(mnist_model, x[:2], layer_name="conv9")
+        cu.grad_cam(mnist_model, x[:2], layer="conv9")
     with pytest.raises(ValueError, match="Convolutional layers of this model: conv1, conv2, conv3"):
-        cu.grad_cam_plus_plus(mnist_model, x[:2], layer_name="dense1")
+        cu.grad_cam_plus_plus(mnist_model, x[:2], layer="dense1")
     with pytest.raises(ValueError, match="spatial"):
-        cu.score_cam(mnist_model, x[:2], layer_name="image")
+        cu.score_cam(mnist_model, x[:2], layer="image")
     with pytest.raises(ValueError, match="baseline"):
         cu.integrated_gradients(mnist_model, x[:3], baseline=x[:2])
     with pytest.raises(ValueError, match="steps"):
@@ -473,14 +473,14 @@ def test_tf_keras_vis_gradcam_same_before_upsampling(mnist_model, digits, tkv, l
     _, classes = cu.class_scores(mnist_model, x)
     score = Score(list(classes))
     low = Gradcam(lm)(score, x, penultimate_layer=layer, expand_cam=False, normalize_cam=False)
-    np.testing.assert_allclose(cu.grad_cam(mnist_model, x, layer_name=layer), _upsample_like_us(low), atol=1e-4)
+    np.testing.assert_allclose(cu.grad_cam(mnist_model, x, layer=layer), _upsample_like_us(low), atol=1e-4)
     full = Gradcam(lm)(score, x, penultimate_layer=layer)
-    assert cu.rank_correlation(cu.grad_cam(mnist_model, x, layer_name=layer), full).mean() > 0.9
+    assert cu.rank_correlation(cu.grad_cam(mnist_model, x, layer=layer), full).mean() > 0.9
     # Grad-CAM++: identical with the authors' alpha renormalisation, different without it
     low = GradcamPlusPlus(lm)(score, x, penultimate_layer=layer, expand_cam=False, normalize_cam=False)
-    ours_r = cu.grad_cam_plus_plus(mnist_model, x, layer_name=layer, renormalize_alphas=True)
+    ours_r = cu.grad_cam_plus_plus(mnist_model, x, layer=layer, renormalize_alphas=True)
     np.testing.assert_allclose(ours_r, _upsample_like_us(low), atol=1e-4)
-    paper = cu.grad_cam_plus_plus(mnist_model, x, layer_name=layer)
+    paper = cu.grad_cam_plus_plus(mnist_model, x, layer=layer)
     assert np.abs(paper - ours_r).max() > 0.05
 
 
@@ -494,5 +494,5 @@ def test_tf_keras_vis_scorecam_high_correlation(mnist_model, digits, tkv):
     _, classes = cu.class_scores(mnist_model, x)
     for layer, bound in (("conv3", 0.85), ("conv2", 0.95)):
         theirs = Scorecam(lm)(Score(list(classes)), x, penultimate_layer=layer)
-        rho = cu.rank_correlation(cu.score_cam(mnist_model, x, layer_name=layer), theirs).mean()
+        rho = cu.rank_correlation(cu.score_cam(mnist_model, x, layer=layer), theirs).mean()
         assert rho > bound, (layer, rho)
