@@ -1285,7 +1285,15 @@ def _keras_scores_model(model, score, layer=None):
             raise ValueError(f"The model's output has shape {tuple(out.shape)}; attribution needs class "
                              "scores (N, classes).")
         outputs = out if layer is None else [get_layer(model, layer).output, out]
-        return keras.Model(_single_input(model), outputs)
+        try:
+            return keras.Model(_single_input(model), outputs)
+        except ValueError as err:  # a layer of a nested model that this graph cannot reach
+            raise ValueError(
+                f"Cannot compute layer {layer!r} and the class scores of {model.name!r} in one graph "
+                f"({err}). Nested models are supported as the first layer of a Sequential model "
+                "(Sequential([base, pooling, head])); for other shapes build one functional model "
+                "from the base's input, e.g. keras.Model(base.inputs, head(base.outputs[0]))."
+            ) from None
     return _cached(model, ("scores_model", score, layer), build)
 
 
@@ -1426,8 +1434,10 @@ class _TorchEngine:
             raise ValueError(f"images have {x.shape[-1]} channels (last axis of (N, H, W, C)), but the "
                              f"model's first convolution takes {conv.in_channels}; pass images channels-last.")
         if len(x):
-            with self.torch.no_grad():
-                self.num_classes = max(2, int(self._scores(self._call(self._tensor(x[:1]))).shape[1]))
+            def count():
+                with self.torch.no_grad():
+                    return max(2, int(self._scores(self._call(self._tensor(x[:1]))).shape[1]))
+            self.num_classes = _cached(self.model, ("classes", self.score, x.shape[1:]), count)
         return x
 
     def _tensor(self, x):

@@ -496,3 +496,209 @@ def test_tf_keras_vis_scorecam_high_correlation(mnist_model, digits, tkv):
         theirs = Scorecam(lm)(Score(list(classes)), x, penultimate_layer=layer)
         rho = cu.rank_correlation(cu.score_cam(mnist_model, x, layer=layer), theirs).mean()
         assert rho > bound, (layer, rho)
+
+
+# --- instructors' own models (issue 13): every supported shape, one table ---------------------
+
+def _conv_stack(keras, inp):
+    h = keras.layers.Conv2D(4, 3, activation="relu", name="c1")(inp)
+    return keras.layers.Conv2D(5, 3, activation="relu", name="c2")(h)
+
+
+def _softmax_dense_model():
+    """No 'logits' layer: the last Dense applies the softmax itself (keras.applications' shape)."""
+    keras = _keras()
+    inp = keras.Input((8, 8, 1))
+    h = keras.layers.Flatten()(_conv_stack(keras, inp))
+    return keras.Model(inp, keras.layers.Dense(3, activation="softmax", name="predictions")(h))
+
+
+def _logits_twin(model):
+    """The same weights with a separate 'logits' layer and Softmax: the reference scores."""
+    keras = _keras()
+    inp = keras.Input((8, 8, 1))
+    h = keras.layers.Flatten()(_conv_stack(keras, inp))
+    out = keras.layers.Softmax()(keras.layers.Dense(3, name="logits")(h))
+    twin = keras.Model(inp, out)
+    for name in ("c1", "c2"):
+        twin.get_layer(name).set_weights(model.get_layer(name).get_weights())
+    twin.get_layer("logits").set_weights(model.get_layer("predictions").get_weights())
+    return twin
+
+
+def _nested_model():
+    """Sequential([base, pooling, head]), the usual transfer-learning shape."""
+    keras = _keras()
+    inp = keras.Input((8, 8, 1))
+    base = keras.Model(inp, _conv_stack(keras, inp), name="base")
+    return keras.Sequential([base, keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(3, name="head")])
+
+
+def _variable_size_model():
+    keras = _keras()
+    inp = keras.Input((None, None, 1))
+    h = keras.layers.GlobalAveragePooling2D()(_conv_stack(keras, inp))
+    return keras.Model(inp, keras.layers.Dense(3)(h))
+
+
+def _batchnorm_residual_model():
+    keras = _keras()
+    inp = keras.Input((8, 8, 1))
+    h = keras.layers.Conv2D(4, 3, padding="same", name="c1")(inp)
+    h = keras.layers.BatchNormalization(name="bn1")(h)
+    h = keras.layers.ReLU(name="relu1")(h)
+    r = keras.layers.Conv2D(4, 3, padding="same", name="c2")(h)
+    r = keras.layers.BatchNormalization(name="bn2")(r)
+    r = keras.layers.ReLU(name="relu2")(r)
+    h = keras.layers.Add()([h, r])
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    return keras.Model(inp, keras.layers.Dense(3)(h))
+
+
+MODEL_SHAPES = {  # name: (builder, the default CAM layer)
+    "softmax Dense, no logits layer": (_softmax_dense_model, "c2"),
+    "nested base": (_nested_model, "c2"),
+    "variable input size": (_variable_size_model, "c2"),
+    "BatchNorm, residual": (_batchnorm_residual_model, "relu2"),
+}
+
+
+@pytest.mark.parametrize("shape", list(MODEL_SHAPES))
+@pytest.mark.parametrize("method", ["saliency_map", "smoothgrad", "integrated_gradients", "grad_cam",
+                                    "grad_cam_plus_plus", "score_cam", "occlusion"])
+def test_supported_model_shapes(shape, method):
+    build, default_layer = MODEL_SHAPES[shape]
+    cu._keras().utils.set_random_seed(0)
+    model = build()
+    x = np.random.default_rng(0).random((2, 8, 8, 1)).astype(np.float32)
+    maps = getattr(cu, method)(model, x)
+    assert maps.shape == (x.shape if method == "integrated_gradients" else x.shape[:3])
+    assert np.all(np.isfinite(maps))
+    if method in ("grad_cam", "grad_cam_plus_plus", "score_cam"):
+        assert cu._resolve_layer(cu._flat_model(model), None).name == default_layer
+        np.testing.assert_array_equal(maps, getattr(cu, method)(model, x, layer=default_layer))
+        assert maps.max() == 1.0
+
+
+def test_softmax_dense_model_is_explained_with_its_pre_softmax_scores():
+    cu._keras().utils.set_random_seed(0)
+    model = _softmax_dense_model()
+    twin = _logits_twin(model)
+    x = np.random.default_rng(0).random((3, 8, 8, 1)).astype(np.float32)
+    for method in ("saliency_map", "grad_cam", "score_cam"):
+        np.testing.assert_allclose(getattr(cu, method)(model, x, normalize=False),
+                                   getattr(cu, method)(twin, x, normalize=False), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(cu.class_scores(model, x)[0], cu.class_scores(twin, x)[0], rtol=1e-5)
+
+
+def test_variable_input_size_in_cam_methods():
+    cu._keras().utils.set_random_seed(0)
+    model = _variable_size_model()
+    for side in (8, 13):
+        x = np.random.default_rng(side).random((2, side, side, 1)).astype(np.float32)
+        for method in ("grad_cam", "grad_cam_plus_plus", "score_cam"):
+            assert getattr(cu, method)(model, x).shape == (2, side, side)
+
+
+def test_nested_model_layers_reachable_by_name():
+    cu._keras().utils.set_random_seed(0)
+    model = _nested_model()
+    x = np.random.default_rng(0).random((2, 8, 8, 1)).astype(np.float32)
+    assert cu.last_conv_layer_name(model) == "c2" and cu.conv_layer_names(model) == ["c1", "c2"]
+    assert cu.grad_cam(model, x, layer="c1").shape == (2, 8, 8)
+    # the flat graph computes what the nested model computes
+    np.testing.assert_allclose(cu._flat_model(model).predict(x, verbose=0), model.predict(x, verbose=0),
+                               rtol=1e-6)
+
+
+def test_binary_sigmoid_model_is_two_classes():
+    """Logit z of a sigmoid unit becomes scores [-z/2, z/2]: softmax of them is
+    [1 - sigmoid(z), sigmoid(z)], so Score-CAM's weights are sigmoids, not all 1.0."""
+    keras = _keras()
+    inp = keras.Input((4, 4, 2))
+    model = keras.Model(inp, keras.layers.Dense(1, activation="sigmoid")(keras.layers.Flatten()(inp)))
+    w = RNG.normal(size=(32, 1)).astype(np.float32)
+    model.layers[-1].set_weights([w, np.zeros(1, np.float32)])
+    x = tiny_images(3, seed=4).repeat(2, axis=-1)
+    grad = np.abs(w[:, 0].reshape(4, 4, 2) / 2).max(axis=-1)
+    for c in (0, 1):
+        np.testing.assert_allclose(cu.saliency_map(model, x, class_index=c, normalize=False),
+                                   np.broadcast_to(grad, (3, 4, 4)), rtol=1e-5)
+    z = x.reshape(3, -1) @ w[:, 0]
+    scores, classes = cu.class_scores(model, x)
+    np.testing.assert_array_equal(classes, (z > 0).astype(int))
+    np.testing.assert_allclose(scores, np.abs(z) / 2, rtol=1e-5)
+    probs, _ = cu.class_scores(model, x, class_index=1, score="probability")
+    np.testing.assert_allclose(probs, 1 / (1 + np.exp(-z)), rtol=1e-5)
+
+
+def test_binary_sigmoid_score_cam_weights_are_not_all_one():
+    keras = _keras()
+    cu._keras().utils.set_random_seed(1)
+    inp = keras.Input((8, 8, 1))
+    h = keras.layers.GlobalAveragePooling2D()(_conv_stack(keras, inp))
+    model = keras.Model(inp, keras.layers.Dense(1, activation="sigmoid")(h))
+    x = np.random.default_rng(0).random((2, 8, 8, 1)).astype(np.float32)
+    _, w = cu.score_cam(model, x, return_weights=True)
+    assert np.all((w >= 0) & (w < 1)) and np.ptp(w[w > 0]) > 0
+
+
+@pytest.mark.parametrize("case, error, match", [
+    ("two outputs", ValueError, "2 outputs.*model.outputs\\[i\\]"),
+    ("unbuilt Sequential", ValueError, "not built yet"),
+    ("empty batch", ValueError, "empty"),
+    ("layer for a gradient method", ValueError, "layer must be None"),
+    ("bad score", ValueError, "score must be"),
+    ("nested base in a functional model", ValueError, "Sequential\\(\\[base, pooling, head\\]\\)"),
+])
+def test_refused_clearly(case, error, match):
+    keras = _keras()
+    inp = keras.Input((4, 4, 1))
+    h = keras.layers.Flatten()(inp)
+    one = keras.Model(inp, keras.layers.Dense(3)(h))
+    x = np.zeros((1, 4, 4, 1), np.float32)
+    call = {
+        "two outputs": lambda: cu.grad_cam(keras.Model(inp, [keras.layers.Dense(3)(h), keras.layers.Dense(2)(h)]), x),
+        "unbuilt Sequential": lambda: cu.saliency_map(keras.Sequential([keras.layers.Flatten(), keras.layers.Dense(3)]), x),
+        "empty batch": lambda: cu.saliency_map(one, np.zeros((0, 4, 4, 1), np.float32)),
+        "layer for a gradient method": lambda: cu.smoothgrad(one, x, layer="dense"),
+        "bad score": lambda: cu.score_cam(one, x, score="softmax"),
+        "nested base in a functional model": lambda: cu.grad_cam(_functional_with_nested_base(), x),
+    }[case]
+    with pytest.raises(error, match=match):
+        call()
+
+
+def _functional_with_nested_base():
+    keras = _keras()
+    inp = keras.Input((4, 4, 1))
+    base = keras.Model(inp, keras.layers.Conv2D(3, 3, name="c")(inp), name="base")
+    outer_in = keras.Input((4, 4, 1))
+    h = keras.layers.GlobalAveragePooling2D()(base(outer_in))
+    return keras.Model(outer_in, keras.layers.Dense(2)(h))
+
+
+def test_memory_budget_splits_every_method(mnist_model, digits, monkeypatch):
+    """With a tiny budget every call runs in many small chunks, and gives the same maps."""
+    x, _ = digits
+    x = x[:6]
+    full = {m: getattr(cu, m)(mnist_model, x, **kw) for m, kw in CHUNK_CASES}
+    calls = []
+
+    def counted(original):
+        def call(self, xb, *args):
+            calls.append(len(xb))
+            return original(self, xb, *args)
+        return call
+    for name in ("grad", "layer_grad", "forward", "features"):
+        monkeypatch.setattr(cu._KerasEngine, name, counted(getattr(cu._KerasEngine, name)))
+    monkeypatch.setattr(cu, "ATTRIBUTION_MEMORY_BUDGET", 1)        # one input per call
+    for m, kw in CHUNK_CASES:
+        calls.clear()
+        np.testing.assert_allclose(getattr(cu, m)(mnist_model, x, **kw), full[m], rtol=1e-4, atol=1e-5, err_msg=m)
+        assert calls and max(calls) == 1, (m, calls)
+
+
+CHUNK_CASES = [("saliency_map", {}), ("smoothgrad", dict(samples=3, seed=0)),
+               ("integrated_gradients", dict(steps=4)), ("grad_cam", {}), ("grad_cam_plus_plus", {}),
+               ("score_cam", {}), ("occlusion", dict(window=7, stride=7))]
