@@ -3,7 +3,8 @@
 One module, sections in the order data flows:
 
     data -> models -> activations and filters -> feature visualization ->
-    attribution -> confidence and embeddings -> PyTorch inversion ->
+    attribution -> confidence and embeddings -> sample photos ->
+    PyTorch (VGG16: inversion, feature visualization) ->
     plotting -> widgets -> exercise checks -> command line
 
 Importing this module is cheap: it imports neither TensorFlow nor PyTorch.
@@ -3010,6 +3011,214 @@ def knn_label_disagreement(features, labels, n_neighbors=10):
 
 
 # ---------------------------------------------------------------------------
+# Sample photos
+# ---------------------------------------------------------------------------
+
+#: The course's sample photographs: name -> function of ``skimage.data`` that ships the
+#: picture inside scikit-image (no download). ``stereo_motorcycle`` returns a stereo pair;
+#: the left view is used. scikit-image ships no dog: use ``USER_IMAGES`` for one.
+SAMPLE_PHOTOS = {"chelsea": "chelsea", "coffee": "coffee", "rocket": "rocket",
+                 "astronaut": "astronaut", "motorcycle": "stereo_motorcycle"}
+
+#: Largest photo (pixels) that ``load_photo`` decodes; beyond it, resize the file first.
+MAX_PHOTO_PIXELS = 60_000_000
+
+
+def _photo_size(size):
+    """``size`` as (height, width) or None; raises on anything else."""
+    if size is None:
+        return None
+    pair = (size, size) if np.isscalar(size) else tuple(size)
+    if (len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) for v in pair)
+            or min(pair) < 1):
+        raise ValueError(f"size must be a positive int, a pair (height, width) or None; got {size!r}.")
+    return int(pair[0]), int(pair[1])
+
+
+def _centre_crop_box(height, width, aspect):
+    """(left, top, right, bottom) of the largest centred box of ``aspect`` = width / height."""
+    w = min(width, max(1, round(height * aspect)))
+    h = min(height, max(1, round(width / aspect)))
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
+
+
+def _photo_from_file(path, name):
+    """Decode an image file into a PIL image (EXIF orientation applied) or a float array."""
+    import warnings
+
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        where = "a folder" if path.is_dir() else "no such file"
+        raise FileNotFoundError(f"{name}: {path} is {where} (resolved: {path.resolve()}); give the path "
+                                "of an image file (JPEG, PNG, ...).")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if img.width * img.height > MAX_PHOTO_PIXELS:
+                    raise ValueError(
+                        f"{name}: {path.name} has {img.width} x {img.height} pixels, more than "
+                        f"MAX_PHOTO_PIXELS = {MAX_PHOTO_PIXELS:,}; resize it (e.g. to 2000 px) first.")
+                img.draft("RGB", (1024, 1024))  # JPEG: decode at a reduced scale, much faster
+                img = ImageOps.exif_transpose(img)  # phone photos: the orientation tag
+                img.load()
+                return _pil_to_photo(img)
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ValueError(f"{name}: {path.name} is not an image file Pillow can read "
+                         f"({type(err).__name__}: {err}).") from None
+    except (OSError, SyntaxError) as err:  # truncated or corrupt data
+        raise ValueError(f"{name}: {path.name} could not be decoded; the file is damaged or truncated "
+                         f"({type(err).__name__}: {err}).") from None
+
+
+def _pil_to_photo(img):
+    """A PIL image as an 8-bit RGB PIL image, or a float32 (H, W, 3) array for 16/32-bit modes.
+    Transparent pixels are put on white."""
+    from PIL import Image
+
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float32)
+        top = 65535.0 if img.mode != "F" or arr.max() > 1 else 1.0
+        return np.repeat(np.clip(arr / top, 0, 1)[..., None], 3, axis=-1)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _photo_from_array(arr, name):
+    """An array photo as float32 (H, W, 3) in [0, 1]; clear errors for every other shape/scale."""
+    if hasattr(arr, "detach"):
+        raise TypeError(f"{name}: got a torch tensor; pass an array (H, W, 3) in [0, 1] "
+                        "(e.g. tensor.permute(1, 2, 0).numpy()).")
+    a = np.asarray(arr)
+    if a.dtype == object or not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
+        raise TypeError(f"{name} must be a path, a PIL image or an array of numbers; got "
+                        f"{type(arr).__name__} of dtype {a.dtype}.")
+    if a.ndim == 3 and a.shape[0] in (1, 3, 4) and a.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"{name} has shape {a.shape}: channels first. Pass (H, W, 3) "
+                         "(e.g. np.transpose(image, (1, 2, 0))).")
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)):
+        raise ValueError(f"{name} must have shape (H, W), (H, W, 3) or (H, W, 4); got {a.shape}.")
+    if a.shape[0] < 1 or a.shape[1] < 1:
+        raise ValueError(f"{name} is empty (shape {a.shape}).")
+    if a.dtype == bool:
+        x = a.astype(np.float32)
+    elif a.dtype == np.uint8:
+        x = a.astype(np.float32) / 255.0
+    elif a.dtype == np.uint16:
+        x = a.astype(np.float32) / 65535.0
+    elif np.issubdtype(a.dtype, np.floating):
+        x = a.astype(np.float32)
+        if not np.all(np.isfinite(x)):
+            raise ValueError(f"{name} contains NaN or infinite values.")
+        if x.min() < 0 or x.max() > 1:
+            hint = (" It looks like 0..255: divide by 255 or pass uint8." if x.min() >= 0 and x.max() <= 255
+                    else "")
+            raise ValueError(f"{name}: a float photo must hold values in [0, 1]; got {x.min():.4g} .. "
+                             f"{x.max():.4g}.{hint}")
+    else:
+        raise TypeError(f"{name} has dtype {a.dtype}; pass uint8 (0..255), uint16 (0..65535) or "
+                        "floats in [0, 1] (e.g. image.astype(np.uint8)).")
+    if x.ndim == 2:
+        x = np.repeat(x[..., None], 3, axis=-1)
+    if x.shape[-1] == 4:  # alpha: put the photo on white
+        alpha = x[..., 3:]
+        x = x[..., :3] * alpha + (1.0 - alpha)
+    return x
+
+
+def load_photo(photo, size=224, *, fit="crop", name="photo"):
+    """A photo as float32 RGB ``(H, W, 3)`` in [0, 1], the input range of the course's models.
+
+    ``photo``: a path to an image file (EXIF orientation applied; transparency on white;
+    16-bit files scaled by 65535), a PIL image, or an array ``(H, W[, 3 or 4])`` of uint8,
+    uint16, bool or floats in [0, 1]. ``size``: an int (square), ``(height, width)``, or
+    None (keep the size). ``fit="crop"`` cuts the largest centred box of the target's
+    aspect ratio, then resizes (bicubic); ``fit="stretch"`` resizes the whole picture.
+    A file that is missing, not an image, damaged or huge raises an error saying so.
+    """
+    from PIL import Image
+
+    if fit not in ("crop", "stretch"):
+        raise ValueError(f"fit must be 'crop' or 'stretch', got {fit!r}.")
+    hw = _photo_size(size)
+    if isinstance(photo, (str, Path)):
+        src = _photo_from_file(photo, name)
+    elif isinstance(photo, Image.Image):
+        src = _pil_to_photo(photo)
+    else:
+        src = _photo_from_array(photo, name)
+    height, width = (src.height, src.width) if isinstance(src, Image.Image) else src.shape[:2]
+    if height < 1 or width < 1:
+        raise ValueError(f"{name} is empty ({width} x {height} pixels).")
+    if hw is None:
+        hw = (height, width)
+    box = (_centre_crop_box(height, width, hw[1] / hw[0]) if fit == "crop" else (0, 0, width, height))
+    if isinstance(src, Image.Image):
+        if box != (0, 0, width, height) or hw != (height, width):
+            src = src.resize((hw[1], hw[0]), Image.Resampling.BICUBIC, box=box)
+        return np.asarray(src, dtype=np.float32) / 255.0
+    if box == (0, 0, width, height) and hw == (height, width):
+        return np.ascontiguousarray(src, dtype=np.float32)
+    channels = [np.asarray(Image.fromarray(np.ascontiguousarray(src[..., c])).resize(
+        (hw[1], hw[0]), Image.Resampling.BICUBIC, box=box), dtype=np.float32) for c in range(3)]
+    return np.clip(np.stack(channels, axis=-1), 0.0, 1.0)
+
+
+def sample_photos(names=None, size=224, *, fit="crop"):
+    """The course's sample photographs (``SAMPLE_PHOTOS``, shipped inside scikit-image).
+
+    Returns ``{name: float32 (H, W, 3) in [0, 1]}`` in the order asked, each through
+    ``load_photo(..., size, fit=fit)``. ``names``: None (all) or a list of keys of
+    ``SAMPLE_PHOTOS``.
+    """
+    from skimage import data
+
+    if names is None:
+        names = list(SAMPLE_PHOTOS)
+    elif isinstance(names, str):
+        names = [names]
+    unknown = [n for n in names if n not in SAMPLE_PHOTOS]
+    if unknown:
+        raise ValueError(f"Unknown sample photo(s) {', '.join(map(repr, unknown))}; the samples are "
+                         f"{', '.join(SAMPLE_PHOTOS)}. For your own photo use load_photo(path).")
+    out = {}
+    for n in names:
+        img = getattr(data, SAMPLE_PHOTOS[n])()
+        if isinstance(img, tuple):  # stereo pair: the left view
+            img = img[0]
+        out[n] = load_photo(img, size, fit=fit, name=n)
+    return out
+
+
+def composite_photo(left, right, size=224, split=0.5):
+    """Two photos side by side in one ``(size, size, 3)`` image: the several-objects test.
+
+    ``left`` fills the left ``split`` of the width, ``right`` the rest; each is the
+    centred crop of its photo with its part's aspect ratio (``load_photo(..., fit="crop")``),
+    so neither is distorted. ``left``/``right``: anything ``load_photo`` takes.
+    Returns float32 in [0, 1].
+    """
+    hw = _photo_size(size)
+    if not 0.0 < float(split) < 1.0:
+        raise ValueError(f"split must lie strictly between 0 and 1 (the left part's share of the width), "
+                         f"got {split!r}.")
+    w_left = int(round(hw[1] * float(split)))
+    if not 1 <= w_left < hw[1]:
+        raise ValueError(f"split={split} leaves an empty part at width {hw[1]}; choose a split nearer 0.5.")
+    a = load_photo(left, (hw[0], w_left), name="left")
+    b = load_photo(right, (hw[0], hw[1] - w_left), name="right")
+    return np.concatenate([a, b], axis=1)
+
+
+# ---------------------------------------------------------------------------
 # PyTorch: VGG16 and feature inversion
 # ---------------------------------------------------------------------------
 
@@ -3632,6 +3841,308 @@ def image_similarity(original, reconstruction):
     with np.errstate(divide="ignore"):
         psnr = peak_signal_noise_ratio(a, b, data_range=1.0)
     return float(ssim), float(psnr)
+
+
+# -- VGG16 feature visualization ---------------------------------------------
+
+#: Colour decorrelation of Olah et al. (2017, lucid): the square root of ImageNet's RGB
+#: covariance (from its SVD). The optimised colours live in this decorrelated space.
+_COLOR_CORRELATION_SVD_SQRT = np.array([[0.26, 0.09, 0.02],
+                                        [0.27, 0.00, -0.05],
+                                        [0.27, -0.09, 0.03]], dtype=np.float32)
+
+#: Pseudo-layer name of the classifier's output (pre-softmax class scores).
+VGG_LOGITS = "logits"
+
+
+class _StopForward(Exception):
+    """Raised by a forward hook once the wanted layer has run: the rest is not computed."""
+
+
+def _vgg_features_and_input(model):
+    """``(features, to_model_input)``: VGG's ``features`` and the map from pixels in [0, 1]
+    to the input the features expect (ImageNet normalisation)."""
+    torch, _ = _torch()
+    features = getattr(model, "features", None)
+    if features is None or not hasattr(features, "__len__"):
+        raise TypeError("model must be torchvision's VGG16 (with a `features` attribute), as "
+                        f"load_vgg16() returns; got {type(model).__name__}.")
+    p = next(model.parameters())
+    mean = torch.tensor(IMAGENET_MEAN, device=p.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=p.device).view(1, 3, 1, 1)
+    return features, lambda x: (x - mean) / std
+
+
+def vgg_module_name(model, layer):
+    """The name in ``model.named_modules()`` of VGG16's layer ``layer`` (e.g. 'relu5_3' ->
+    'features.29'), for hooks (the attribution functions take 'relu5_3' directly)."""
+    names = _vgg_alias_names(model)
+    if layer not in names:
+        raise ValueError(f"Unknown layer {layer!r}; VGG16's layers are: {', '.join(names) or 'none'}.")
+    return names[layer]
+
+
+def _vgg_layer_module(model, layer):
+    """The module of ``model.features`` whose output is ``layer`` (a name like 'conv4_3'),
+    and its index. For a 'relu' layer the conv before it is returned, with ``relu=True``:
+    activation maximization ascends the pre-ReLU value (Olah et al.), which keeps a
+    gradient where the unit is off."""
+    names = vgg_layer_names(model)
+    if layer not in names:
+        raise ValueError(f"Unknown layer {layer!r}; VGG16's layers are: {', '.join(names)} "
+                         f"(and {VGG_LOGITS!r} for the class scores).")
+    index = names.index(layer)
+    relu = layer.startswith("relu")
+    if relu:
+        index -= 1
+    return model.features[index], index, relu
+
+
+def vgg_layer_activations(model, images, layer, *, batch_size=16):
+    """Activations of one VGG16 layer for photos in [0, 1]: (N, C, h, w) float32 array.
+
+    ``images``: (N, H, W, 3) float in [0, 1] (or one photo). Only the layers up to
+    ``layer`` run. ``layer``: a name of ``vgg_layer_names`` (a 'relu' layer gives the
+    rectified map).
+    """
+    torch, _ = _torch()
+    x = _photo_batch(images)
+    features, to_input = _vgg_features_and_input(model)
+    names = vgg_layer_names(model)
+    if layer not in names:
+        raise ValueError(f"Unknown layer {layer!r}; VGG16's layers are: {', '.join(names)}.")
+    trunk = features[: names.index(layer) + 1]
+    device = next(model.parameters()).device
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            xb = torch.from_numpy(x[i: i + batch_size]).permute(0, 3, 1, 2).contiguous().to(device)
+            out.append(trunk(to_input(xb)).cpu().numpy().copy())
+    return np.concatenate(out).astype(np.float32)
+
+
+def _photo_batch(images, name="images"):
+    """(N, H, W, 3) float32 in [0, 1] from a batch or one photo; clear errors otherwise."""
+    x = np.asarray(images)
+    if x.ndim == 3:
+        x = x[None]
+    if x.ndim != 4 or x.shape[-1] != 3 or x.shape[0] == 0:
+        raise ValueError(f"{name} must be photos (N, H, W, 3) or one photo (H, W, 3), RGB in [0, 1]; "
+                         f"got shape {x.shape}.")
+    if x.dtype == np.uint8:
+        return x.astype(np.float32) / 255.0
+    x = x.astype(np.float32)
+    if not np.all(np.isfinite(x)) or x.min() < 0 or x.max() > 1:
+        raise ValueError(f"{name} must hold values in [0, 1] (cnn_utils.load_photo gives that); got "
+                         f"{np.nanmin(x):.4g} .. {np.nanmax(x):.4g}.")
+    return x
+
+
+def vgg_receptive_field(model, layer):
+    """Receptive field of a unit of ``layer``: ``(size, stride, offset)`` in input pixels.
+
+    Unit ``i`` (along an axis) sees the input pixels centred on ``offset + i * stride``,
+    a window ``size`` wide. Computed from the chain of convolutions and poolings:
+    ``size += (k - 1) * stride``, ``offset += ((k - 1) / 2 - padding) * stride``,
+    ``stride *= s`` (VGG16's 3 x 3 convolutions have padding 1 and keep the offset).
+    """
+    torch, _ = _torch()
+    names = vgg_layer_names(model)
+    if layer not in names:
+        raise ValueError(f"Unknown layer {layer!r}; VGG16's layers are: {', '.join(names)}.")
+    size, stride, offset = 1, 1, 0.0
+    for module in model.features[: names.index(layer) + 1]:
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.MaxPool2d)):
+            k, s, p = (v if isinstance(v, int) else v[0]
+                       for v in (module.kernel_size, module.stride, module.padding))
+            size += (k - 1) * stride
+            offset += ((k - 1) / 2 - p) * stride
+            stride *= s
+    return size, stride, offset
+
+
+def top_activating_crops(model, photos, layer, channel, k=4, *, per_photo=1):
+    """The photo patches that drive one channel of ``layer`` hardest (dataset examples).
+
+    For every photo (dict name -> (H, W, 3) in [0, 1], all of one size) the channel's map
+    is computed; the ``k`` strongest units overall (at most ``per_photo`` per photo, the
+    others at least a stride apart) are cut out as the patch of their receptive field
+    (``vgg_receptive_field``; clipped to the photo). Returns a list of dicts, strongest
+    first: ``photo``, ``value``, ``position`` (unit row, column), ``box`` (top, left,
+    bottom, right in pixels) and ``crop`` (float32 patch).
+    """
+    if not photos:
+        raise ValueError("photos must be a non-empty dict {name: photo (H, W, 3) in [0, 1]}.")
+    names = list(photos)
+    x = _photo_batch(np.stack([np.asarray(photos[n], dtype=np.float32) for n in names]), "photos")
+    maps = vgg_layer_activations(model, x, layer)
+    n_channels = maps.shape[1]
+    if isinstance(channel, bool) or not isinstance(channel, (int, np.integer)) or not 0 <= channel < n_channels:
+        raise ValueError(f"channel must be an int from 0 to {n_channels - 1} ({layer} has {n_channels} "
+                         f"channels); got {channel!r}.")
+    size, stride, offset = vgg_receptive_field(model, layer)
+    height, width = x.shape[1:3]
+    half = size // 2
+    found = []
+    for i, name in enumerate(names):
+        m = maps[i, channel]
+        order = np.argsort(m, axis=None)[::-1]
+        taken = []
+        for flat in order:
+            if len(taken) >= per_photo:
+                break
+            r, c = np.unravel_index(flat, m.shape)
+            if any(abs(r - r0) <= 1 and abs(c - c0) <= 1 for r0, c0 in taken):
+                continue
+            taken.append((int(r), int(c)))
+            cy, cx = offset + r * stride, offset + c * stride
+            top, left = int(max(0, round(cy - half))), int(max(0, round(cx - half)))
+            bottom, right = int(min(height, round(cy + half + 1))), int(min(width, round(cx + half + 1)))
+            found.append({"photo": name, "value": float(m[r, c]), "position": (int(r), int(c)),
+                          "box": (top, left, bottom, right), "crop": x[i, top:bottom, left:right].copy()})
+    found.sort(key=lambda d: -d["value"])
+    return found[: int(k)]
+
+
+def _fourier_scale(height, width, decay=1.0):
+    """Per-frequency scale 1 / max(f, 1 / max(H, W))^decay of an rfft2 grid, times sqrt(HW)."""
+    fy = np.fft.fftfreq(height)[:, None]
+    fx = np.fft.rfftfreq(width)[None, :]
+    freqs = np.sqrt(fy ** 2 + fx ** 2)
+    return (1.0 / np.maximum(freqs, 1.0 / max(height, width)) ** decay * np.sqrt(height * width)).astype(np.float32)
+
+
+def _fourier_image(torch, spectrum, scale, height, width, decorrelate):
+    """Olah et al.'s parametrisation: spectrum (B, 3, H, W//2+1, 2) -> pixels (B, 3, H, W) in (0, 1).
+
+    Scaled 1/f spectrum -> inverse FFT -> (optionally) decorrelated colours -> sigmoid.
+    """
+    spec = torch.view_as_complex(spectrum) * scale
+    img = torch.fft.irfft2(spec, s=(height, width)) / 4.0
+    if decorrelate:
+        c = torch.as_tensor(_COLOR_CORRELATION_SVD_SQRT / np.max(np.linalg.norm(
+            _COLOR_CORRELATION_SVD_SQRT, axis=0)), device=img.device)
+        img = torch.einsum("ij,bjhw->bihw", c, img)
+    return torch.sigmoid(img)
+
+
+def _random_transform(torch, img, gen, jitter, scales, angles, pad):
+    """The transformation robustness of Olah et al.: pad, jitter, scale, rotate, jitter
+    (one random draw per step, the same for the whole batch)."""
+    import torch.nn.functional as F
+
+    def rand_int(n):
+        return int(torch.randint(n, (1,), generator=gen))
+
+    if pad:
+        img = F.pad(img, (pad,) * 4, mode="constant", value=0.5)
+    if jitter:
+        dy, dx = rand_int(2 * jitter + 1) - jitter, rand_int(2 * jitter + 1) - jitter
+        img = torch.roll(img, (dy, dx), dims=(2, 3))
+    s = scales[rand_int(len(scales))] if scales else 1.0
+    a = np.deg2rad(angles[rand_int(len(angles))]) if angles else 0.0
+    if s != 1.0 or a != 0.0:
+        theta = torch.tensor([[np.cos(a) / s, -np.sin(a) / s, 0.0],
+                              [np.sin(a) / s, np.cos(a) / s, 0.0]], dtype=img.dtype, device=img.device)
+        grid = F.affine_grid(theta.expand(len(img), 2, 3), list(img.shape), align_corners=False)
+        img = F.grid_sample(img, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    if jitter:
+        dy, dx = rand_int(jitter // 2 * 2 + 1) - jitter // 2, rand_int(jitter // 2 * 2 + 1) - jitter // 2
+        img = torch.roll(img, (dy, dx), dims=(2, 3))
+    return img
+
+
+def vgg_feature_visualization(model, layer, units, *, size=128, steps=128, lr=0.05, decorrelate=True,
+                              jitter=8, scales=(1.0, 0.975, 1.025, 0.95, 1.05), angles=tuple(range(-8, 9)),
+                              pad=12, seed=DEFAULT_SEED, progress=True):
+    """Activation maximization on VGG16 with the robustness of Olah et al., "Feature
+    Visualization" (Distill, 2017), all ``units`` optimised together in one batch.
+
+    Objective per image b: the mean over positions of channel ``units[b]`` of ``layer``
+    (a 'relu' layer is ascended on its pre-ReLU conv output), or with
+    ``layer="logits"`` the pre-softmax score of class ``units[b]``. Only the layers up to
+    ``layer`` run. Regularisation by parametrisation and transformation, not penalties:
+    the image is a 1/f-scaled Fourier spectrum, with colours in ImageNet's decorrelated
+    colour space (``decorrelate``), squashed to (0, 1) by a sigmoid; every step sees it
+    padded, jittered, rescaled and rotated at random. Adam with rate ``lr``.
+
+    Returns a dict: ``images`` float32 (B, size, size, 3) in [0, 1], ``objective`` (steps,
+    B) history, ``units``, ``layer``, ``seconds``.
+    """
+    import time
+
+    from tqdm.auto import tqdm
+
+    torch, _ = _torch()
+    units = [units] if isinstance(units, (int, np.integer)) else list(units)
+    if not units or any(isinstance(u, bool) or not isinstance(u, (int, np.integer)) for u in units):
+        raise TypeError(f"units must be an int or a non-empty list of ints (channels or classes); got {units!r}.")
+    if int(steps) < 1 or int(size) < 32:
+        raise ValueError(f"steps must be >= 1 and size >= 32 (VGG16 pools five times); got steps={steps}, "
+                         f"size={size}.")
+    features, to_input = _vgg_features_and_input(model)
+    if layer == VGG_LOGITS:
+        module, n_units = None, int(model.classifier[-1].out_features)
+    else:
+        module, index, _ = _vgg_layer_module(model, layer)
+        n_units = int(next(m.out_channels for m in reversed(features[: index + 1]) if hasattr(m, "out_channels")))
+    bad = [u for u in units if not 0 <= u < n_units]
+    if bad:
+        raise ValueError(f"{layer} has {n_units} {'classes' if module is None else 'channels'} "
+                         f"(0..{n_units - 1}); got {bad[0]}.")
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(int(seed))
+    b, h, w = len(units), int(size), int(size)
+    spectrum = (0.01 * torch.randn((b, 3, h, w // 2 + 1, 2), generator=gen)).to(device).requires_grad_(True)
+    scale = torch.as_tensor(_fourier_scale(h, w), device=device)[..., None].expand(h, w // 2 + 1, 1)
+    scale = torch.view_as_complex(torch.cat([scale, torch.zeros_like(scale)], -1).contiguous())
+    idx = torch.as_tensor(units, device=device)
+    captured = {}
+
+    def hook(_module, _inputs, output):
+        captured["out"] = output
+        raise _StopForward
+
+    handle = module.register_forward_hook(hook) if module is not None else None
+    requires = [p.requires_grad for p in model.parameters()]
+    was_training = model.training
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.Adam([spectrum], lr=lr)
+    history = np.empty((int(steps), b), dtype=np.float32)
+    start = time.perf_counter()
+    try:
+        bar = tqdm(range(int(steps)), disable=not progress, desc=f"visualising {layer}")
+        for step in bar:
+            img = _fourier_image(torch, spectrum, scale, h, w, decorrelate)
+            x = to_input(_random_transform(torch, img, gen, jitter, scales, angles, pad))
+            if module is None:  # torchvision's VGG.forward, on the normalised input
+                logits = model.classifier(torch.flatten(model.avgpool(features(x)), 1))
+                obj = logits[torch.arange(b), idx]
+            else:
+                try:
+                    features(x)
+                except _StopForward:
+                    pass
+                obj = captured.pop("out")[torch.arange(b), idx].mean(dim=(1, 2))
+            opt.zero_grad(set_to_none=True)
+            (-obj.sum()).backward()
+            opt.step()
+            history[step] = obj.detach().cpu().numpy()
+            if step % 8 == 0:
+                bar.set_postfix(objective=f"{history[step].mean():.3g}")
+        bar.close()
+    finally:
+        if handle is not None:
+            handle.remove()
+        for p, r in zip(model.parameters(), requires):
+            p.requires_grad_(r)
+        model.train(was_training)
+    with torch.no_grad():
+        images = _fourier_image(torch, spectrum, scale, h, w, decorrelate)
+    return {"images": images.permute(0, 2, 3, 1).cpu().numpy().astype(np.float32), "objective": history,
+            "units": units, "layer": layer, "seconds": time.perf_counter() - start}
 
 
 # ---------------------------------------------------------------------------
@@ -4541,6 +5052,40 @@ def plot_saliency(image, saliency, title="Gradient saliency", cmap="hot"):
     return fig
 
 
+def plot_units_with_crops(images, crops, titles, title="Feature visualization", size=1.5):
+    """One row per unit: its synthesised image (from ``vgg_feature_visualization``) beside
+    the photo patches that drive it hardest (``top_activating_crops``).
+
+    ``images``: (K, H, W, 3) in [0, 1]; ``crops``: K lists of dicts with ``crop``, ``photo``
+    and ``value``; ``titles``: K row labels. Returns the Figure.
+    """
+    import matplotlib.pyplot as plt
+
+    images = np.asarray(images, dtype=np.float32)
+    if len(images) != len(crops) or len(images) != len(titles):
+        raise ValueError(f"images, crops and titles must have one entry per unit; got {len(images)}, "
+                         f"{len(crops)} and {len(titles)}.")
+    ncols = 1 + max((len(c) for c in crops), default=0)
+    fig, axes = plt.subplots(len(images), ncols, figsize=(size * ncols + 0.4, size * len(images) + 0.6),
+                             squeeze=False)
+    for i, (img, row) in enumerate(zip(images, crops)):
+        axes[i, 0].imshow(np.clip(img, 0, 1))
+        axes[i, 0].set_ylabel(str(titles[i]), fontsize=8)
+        for j in range(1, ncols):
+            if j - 1 < len(row):
+                axes[i, j].imshow(np.clip(row[j - 1]["crop"], 0, 1))
+                axes[i, j].set_title(f"{row[j - 1]['photo']}: {row[j - 1]['value']:.3g}", fontsize=7)
+            else:
+                axes[i, j].axis("off")
+        for ax in axes[i]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    axes[0, 0].set_title("synthesised", fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
 def colormap(name):
     """A matplotlib colormap by name (the current ``matplotlib.colormaps`` registry)."""
     import matplotlib
@@ -4619,17 +5164,19 @@ def plot_raw_and_deprocessed(images, labels, title=None, size=1.8, crop=0):
 # Widgets
 # ---------------------------------------------------------------------------
 
-def explorer_methods():
-    """The explorer's methods: name -> ``f(model, x, class_index, layer_name) -> (N, H, W)``.
+def explorer_methods(samples=32):
+    """The explorer's methods: name -> ``f(model, x, class_index, layer) -> (N, H, W)``.
 
     Each returns maps in [0, 1] at input resolution, computed by the course's own
-    functions, so what the explorer shows is exactly what those functions return.
+    functions (Keras or PyTorch model alike), so what the explorer shows is exactly what
+    those functions return. ``samples``: SmoothGrad's noisy copies and Integrated
+    Gradients' steps (each one gradient pass).
     """
     return {
         "Saliency": lambda m, x, c, l: saliency_map(m, x, class_index=c),
-        "SmoothGrad": lambda m, x, c, l: smoothgrad(m, x, class_index=c, samples=32, seed=0),
+        "SmoothGrad": lambda m, x, c, l: smoothgrad(m, x, class_index=c, samples=samples, seed=0),
         "Integrated Gradients": lambda m, x, c, l: normalize_maps(
-            np.abs(integrated_gradients(m, x, class_index=c, steps=32)).sum(axis=-1)),
+            np.abs(integrated_gradients(m, x, class_index=c, steps=samples)).sum(axis=-1)),
         "Grad-CAM": lambda m, x, c, l: grad_cam(m, x, class_index=c, layer=l),
         "Grad-CAM++": lambda m, x, c, l: grad_cam_plus_plus(m, x, class_index=c, layer=l),
         "Score-CAM": lambda m, x, c, l: score_cam(m, x, class_index=c, layer=l),
@@ -4637,6 +5184,9 @@ def explorer_methods():
 
 
 ACTIVATIONS_METHOD = "Layer activations"
+
+#: Most feature maps the explorer tiles at once (the strongest ones of a wider layer).
+_MAX_TILED_CHANNELS = 64
 
 
 def _png(rgb_or_gray, scale=1):
@@ -4666,51 +5216,200 @@ def _tile_channels(maps, ncols=8):
     return mosaic
 
 
-def _probability_bars_html(probs, class_names, predicted, true_label):
+def _mosaic_png(mosaic, width):
+    """A ``_tile_channels`` mosaic in viridis (gaps white) as PNG, about ``width`` px wide."""
+    import matplotlib
+
+    rgb = matplotlib.colormaps["viridis"](np.nan_to_num(mosaic, nan=1.0))[..., :3]
+    rgb[np.isnan(mosaic)] = 1.0
+    return _png(rgb, max(1, width // rgb.shape[1]))
+
+
+def _outputs_probabilities(model, scores):
+    """Does ``model`` output probabilities (a softmax layer last) rather than logits?
+
+    Structural test first (a Keras ``Softmax`` layer or ``activation="softmax"``; a
+    PyTorch ``nn.Softmax`` last), then the numbers: non-negative rows summing to 1.
+    """
+    if _is_torch_module(model):
+        torch = sys.modules["torch"]
+        last = list(model.modules())[-1]
+        if isinstance(last, torch.nn.Softmax):
+            return True
+    else:
+        keras = _keras()
+        last = model.layers[-1]
+        if isinstance(last, keras.layers.Softmax) or getattr(
+                getattr(last, "activation", None), "__name__", "") == "softmax":
+            return True
+    s = np.asarray(scores, dtype=np.float64)
+    return bool(s.size and s.min() >= 0 and np.allclose(s.sum(axis=1), 1.0, atol=1e-4))
+
+
+def class_probabilities(model, images, batch_size=None):
+    """Class probabilities of a Keras or PyTorch model, whatever its last layer outputs.
+
+    A model that ends in a softmax gives probabilities as they are; a model that outputs
+    logits (VGG16, a Keras model without a final softmax) gets ``softmax(logits)``.
+    ``images``: (N, H, W, C) in the model's input range. Returns ``(probs (N, K),
+    "probabilities" or "logits")``: the second says what the model output.
+    """
+    if _is_torch_module(model):
+        torch = sys.modules["torch"]
+        x = _photo_batch(images)
+        device = next(model.parameters()).device
+        outs = []
+        with torch.no_grad():
+            for i in range(0, len(x), batch_size or 8):
+                xb = torch.from_numpy(x[i: i + (batch_size or 8)]).permute(0, 3, 1, 2).to(device)
+                outs.append(model(xb).float().cpu().numpy())
+        scores = np.concatenate(outs)
+    else:
+        x = as_image_batch(images, model)
+        scores = np.asarray(model.predict(x, batch_size=batch_size or 1000, verbose=0), dtype=np.float64)
+    if scores.ndim != 2:
+        raise ValueError(f"The model's output has shape {scores.shape}; expected class scores (N, classes).")
+    if _outputs_probabilities(model, scores):
+        return scores.astype(np.float64), "probabilities"
+    return softmax(scores), "logits"
+
+
+def _probability_bars_html(probs, class_names, predicted, true_label=None, top_k=None, source="logits"):
+    """Bars for the ``top_k`` most probable classes (all, in class order, when they fit)."""
+    order = (np.arange(len(probs)) if top_k is None or top_k >= len(probs)
+             else np.argsort(probs)[::-1][:top_k])
     rows = []
-    for k, p in enumerate(probs):
-        colour = "#2a7ab9" if k != predicted else ("#2e8b57" if k == true_label else "#c0392b")
-        mark = " ✔ true" if k == true_label else ""
+    for k in order:
+        p = float(probs[k])
+        colour = "#2a7ab9" if k != predicted else (
+            "#2e8b57" if true_label is None or k == true_label else "#c0392b")
+        mark = " ✔ true" if true_label is not None and k == true_label else ""
         rows.append(
             f"<tr><td style='text-align:right;padding-right:6px'>{class_names[k]}</td>"
             f"<td style='width:180px'><div style='background:{colour};height:12px;"
             f"width:{max(p, 0.004) * 100:.1f}%'></div></td>"
-            f"<td style='padding-left:6px'>{p:.1%}{mark}</td></tr>"
+            f"<td style='padding-left:6px'>{_percent(p)}{mark}</td></tr>"
         )
-    return ("<b>Class probabilities</b> (softmax)<table style='font-size:12px;border-collapse:collapse'>"
+    what = "softmax of the logits" if source == "logits" else "the model's softmax output"
+    head = f"top {len(order)} of {len(probs)}" if len(order) < len(probs) else "all classes"
+    return (f"<b>Class probabilities</b> ({what}; {head})<table style='font-size:12px;border-collapse:collapse'>"
             + "".join(rows) + "</table>")
 
 
-def explorer(model, images, labels, class_names=None, scale=8):
-    """An interactive explorer for a live demo: pick an image, a method, a class, a layer.
+def _percent(p):
+    """A probability as a percentage with enough digits that 0.9997 does not read 100.0 %."""
+    for digits in (1, 2, 3, 4):
+        text = f"{100 * p:.{digits}f}"
+        if 0 < p < 1 and float(text) in (0.0, 100.0):
+            continue
+        return text + " %"
+    return f"{100 * p:.4g} %"
 
-    Shows the image, the method's heatmap (or the chosen layer's feature maps), the
-    overlay and the class probabilities, and updates on every change. Errors raised
-    by a method are shown in the app. Returns an ``ipywidgets.VBox`` with extra
-    attributes for programmatic use: ``controls`` (dict of the control widgets),
-    ``last`` (what was shown last: method, index, class, layer, heatmap, seconds)
-    and ``refresh()``.
+
+def _widget_app(rows, controls, refresh_body, css_class=None):
+    """The scaffold both explorers share: controls, a status line, a body of panels.
+
+    ``refresh_body()`` draws everything for the current control values and returns the
+    dict stored as ``app.last``; its errors are caught and shown in the status line
+    (with ``app.last = {"error": ...}``), never lost in a log. Changes made to controls
+    while drawing do not trigger a second refresh. Returns the ``ipywidgets.VBox`` with
+    ``controls``, ``status``, ``last`` and ``refresh()``; every control refreshes it.
     """
     import time
 
     import ipywidgets as widgets
+
+    status = widgets.HTML()
+    box = widgets.VBox(rows(status))
+    if css_class:
+        box.add_class(css_class)
+    busy = []
+
+    def refresh(*_):
+        if busy:  # a control changed by the drawing code itself
+            return
+        busy.append(True)
+        start = time.perf_counter()
+        try:
+            last = refresh_body()
+            seconds = time.perf_counter() - start
+            last["seconds"] = seconds
+            box.last = last
+            note = last.pop("note", "")
+            status.value = (f"<span style='color:#2e8b57'>✔ {last.get('method', 'updated')} in "
+                            f"{seconds * 1000:.0f} ms{'; ' + note if note else ''}</span>")
+        except Exception as err:  # shown in the app, not lost in a log
+            box.last = {"error": err, "method": getattr(controls.get("method"), "value", None)}
+            status.value = (f"<span style='color:#c0392b'><b>{type(err).__name__}:</b> "
+                            f"{str(err)[:400]}</span>")
+        finally:
+            busy.clear()
+
+    box.controls = controls
+    box.status = status
+    box.refresh = refresh
+    box.last = {}
+    for control in controls.values():
+        control.observe(refresh, names="value")
+    return box
+
+
+def explorer(model, images, labels=None, class_names=None, *, scale=None, top_k=10, samples=None,
+             layers=None):
+    """An interactive explorer for a live demo: pick an image, a method, a class, a layer.
+
+    Works on the course's Keras CNN and on a PyTorch model such as ``load_vgg16()``
+    (``images`` (N, H, W, C) in the model's input range, [0, 1] for both; photos from
+    ``sample_photos``/``load_photo``). Shows the image, the method's heatmap (or the
+    chosen layer's feature maps), the overlay and the class probabilities (a softmax of
+    the logits, or the model's own softmax output: ``class_probabilities``), and updates
+    on every change. The target class list holds the image's ``top_k`` classes (tick
+    "all classes" for the rest). ``labels`` (optional) are the true classes;
+    ``samples`` SmoothGrad's copies and IG's steps (default 32 for small inputs, 8 for
+    photos); ``layers`` the layer choice (default: every conv and pooling layer).
+    Heatmaps are cached, so going back to a view (or changing the opacity) costs nothing.
+
+    Returns an ``ipywidgets.VBox`` with, for programmatic use, ``controls`` (dict of the
+    control widgets), ``images``, ``status``, ``last`` (what was shown last: method,
+    index, class, layer, heatmap, seconds) and ``refresh()``.
+    """
+    import ipywidgets as widgets
     import matplotlib
 
-    x_all = as_image_batch(images, model)
-    labels = np.asarray(labels).astype(int)
-    if len(labels) != len(x_all):
-        raise ValueError(f"explorer got {len(x_all)} images but {len(labels)} labels.")
-    n_classes = int(model.outputs[0].shape[-1])
-    class_names = list(class_names) if class_names is not None else [str(i) for i in range(n_classes)]
+    torch_model = _is_torch_module(model)
+    x_all = _photo_batch(images) if torch_model else as_image_batch(images, model)
+    if labels is not None:
+        labels = np.asarray(labels).astype(int)
+        if labels.shape != (len(x_all),):
+            raise ValueError(f"explorer got {len(x_all)} images but {labels.size} labels; pass one label per "
+                             "image, or labels=None.")
+    probs_all, source = class_probabilities(model, x_all)
+    n_classes = probs_all.shape[1]
+    if class_names is None:
+        class_names = getattr(model, "class_names", None) or [str(i) for i in range(n_classes)]
+    class_names = list(class_names)
     if len(class_names) != n_classes:
         raise ValueError(f"class_names has {len(class_names)} names; the model has {n_classes} classes.")
-    probs_all = np.asarray(model.predict(x_all, batch_size=1000, verbose=0))
+    top_k = max(1, min(int(top_k), n_classes))
     pred_all = probs_all.argmax(axis=1)
-    wrong = np.flatnonzero(pred_all != labels)
-    methods = explorer_methods()
-    layers = conv_and_pool_layer_names(model)
+    wrong = np.flatnonzero(pred_all != labels) if labels is not None else np.array([], int)
+    if samples is None:
+        samples = 32 if x_all.shape[1] * x_all.shape[2] <= 64 * 64 else 8
+    methods = explorer_methods(samples=samples)
+    if layers is None:
+        if torch_model:
+            layers = (vgg_layer_names(model) if hasattr(model, "features") else
+                      [n for n, m in model.named_modules() if type(m).__name__ in ("Conv2d", "MaxPool2d")])
+        else:
+            layers = conv_and_pool_layer_names(model)
+    layers = list(layers)
+    default_layer = (next((n for n in reversed(layers) if n.startswith("relu")), layers[-1]) if torch_model
+                     else last_conv_layer_name(model))
+    if scale is None:
+        scale = max(1, 224 // x_all.shape[2])
     jet = matplotlib.colormaps["jet"]
-    viridis = matplotlib.colormaps["viridis"]
+    random_weights = torch_model and getattr(model, "pretrained", True) is False
+    cache, state = {}, {"only_misclassified": False}
 
     style = {"description_width": "110px"}
     layout = widgets.Layout(width="360px")
@@ -4720,13 +5419,14 @@ def explorer(model, images, labels, class_names=None, scale=8):
                                disabled=len(wrong) == 0, style=style)
     c_method = widgets.Dropdown(options=list(methods) + [ACTIVATIONS_METHOD], value="Grad-CAM",
                                 description="method", style=style, layout=layout)
-    c_class = widgets.Dropdown(options=[("predicted", -1)] + [(f"{k}: {n}", k) for k, n in enumerate(class_names)],
-                               value=-1, description="target class", style=style, layout=layout)
-    c_layer = widgets.Dropdown(options=layers, value=last_conv_layer_name(model),
-                               description="layer", style=style, layout=layout)
+    c_class = widgets.Dropdown(options=[("predicted", -1)], value=-1, description="target class",
+                               style=style, layout=layout)
+    c_all = widgets.Checkbox(False, description=f"all {n_classes} classes", style=style,
+                             disabled=top_k >= n_classes)
+    c_layer = widgets.Dropdown(options=layers, value=default_layer, description="layer", style=style,
+                               layout=layout)
     c_alpha = widgets.FloatSlider(0.4, min=0.0, max=1.0, step=0.05, description="overlay opacity",
                                   style=style, layout=layout, continuous_update=False)
-    status = widgets.HTML()
     caption = widgets.HTML()
     size = f"{x_all.shape[2] * scale}px"
     w_image = widgets.Image(format="png", layout=widgets.Layout(width=size))
@@ -4739,84 +5439,147 @@ def explorer(model, images, labels, class_names=None, scale=8):
     colorbar_note = widgets.HTML("<div style='display:flex;justify-content:space-between;font-size:11px'>"
                                  "<span>0 = least</span><span>importance</span><span>1 = most</span></div>")
     probs_html = widgets.HTML()
-    heading = lambda text: widgets.HTML(f"<b>{text}</b>")  # noqa: E731
     heat_title = widgets.HTML()
 
     def pool():
         return wrong if c_wrong.value and len(wrong) else np.arange(len(x_all))
 
-    def on_wrong(_change):
-        c_index.unobserve(refresh, names="value")
-        c_index.max = len(pool()) - 1
-        c_index.value = 0
-        c_index.observe(refresh, names="value")
-        refresh()
+    def class_options(idx):
+        ranked = np.argsort(probs_all[idx])[::-1]
+        shown = list(ranked if c_all.value else ranked[:top_k])
+        if c_class.value not in (-1, *shown):
+            shown.append(int(c_class.value))  # keep the chosen class on the list
+        rank = {int(k): r for r, k in enumerate(ranked)}
+        return [("predicted", -1)] + [(f"#{rank[int(k)] + 1} {class_names[k]} ({_percent(probs_all[idx, k])})",
+                                       int(k)) for k in shown]
 
-    def refresh(*_):
-        start = time.perf_counter()
+    def draw():
+        if c_wrong.value != state["only_misclassified"]:  # a new pool of images: start at its first
+            state["only_misclassified"] = c_wrong.value
+            c_index.value = 0
+            c_index.max = len(pool()) - 1
         idx = int(pool()[min(c_index.value, len(pool()) - 1)])
+        options = class_options(idx)
+        if list(c_class.options) != options:
+            value = c_class.value
+            c_class.options = options
+            c_class.value = value
         method = c_method.value
         target = int(pred_all[idx]) if c_class.value == -1 else int(c_class.value)
-        status.value = f"<span style='color:#777'>⏳ computing {method} …</span>"
-        try:
-            x = x_all[idx: idx + 1]
-            image = x[0, ..., 0] if x.shape[-1] == 1 else x[0]
-            if method == ACTIVATIONS_METHOD:
-                maps = get_activations(model, x, [c_layer.value])[c_layer.value][0]
-                heat = _tile_channels(maps)
-                heat_rgb = viridis(np.nan_to_num(heat, nan=1.0))[..., :3]
-                heat_rgb[np.isnan(heat)] = 1.0
-                w_heat.value = _png(heat_rgb, scale=max(1, scale * x.shape[2] // heat_rgb.shape[1]))
-                overlay = None
-                heat_title.value = f"<b>{maps.shape[-1]} feature maps of {c_layer.value}</b>"
-            else:
-                heat = methods[method](model, x, target, c_layer.value)[0]
-                w_heat.value = _png(jet(heat)[..., :3], scale)
-                overlay = overlay_heatmap(image, heat, alpha=c_alpha.value)
-                heat_title.value = f"<b>{method} for class {class_names[target]}</b>"
-            gray = np.repeat(image[..., None], 3, axis=-1) if image.ndim == 2 else image
-            w_image.value = _png(gray, scale)
-            w_overlay.value = _png(overlay, scale) if overlay is not None else _png(gray, scale)
-            probs_html.value = _probability_bars_html(probs_all[idx], class_names, pred_all[idx], labels[idx])
+        x = x_all[idx: idx + 1]
+        image = x[0, ..., 0] if x.shape[-1] == 1 else x[0]
+        gray = np.repeat(image[..., None], 3, axis=-1) if image.ndim == 2 else image
+        w_image.value = _png(gray, scale)
+        true = None if labels is None else labels[idx]
+        probs_html.value = _probability_bars_html(probs_all[idx], class_names, pred_all[idx], true,
+                                                  top_k=top_k, source=source)
+        p = probs_all[idx, pred_all[idx]]
+        if labels is None:
+            caption.value = f"image #{idx}: predicted <b>{class_names[pred_all[idx]]}</b> ({_percent(p)})"
+        else:
             ok = "✔ correct" if pred_all[idx] == labels[idx] else "✘ wrong"
             caption.value = (f"test image #{idx}: true <b>{class_names[labels[idx]]}</b>, predicted "
-                             f"<b>{class_names[pred_all[idx]]}</b> ({probs_all[idx, pred_all[idx]]:.1%}) {ok}")
-            seconds = time.perf_counter() - start
-            box.last = {"index": idx, "method": method, "class_index": target, "layer": c_layer.value,
-                        "heatmap": heat, "seconds": seconds}
-            status.value = f"<span style='color:#2e8b57'>✔ {method} in {seconds * 1000:.0f} ms</span>"
-        except Exception as err:  # shown in the app, not lost in a log
-            box.last = {"index": idx, "method": method, "error": err}
-            status.value = (f"<span style='color:#c0392b'><b>{type(err).__name__}:</b> "
-                            f"{str(err)[:400]}</span>")
+                             f"<b>{class_names[pred_all[idx]]}</b> ({_percent(p)}) {ok}")
+        if random_weights:
+            caption.value += " <b style='color:#c0392b'>RANDOM weights: predictions are meaningless</b>"
+        heat_title.value = f"<b>{method}: not shown (see the status line)</b>"
+        key = (idx, method, target, c_layer.value)
+        if key not in cache:
+            if method == ACTIVATIONS_METHOD:
+                if torch_model:
+                    maps = np.transpose(vgg_layer_activations(model, x, c_layer.value)[0], (1, 2, 0))
+                else:
+                    maps = get_activations(model, x, [c_layer.value])[c_layer.value][0]
+                keep = np.sort(np.argsort(maps.mean(axis=(0, 1)))[::-1][:_MAX_TILED_CHANNELS])
+                cache[key] = (_tile_channels(maps[..., keep]), maps.shape[-1], len(keep))
+            else:
+                cache[key] = methods[method](model, x, target, c_layer.value)[0]
+        heat = cache[key]
+        weights_note = " — RANDOM weights" if random_weights else ""
+        if method == ACTIVATIONS_METHOD:
+            heat, n_maps, n_shown = heat
+            w_heat.value = _mosaic_png(heat, x.shape[2] * scale)
+            overlay = gray
+            shown = f"the {n_shown} strongest of {n_maps}" if n_shown < n_maps else f"{n_maps}"
+            heat_title.value = f"<b>{shown} feature maps of {c_layer.value}{weights_note}</b>"
+        else:
+            w_heat.value = _png(jet(heat)[..., :3], scale)
+            overlay = overlay_heatmap(image, heat, alpha=c_alpha.value)
+            heat_title.value = f"<b>{method} for class {class_names[target]}{weights_note}</b>"
+        w_overlay.value = _png(overlay, scale)
+        return {"index": idx, "method": method, "class_index": target, "layer": c_layer.value,
+                "heatmap": heat}
 
-    controls = widgets.VBox([c_index, c_wrong, c_method, c_class, c_layer, c_alpha, status])
-    panels = widgets.HBox([
-        widgets.VBox([heading("input image"), w_image]),
-        widgets.VBox([heat_title, w_heat, w_colorbar, colorbar_note]),
-        widgets.VBox([heading("overlay"), w_overlay]),
-        probs_html,
-    ], layout=widgets.Layout(gap="12px", align_items="flex-start"))
-    box = widgets.VBox([widgets.HBox([controls, caption]), panels])
-    box.add_class("cnn-explorer")
-    box.controls = {"index": c_index, "only_misclassified": c_wrong, "method": c_method,
-                    "class_index": c_class, "layer": c_layer, "alpha": c_alpha}
+    controls = {"index": c_index, "only_misclassified": c_wrong, "method": c_method,
+                "class_index": c_class, "all_classes": c_all, "layer": c_layer, "alpha": c_alpha}
+
+    def rows(status):
+        panels = widgets.HBox([
+            widgets.VBox([widgets.HTML("<b>input image</b>"), w_image]),
+            widgets.VBox([heat_title, w_heat, w_colorbar, colorbar_note]),
+            widgets.VBox([widgets.HTML("<b>overlay</b>"), w_overlay]),
+            probs_html,
+        ], layout=widgets.Layout(gap="12px", align_items="flex-start"))
+        return [widgets.HBox([widgets.VBox([c_index, c_wrong, c_method, c_class, c_all, c_layer, c_alpha,
+                                            status]), caption]), panels]
+
+    box = _widget_app(rows, controls, draw, css_class="cnn-explorer")
     box.images = {"image": w_image, "heatmap": w_heat, "overlay": w_overlay}
-    box.status = status
-    box.refresh = refresh
-    box.last = {}
-    for control in (c_index, c_method, c_class, c_layer, c_alpha):
-        control.observe(refresh, names="value")
-    c_wrong.observe(on_wrong, names="value")
-    refresh()
+    box.texts = {"caption": caption, "heatmap_title": heat_title, "probabilities": probs_html}
+    box.probabilities, box.model_outputs = probs_all, source
+    box.cache = cache  # (image, method, class, layer) -> heatmap; benchmarks clear it
+    box.samples = samples
+    box.refresh()
     return box
 
+
+def explorer_snapshot(app, views=None):
+    """A static HTML copy of what ``explorer`` shows, for handouts: no kernel, no JavaScript.
+
+    An exported notebook (HTML) holds the widgets' state, but drawing live widgets needs
+    the widget library from the internet; this copy needs nothing. ``views``: a list of
+    dicts of control values (e.g. ``{"index": 3, "method": "Saliency"}``) shown in turn,
+    one row each (default: the current view). The controls are restored afterwards.
+    Returns an ``IPython.display.HTML``.
+    """
+    import base64
+
+    from IPython.display import HTML
+
+    order = ["only_misclassified", "all_classes", "index", "method", "layer", "class_index", "alpha"]
+    saved = {k: app.controls[k].value for k in order if k in app.controls}
+
+    def img(key):
+        data = base64.b64encode(app.images[key].value).decode("ascii")
+        return f"<img src='data:image/png;base64,{data}' style='width:{app.images[key].layout.width}'>"
+
+    rows = []
+    try:
+        for view in views or [{}]:
+            unknown = set(view) - set(app.controls)
+            if unknown:
+                raise ValueError(f"views: unknown control(s) {', '.join(sorted(unknown))}; the explorer's "
+                                 f"controls are {', '.join(app.controls)}.")
+            for k in sorted(view, key=order.index):
+                app.controls[k].value = view[k]
+            t = app.texts
+            rows.append(
+                f"<div style='margin:6px 0'>{t['caption'].value} — {app.status.value}</div>"
+                "<div style='display:flex;gap:12px;align-items:flex-start'>"
+                f"<div><b>input image</b><br>{img('image')}</div>"
+                f"<div>{t['heatmap_title'].value}<br>{img('heatmap')}</div>"
+                f"<div><b>overlay</b><br>{img('overlay')}</div><div>{t['probabilities'].value}</div></div>")
+    finally:
+        for k, v in saved.items():
+            app.controls[k].value = v
+    return HTML("<div class='cnn-explorer-snapshot'><p><i>Static copy of the explorer (what it showed when "
+                "this notebook ran)</i></p>" + "<hr>".join(rows) + "</div>")
 
 
 def vgg_layer_explorer(model, photos, size=224, layer="relu3_3"):
     """A small interactive viewer of VGG16's feature maps (PyTorch), for a live demo.
 
-    ``photos`` is a dict name -> image (anything ``preprocess_image`` takes). Choose the
+    ``photos`` is a dict name -> image (anything ``load_photo`` takes). Choose the
     photo, the layer of ``model.features`` and a channel; it shows the photo, that
     channel's feature map and the 16 strongest channels of the layer. Feature maps are
     computed once per (photo, layer), so moving the channel slider is instant. Returns an
@@ -4830,72 +5593,54 @@ def vgg_layer_explorer(model, photos, size=224, layer="relu3_3"):
     names = vgg_layer_names(model)
     if layer not in names:
         raise ValueError(f"Unknown layer {layer!r}; VGG16's layers are: {', '.join(names)}.")
-    inputs = {name: preprocess_image(img, size=size) for name, img in photos.items()}
+    pixels = {name: load_photo(img, size, fit="stretch", name=name) for name, img in photos.items()}
     viridis = matplotlib.colormaps["viridis"]
     maps_cache = {}
 
     def maps_for(photo, index):
         if (photo, index) not in maps_cache:
-            maps_cache[(photo, index)] = vgg_feature_maps(model, inputs[photo], [index])[index]
+            maps_cache[(photo, index)] = vgg_layer_activations(model, pixels[photo], names[index])[0]
         return maps_cache[(photo, index)]
 
     style = {"description_width": "80px"}
-    c_photo = widgets.Dropdown(options=list(inputs), description="photo", style=style)
+    c_photo = widgets.Dropdown(options=list(pixels), description="photo", style=style)
     c_layer = widgets.Dropdown(options=[(f"{i}: {n}", i) for i, n in enumerate(names)],
                                value=names.index(layer), description="layer", style=style)
     c_channel = widgets.IntSlider(0, 0, 1, description="channel", style=style, continuous_update=False)
-    status = widgets.HTML()
     px = f"{size}px"
     w_photo = widgets.Image(format="png", layout=widgets.Layout(width=px))
     w_channel = widgets.Image(format="png", layout=widgets.Layout(width=px))
     w_strongest = widgets.Image(format="png", layout=widgets.Layout(width=px))
     titles = [widgets.HTML("<b>photo</b>"), widgets.HTML(), widgets.HTML()]
+    weights = "ImageNet weights" if getattr(model, "pretrained", False) else "RANDOM weights"
 
-    def refresh(*_):
-        try:
-            maps = maps_for(c_photo.value, c_layer.value)  # (C, H, W)
-            c = maps.shape[0]
-            if c_channel.max != c - 1:
-                c_channel.unobserve(refresh, names="value")
-                c_channel.max = c - 1
-                c_channel.value = min(c_channel.value, c - 1)
-                c_channel.observe(refresh, names="value")
-            fmap = maps[c_channel.value]
-            top = fmap.max()
-            w_channel.value = _png(viridis(fmap / top if top > 0 else fmap)[..., :3],
-                                   max(1, size // fmap.shape[-1]))
-            strongest = _strongest_channels(maps, 16)
-            mosaic = _tile_channels(np.transpose(maps[strongest], (1, 2, 0)), ncols=4)
-            rgb = viridis(np.nan_to_num(mosaic, nan=1.0))[..., :3]
-            rgb[np.isnan(mosaic)] = 1.0
-            w_strongest.value = _png(rgb, max(1, size // rgb.shape[1]))
-            w_photo.value = _png(recreate_image(inputs[c_photo.value]) / 255.0)
-            layer_name = names[c_layer.value]
-            titles[1].value = (f"<b>{layer_name}, channel {c_channel.value}</b> "
-                               f"(max {top:.2f}; {'silent' if top <= 0 else 'active'})")
-            titles[2].value = f"<b>16 strongest of {c} channels ({fmap.shape[0]}×{fmap.shape[1]})</b>"
-            box.last = {"photo": c_photo.value, "layer_index": c_layer.value, "channel": c_channel.value,
-                        "feature_map": fmap}
-            weights = "ImageNet weights" if getattr(model, "pretrained", False) else "RANDOM weights"
-            status.value = f"<span style='color:#2e8b57'>✔ {weights}; colour: yellow = strong, dark = zero</span>"
-        except Exception as err:  # shown in the app, not lost in a log
-            box.last = {"error": err}
-            status.value = f"<span style='color:#c0392b'><b>{type(err).__name__}:</b> {str(err)[:400]}</span>"
+    def draw():
+        maps = maps_for(c_photo.value, c_layer.value)  # (C, H, W)
+        c = maps.shape[0]
+        if c_channel.max != c - 1:
+            c_channel.max = c - 1
+        fmap = maps[c_channel.value]
+        top = fmap.max()
+        w_channel.value = _png(viridis(fmap / top if top > 0 else fmap)[..., :3],
+                               max(1, size // fmap.shape[-1]))
+        strongest = _strongest_channels(maps, 16)
+        w_strongest.value = _mosaic_png(_tile_channels(np.transpose(maps[strongest], (1, 2, 0)), ncols=4), size)
+        w_photo.value = _png(pixels[c_photo.value])
+        titles[1].value = (f"<b>{names[c_layer.value]}, channel {c_channel.value}</b> "
+                           f"(max {top:.2f}; {'silent' if top <= 0 else 'active'})")
+        titles[2].value = f"<b>16 strongest of {c} channels ({fmap.shape[0]}×{fmap.shape[1]})</b>"
+        return {"photo": c_photo.value, "layer_index": c_layer.value, "channel": c_channel.value,
+                "feature_map": fmap, "method": "feature map",
+                "note": f"{weights}; colour: yellow = strong, dark = zero"}
 
-    box = widgets.VBox([
-        widgets.HBox([c_photo, c_layer, c_channel]),
-        status,
-        widgets.HBox([widgets.VBox([titles[0], w_photo]), widgets.VBox([titles[1], w_channel]),
-                      widgets.VBox([titles[2], w_strongest])], layout=widgets.Layout(gap="12px")),
-    ])
-    box.controls = {"photo": c_photo, "layer": c_layer, "channel": c_channel}
+    def rows(status):
+        return [widgets.HBox([c_photo, c_layer, c_channel]), status,
+                widgets.HBox([widgets.VBox([titles[0], w_photo]), widgets.VBox([titles[1], w_channel]),
+                              widgets.VBox([titles[2], w_strongest])], layout=widgets.Layout(gap="12px"))]
+
+    box = _widget_app(rows, {"photo": c_photo, "layer": c_layer, "channel": c_channel}, draw)
     box.images = {"photo": w_photo, "channel": w_channel, "strongest": w_strongest}
-    box.status = status
-    box.refresh = refresh
-    box.last = {}
-    for control in (c_photo, c_layer, c_channel):
-        control.observe(refresh, names="value")
-    refresh()
+    box.refresh()
     return box
 
 

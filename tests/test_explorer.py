@@ -1,5 +1,7 @@
 """The live-demo explorer: every control changes what is shown, and what is shown is
 exactly what the course's functions return."""
+import re
+
 import matplotlib
 import numpy as np
 import pytest
@@ -139,3 +141,71 @@ def test_notebook_09_runs_for_both_datasets(dataset, tmp_path):
     views = [out for cell in nb.cells for out in cell.get("outputs", [])
              if "application/vnd.jupyter.widget-view+json" in out.get("data", {})]
     assert len(views) == 1
+    # issue 10 section 4: the executed notebook stores the widgets' state (images included) and
+    # a static copy that an HTML page shows without a kernel or the internet
+    state = nb.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    images = [w for w in state.values() if w["model_name"] == "ImageModel" and w.get("buffers")]
+    assert len(images) >= 3
+    snapshots = [out["data"]["text/html"] for cell in nb.cells for out in cell.get("outputs", [])
+                 if "cnn-explorer-snapshot" in out.get("data", {}).get("text/html", "")]
+    assert len(snapshots) == 1
+    n_views = len(cnn_utils.explorer_methods()) + 1
+    assert snapshots[0].count("data:image/png;base64,") == 3 * n_views
+    assert "✘ wrong" in snapshots[0] and "Score-CAM for class" in snapshots[0]
+
+
+def _small_model(head):
+    """A tiny CNN whose last layer outputs logits ("logits"), or adds a softmax layer
+    ("softmax_layer") or a Dense with activation="softmax" ("softmax_activation")."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((8, 8, 1))
+    h = keras.layers.Conv2D(4, 3, activation="relu", name="conv")(inp)
+    h = keras.layers.Flatten()(h)
+    if head == "softmax_activation":
+        out = keras.layers.Dense(3, activation="softmax", name="probs")(h)
+    else:
+        out = keras.layers.Dense(3, name="logits")(h)
+        if head == "softmax_layer":
+            out = keras.layers.Softmax()(out)
+    return keras.Model(inp, out)
+
+
+@pytest.mark.parametrize("head", ["logits", "softmax_layer", "softmax_activation"])
+def test_probabilities_whatever_the_model_outputs(head):
+    # issue 13 item 5: a logits-output model was shown as "-1644.1 %"
+    model = _small_model(head)
+    x = np.random.default_rng(0).random((4, 8, 8, 1)).astype(np.float32) * 40  # large logits
+    x = np.clip(x, 0, 1)
+    out = model.predict(x, verbose=0)
+    app = cnn_utils.explorer(model, x, [0, 1, 2, 0], class_names=["a", "b", "c"])
+    expected = cnn_utils.softmax(out) if head == "logits" else out
+    np.testing.assert_allclose(app.probabilities, expected, rtol=1e-5, atol=1e-7)
+    assert app.model_outputs == ("logits" if head == "logits" else "probabilities")
+    shown = app.texts["probabilities"].value
+    values = [float(v) for v in re.findall(r"(-?[0-9.]+) %", shown)]
+    assert len(values) == 3 and all(0 <= v <= 100 for v in values), values
+    assert ("softmax of the logits" in shown) == (head == "logits")
+    np.testing.assert_allclose(app.probabilities.sum(axis=1), 1.0, atol=1e-6)
+
+
+def test_percent_keeps_enough_digits():
+    assert cnn_utils._percent(0.9997) == "99.97 %"
+    assert cnn_utils._percent(0.99999) == "99.999 %"
+    assert cnn_utils._percent(0.5) == "50.0 %"
+    assert cnn_utils._percent(1.0) == "100.0 %" and cnn_utils._percent(0.0) == "0.0 %"
+    assert cnn_utils._percent(0.00004) == "0.004 %"
+
+
+def test_snapshot_is_static_html_of_the_views(app_and_data):
+    app, _, _ = app_and_data
+    before = {k: c.value for k, c in app.controls.items()}
+    html = cnn_utils.explorer_snapshot(app, [{"index": 1, "method": "Saliency"},
+                                             {"index": 2, "method": "Grad-CAM"}]).data
+    assert html.count("data:image/png;base64,") == 6          # image, heatmap, overlay per view
+    assert "Saliency for class" in html and "Grad-CAM for class" in html
+    assert "test image #1" in html and "test image #2" in html
+    assert {k: c.value for k, c in app.controls.items()} == before  # restored
+    with pytest.raises(ValueError, match="unknown control"):
+        cnn_utils.explorer_snapshot(app, [{"colour": 1}])

@@ -20,8 +20,8 @@ def viewer():
 def test_shows_the_layers_feature_map(viewer):
     app, model, photos = viewer
     index = cnn_utils.vgg_layer_names(model).index("relu1_2")
-    expected = cnn_utils.vgg_feature_maps(model, cnn_utils.preprocess_image(photos["chelsea"], 64),
-                                          [index])[index]
+    pixels = cnn_utils.load_photo(photos["chelsea"], 64, fit="stretch")
+    expected = cnn_utils.vgg_layer_activations(model, pixels, "relu1_2")[0]
     assert app.last["layer_index"] == index and app.last["channel"] == 0
     np.testing.assert_allclose(app.last["feature_map"], expected[0], atol=1e-6)
     assert app.controls["channel"].max == expected.shape[0] - 1 == 63
@@ -51,3 +51,77 @@ def test_bad_input():
         cnn_utils.vgg_layer_explorer(model, {})
     with pytest.raises(ValueError, match="Unknown layer 'relu9_9'.*conv1_1"):
         cnn_utils.vgg_layer_explorer(model, {"x": np.zeros((8, 8, 3))}, layer="relu9_9")
+
+
+def test_module_names(viewer):
+    _, model, _ = viewer
+    assert cnn_utils.vgg_module_name(model, "relu5_3") == "features.29"
+    assert cnn_utils.vgg_module_name(model, "conv1_1") == "features.0"
+    with pytest.raises(ValueError, match="Unknown layer"):
+        cnn_utils.vgg_module_name(model, "fc6")
+
+
+@pytest.fixture(scope="module")
+def photo_app():
+    model = cnn_utils.load_vgg16(pretrained=False, device="cpu")
+    photos = cnn_utils.sample_photos(["chelsea", "coffee", "rocket"], size=64)
+    x = np.stack(list(photos.values()))
+    return cnn_utils.explorer(model, x, class_names=model.class_names, samples=2), model, x
+
+
+def test_photo_explorer_starts_with_grad_cam_and_true_probabilities(photo_app):
+    app, model, x = photo_app
+    assert app.last["method"] == "Grad-CAM" and app.last["layer"] == "relu5_3", app.status.value
+    with torch.no_grad():
+        logits = model(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+    np.testing.assert_allclose(app.probabilities, cnn_utils.softmax(logits), rtol=1e-4, atol=1e-7)
+    assert app.model_outputs == "logits"
+    expected = cnn_utils.grad_cam(model, x[:1], int(logits[0].argmax()), layer="relu5_3")[0]
+    np.testing.assert_allclose(app.last["heatmap"], expected, atol=1e-5)
+    assert "RANDOM weights" in app.texts["caption"].value and "RANDOM weights" in app.texts["heatmap_title"].value
+    shown = app.texts["probabilities"].value
+    assert "top 10 of 1000" in shown and shown.count("<tr>") == 10
+
+
+def test_photo_explorer_class_list_is_top_k_then_all(photo_app):
+    app, model, _ = photo_app
+    app.controls["index"].value = 1
+    options = app.controls["class_index"].options
+    ranked = np.argsort(app.probabilities[1])[::-1]
+    assert [v for _, v in options] == [-1] + [int(k) for k in ranked[:10]]
+    assert options[2][0].startswith(f"#2 {model.class_names[ranked[1]]}")
+    app.controls["class_index"].value = int(ranked[4])                    # the 5th class
+    assert app.last["class_index"] == ranked[4] and "error" not in app.last
+    app.controls["all_classes"].value = True
+    assert len(app.controls["class_index"].options) == 1001
+    app.controls["all_classes"].value = False
+    app.controls["index"].value = 2                                       # the chosen class stays listed
+    assert int(ranked[4]) in [v for _, v in app.controls["class_index"].options]
+    app.controls["class_index"].value = -1
+
+
+@pytest.mark.parametrize("method", list(cnn_utils.explorer_methods()))
+def test_photo_explorer_every_method(photo_app, method):
+    app, model, x = photo_app
+    app.controls["index"].value = 0
+    app.controls["layer"].value = "relu4_3"
+    app.controls["method"].value = method
+    assert "error" not in app.last, app.status.value
+    expected = cnn_utils.explorer_methods(samples=2)[method](model, x[:1], app.last["class_index"], "relu4_3")[0]
+    np.testing.assert_allclose(app.last["heatmap"], expected, atol=1e-5)
+    app.controls["layer"].value = "relu5_3"
+    app.controls["method"].value = "Grad-CAM"
+
+
+def test_photo_explorer_layer_activations(photo_app):
+    app, model, x = photo_app
+    app.controls["method"].value = cnn_utils.ACTIVATIONS_METHOD
+    app.controls["layer"].value = "conv5_3"
+    assert "error" not in app.last, app.status.value
+    assert "64 strongest of 512" in app.texts["heatmap_title"].value
+    maps = cnn_utils.vgg_layer_activations(model, x[:1], "conv5_3")[0]
+    keep = np.sort(np.argsort(maps.mean(axis=(1, 2)))[::-1][:64])
+    np.testing.assert_allclose(app.last["heatmap"], cnn_utils._tile_channels(np.transpose(maps[keep], (1, 2, 0))),
+                               atol=1e-6)
+    app.controls["method"].value = "Grad-CAM"
+    app.controls["layer"].value = "relu5_3"

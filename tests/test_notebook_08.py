@@ -1,0 +1,107 @@
+"""Notebook 08 (VGG16 on photos: every attribution method, the class-discriminative test,
+occlusion, the sanity check, feature visualization, the explorer) in fast mode, offline, with
+random weights: the mechanics, and the honesty of the text when the weights are random."""
+import numpy as np
+import pytest
+
+from conftest import count_images, notebook_text, notebook_values, run_notebook
+
+pytest.importorskip("torch")
+
+METHODS = ["Saliency", "SmoothGrad", "Integrated Gradients", "Grad-CAM", "Grad-CAM++", "Score-CAM", "Occlusion"]
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("nb08")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TORCH_HOME", str(tmp / "torch"))   # an empty cache and no download: random weights
+    mp.setenv("CNN_COURSE_OFFLINE", "1")
+    try:
+        nb = run_notebook("08_vgg16_photos.ipynb", tmp)
+    finally:
+        mp.undo()
+    return nb, notebook_values(nb), notebook_text(nb)
+
+
+@pytest.mark.notebook
+def test_runs_offline_and_says_the_weights_are_random(executed):
+    nb, values, text = executed
+    assert values["weights"] == "RANDOM" and values["fast"] is True
+    assert "RUNNING WITH RANDOM WEIGHTS" in text and "make prefetch" in text
+    markdown = "\n".join(o["data"]["text/markdown"] for c in nb.cells for o in c.get("outputs", [])
+                         if "text/markdown" in o.get("data", {}))
+    assert markdown.count("random weights") >= 5   # every interpretation says so
+    assert "the literature reports" in markdown
+    assert not [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert values["tensorflow_imported"] is False
+    assert values["model_outputs"] == "logits"
+
+
+@pytest.mark.notebook
+def test_photos_and_predictions(executed):
+    _, values, _ = executed
+    assert values["photos"] == ["chelsea", "coffee", "rocket", "astronaut", "motorcycle", "cat | coffee"]
+    p = np.array(values["top1_probability"])
+    assert p.shape == (6,) and np.all((p > 0) & (p <= 1))
+
+
+@pytest.mark.notebook
+def test_reference_code_equals_the_fast_functions(executed):
+    _, values, _ = executed
+    assert values["reference_saliency_max_diff"] < 1e-4
+    assert values["reference_grad_cam_rho"] >= 0.99
+
+
+@pytest.mark.notebook
+def test_every_method_side_by_side(executed):
+    _, values, _ = executed
+    assert values["methods"] == METHODS
+    assert set(values["seconds_per_photo"]) == set(METHODS)
+    agree = np.array(values["method_agreement"])
+    assert agree.shape == (7, 7)
+    np.testing.assert_allclose(np.diag(agree), 1.0, atol=1e-9)
+    np.testing.assert_allclose(agree, agree.T, atol=1e-9)
+    assert np.all(np.abs(agree) <= 1 + 1e-9)
+
+
+@pytest.mark.notebook
+def test_non_top_classes_and_two_objects(executed):
+    _, values, _ = executed
+    assert len(set(values["rank_targets"])) == 4
+    for rho in values["rho_with_top_class"].values():
+        assert rho[0] == pytest.approx(1.0) and all(-1 <= r <= 1 for r in rho)
+    assert values["cat_class"] in (281, 282, 283, 284, 285) and values["coffee_class"] in (967, 968, 504)
+    for name in METHODS:
+        left = values["left_share"][name]
+        assert all(0 <= v <= 1 for v in left)
+        assert values["discrimination"][name] == pytest.approx(left[0] - left[1])
+
+
+@pytest.mark.notebook
+def test_occlusion_sanity_check_feature_visualization_and_explorer(executed):
+    nb, values, _ = executed
+    assert set(values["occlusion_rho"]) == set(METHODS) - {"Occlusion"}
+    assert (values["occlusion_window"], values["occlusion_stride"]) == (16, 8)  # 32-px photos in FAST mode
+    assert values["occlusion_windows"] == ((32 - 16) // 8 + 1) ** 2
+    assert set(values["sanity"]) == {"fc8", "classifier", "classifier + conv5"}
+    assert set(values["sanity"]["fc8"]) == {"Saliency", "Grad-CAM", "Grad-CAM++"}
+    for row in values["sanity"].values():
+        assert all(-1 <= r <= 1 for r in row.values())
+    assert set(values["sanity_passes"]) == set(values["sanity"]["fc8"])
+    assert set(values["fv_rise"]) == {"conv3_3", "conv4_3"}
+    assert all(np.isfinite(v) for v in values["fv_rise"].values())
+    assert len(values["class_rise"]) == 2
+    assert values["explorer_first_update_seconds"] > 0
+    views = [o for c in nb.cells for o in c.get("outputs", [])
+             if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    snapshot = [o["data"]["text/html"] for c in nb.cells for o in c.get("outputs", [])
+                if "cnn-explorer-snapshot" in o.get("data", {}).get("text/html", "")]
+    state = nb.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    apps = [v["application/vnd.jupyter.widget-view+json"]["model_id"] for v in (o["data"] for o in views)
+            if "cnn-explorer" in state[v["application/vnd.jupyter.widget-view+json"]["model_id"]]["state"].get(
+                "_dom_classes", [])]
+    assert len(apps) == 1 and len(snapshot) == 1  # (the other widget views are progress bars)
+    assert snapshot[0].count("RANDOM weights") >= 2
+    # predictions, side by side, ranks, two objects, channels, classes
+    assert count_images(nb) == 6
