@@ -2084,7 +2084,7 @@ class _TorchEngine:
         self.num_classes = None
 
     def images(self, images):
-        x = as_image_batch(images, None)
+        x = as_image_batch(images, None, input_range=model_input_range(self.model))
         conv = next((m for m in self.model.modules() if isinstance(m, self.torch.nn.Conv2d)), None)
         if conv is not None and x.ndim == 4 and x.shape[-1] != conv.in_channels:
             raise ValueError(f"images have {x.shape[-1]} channels (last axis of (N, H, W, C)), but the "
