@@ -5288,22 +5288,12 @@ def _probability_bars_html(probs, class_names, predicted, true_label=None, top_k
             f"<tr><td style='text-align:right;padding-right:6px'>{class_names[k]}</td>"
             f"<td style='width:180px'><div style='background:{colour};height:12px;"
             f"width:{max(p, 0.004) * 100:.1f}%'></div></td>"
-            f"<td style='padding-left:6px'>{_percent(p)}{mark}</td></tr>"
+            f"<td style='padding-left:6px'>{format_probability(p)}{mark}</td></tr>"
         )
     what = "softmax of the logits" if source == "logits" else "the model's softmax output"
     head = f"top {len(order)} of {len(probs)}" if len(order) < len(probs) else "all classes"
     return (f"<b>Class probabilities</b> ({what}; {head})<table style='font-size:12px;border-collapse:collapse'>"
             + "".join(rows) + "</table>")
-
-
-def _percent(p):
-    """A probability as a percentage with enough digits that 0.9997 does not read 100.0 %."""
-    for digits in (1, 2, 3, 4):
-        text = f"{100 * p:.{digits}f}"
-        if 0 < p < 1 and float(text) in (0.0, 100.0):
-            continue
-        return text + " %"
-    return f"{100 * p:.4g} %"
 
 
 def _widget_app(rows, controls, refresh_body, css_class=None):
@@ -5450,7 +5440,7 @@ def explorer(model, images, labels=None, class_names=None, *, scale=None, top_k=
         if c_class.value not in (-1, *shown):
             shown.append(int(c_class.value))  # keep the chosen class on the list
         rank = {int(k): r for r, k in enumerate(ranked)}
-        return [("predicted", -1)] + [(f"#{rank[int(k)] + 1} {class_names[k]} ({_percent(probs_all[idx, k])})",
+        return [("predicted", -1)] + [(f"#{rank[int(k)] + 1} {class_names[k]} ({format_probability(probs_all[idx, k])})",
                                        int(k)) for k in shown]
 
     def draw():
@@ -5475,11 +5465,11 @@ def explorer(model, images, labels=None, class_names=None, *, scale=None, top_k=
                                                   top_k=top_k, source=source)
         p = probs_all[idx, pred_all[idx]]
         if labels is None:
-            caption.value = f"image #{idx}: predicted <b>{class_names[pred_all[idx]]}</b> ({_percent(p)})"
+            caption.value = f"image #{idx}: predicted <b>{class_names[pred_all[idx]]}</b> ({format_probability(p)})"
         else:
             ok = "✔ correct" if pred_all[idx] == labels[idx] else "✘ wrong"
             caption.value = (f"test image #{idx}: true <b>{class_names[labels[idx]]}</b>, predicted "
-                             f"<b>{class_names[pred_all[idx]]}</b> ({_percent(p)}) {ok}")
+                             f"<b>{class_names[pred_all[idx]]}</b> ({format_probability(p)}) {ok}")
         if random_weights:
             caption.value += " <b style='color:#c0392b'>RANDOM weights: predictions are meaningless</b>"
         heat_title.value = f"<b>{method}: not shown (see the status line)</b>"

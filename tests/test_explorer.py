@@ -190,14 +190,6 @@ def test_probabilities_whatever_the_model_outputs(head):
     np.testing.assert_allclose(app.probabilities.sum(axis=1), 1.0, atol=1e-6)
 
 
-def test_percent_keeps_enough_digits():
-    assert cnn_utils._percent(0.9997) == "99.97 %"
-    assert cnn_utils._percent(0.99999) == "99.999 %"
-    assert cnn_utils._percent(0.5) == "50.0 %"
-    assert cnn_utils._percent(1.0) == "100.0 %" and cnn_utils._percent(0.0) == "0.0 %"
-    assert cnn_utils._percent(0.00004) == "0.004 %"
-
-
 def test_snapshot_is_static_html_of_the_views(app_and_data):
     app, _, _ = app_and_data
     before = {k: c.value for k, c in app.controls.items()}
