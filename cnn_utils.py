@@ -3669,7 +3669,8 @@ def gradient_saliency(model, image, class_index=None):
     torch, _ = _torch()
     x = _as_model_input(image)
     forward = _normalized_forward(model)
-    net = model if forward is model else _forward_module(forward)
+    # normalised tensors have no fixed pixel range: no range check on this wrapper
+    net = set_input_range(_forward_module(forward), None)
     n_classes = None
     if class_index is not None:
         with torch.no_grad():
