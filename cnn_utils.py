@@ -2629,18 +2629,23 @@ def rank_correlation(maps_a, maps_b):
 
 # -- Confidence: softmax, entropy, likelihood --------------------------------
 
-def _as_logits(logits, name="logits"):
+def _as_class_matrix(values, name):
+    """``values`` as float64 (N, num_classes), at least 2 classes, finite."""
     try:
-        z = np.asarray(logits, dtype=np.float64)
+        z = np.asarray(values, dtype=np.float64)
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be an array of numbers (N, num_classes), got "
-                        f"{type(logits).__name__}.") from None
+                        f"{type(values).__name__}.") from None
     if z.ndim != 2 or z.shape[1] < 2:
         raise ValueError(f"{name} must be a 2-D array (N, num_classes) with at least 2 classes; "
                          f"got shape {z.shape}.")
     if not np.all(np.isfinite(z)):
         raise ValueError(f"{name} contain NaN or infinite values.")
     return z
+
+
+def _as_logits(logits, name="logits"):
+    return _as_class_matrix(logits, name)
 
 
 def _as_labels(labels, n, num_classes, name="labels"):
@@ -2661,16 +2666,7 @@ def _as_labels(labels, n, num_classes, name="labels"):
 
 
 def _as_probs(probs):
-    try:
-        p = np.asarray(probs, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise TypeError(f"probs must be an array of numbers (N, num_classes), got "
-                        f"{type(probs).__name__}.") from None
-    if p.ndim != 2 or p.shape[1] < 2:
-        raise ValueError(f"probs must be a 2-D array (N, num_classes) with at least 2 classes; "
-                         f"got shape {p.shape}.")
-    if not np.all(np.isfinite(p)):
-        raise ValueError("probs contain NaN or infinite values.")
+    p = _as_class_matrix(probs, "probs")
     if p.size and p.min() < 0:
         raise ValueError(f"probs must be non-negative (softmax outputs); got values down to {p.min():.4g}. "
                          "Did you pass logits? Use cnn_utils.softmax(logits) first.")
