@@ -58,6 +58,31 @@ def run_notebook(name, tmp_path, **parameters):
     return nbformat.read(str(out), as_version=4)
 
 
+def stored_notebook(name):
+    """``notebooks/<name>`` as stored, checked for the storage conventions: one cell tagged
+    ``parameters`` with ``FAST = False``, no outputs or execution counts, discussion questions.
+
+    Returns ``(nb, markdown, code)``: the notebook as a dict and the joined source of its
+    markdown cells and of its code cells.
+    """
+    import json
+
+    nb = json.loads((ROOT / "notebooks" / name).read_text())
+    tagged = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(tagged) == 1, f"{name}: {len(tagged)} cells tagged 'parameters', expected 1"
+    assert "FAST = False" in "".join(tagged[0]["source"]), f"{name}: the parameters cell must set FAST = False"
+    stored = [i for i, c in enumerate(nb["cells"]) if c["cell_type"] == "code"
+              and (c.get("outputs") or c.get("execution_count") is not None)]
+    assert not stored, f"{name}: code cells {stored} are stored with outputs or execution counts"
+
+    def source(kind):
+        return "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == kind)
+
+    markdown, code = source("markdown"), source("code")
+    assert "Discussion questions" in markdown, f"{name}: no 'Discussion questions' section"
+    return nb, markdown, code
+
+
 def notebook_text(nb):
     """All text output of an executed notebook (stdout and text/plain results)."""
     parts = []
