@@ -141,6 +141,15 @@ def _is_number(value):
             and bool(np.isfinite(value)))
 
 
+def _converted(value, name, expected, convert=lambda v: np.asarray(v, dtype=np.float64)):
+    """``convert(value)`` (by default a float64 array), or a TypeError saying that ``name``
+    must be ``expected`` (e.g. "an array of numbers (N, D)")."""
+    try:
+        return convert(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__}.") from None
+
+
 def _check_dataset_name(name):
     if name not in DATASETS:
         raise ValueError(
@@ -617,7 +626,11 @@ def get_layer(model, layer_name):
 def _flat_model(model):
     """For ``Sequential([base, ...])`` whose first layer is a model: the same network as one
     functional graph from the base's input (``base`` layers, then the rest), so that layers
-    inside the base can be reached. Other models are returned as they are."""
+    inside the base can be reached. Other models are returned as they are.
+
+    Gradients need this one graph: ``_symbolic`` (what ``get_activations`` uses, for any
+    nesting) reaches a nested layer through a second call of a sub-model, which the class
+    score does not depend on."""
     keras = _keras()
     if not (isinstance(model, keras.Sequential) and model.layers
             and isinstance(model.layers[0], keras.Model)):
@@ -758,6 +771,26 @@ def _feeding_tensor(model, inner):
         return feed
     raise ValueError(f"Cannot trace the layers inside the nested model {inner.name!r} back to the "
                      f"input of {model.name!r}; build the model with the functional API.")
+
+
+def _graph_tensor(model, layer, attr="output"):
+    """``layer``'s ``output`` (or ``input``) at its call within ``model``'s graph. A layer
+    called in two graphs (``_flat_model`` reuses a Sequential model's head) has a tensor per
+    call, and ``layer.output`` is the first call's."""
+    if len(layer._inbound_nodes) > 1:
+        seen, todo = set(), list(model.outputs)
+        while todo:
+            tensor = todo.pop()
+            if id(tensor) in seen:
+                continue
+            seen.add(id(tensor))
+            op, index, _ = tensor._keras_history
+            node = op._inbound_nodes[index]
+            if op is layer:
+                found = node.output_tensors if attr == "output" else node.input_tensors
+                return found[0] if len(found) == 1 else found
+            todo.extend(node.input_tensors)
+    return getattr(layer, attr)
 
 
 def _symbolic(model, chain, attr="output"):
@@ -945,39 +978,28 @@ def top_activating_images(model, layer_name, images, index=None, k=5, batch_size
 # ---------------------------------------------------------------------------
 
 def total_variation(images):
-    """Total variation of each image, as a TensorFlow tensor of shape (N,).
+    """Total variation of each image, a TensorFlow tensor (N,): the sum of SQUARED differences
+    between neighbouring pixels, down the rows and across the columns, never across channels::
 
-    The definition used throughout the course (squared, anisotropic; beta = 2 in
-    Mahendran & Vedaldi's notation, which gives smooth gradients)::
+        TV(x) = sum_{i,j,c} (x[i+1, j, c] - x[i, j, c])**2 + (x[i, j+1, c] - x[i, j, c])**2
 
-        TV(x) = sum_{i,j,c} (x[i+1, j, c] - x[i, j, c])**2      # along rows (down)
-              + sum_{i,j,c} (x[i, j+1, c] - x[i, j, c])**2      # along columns (across)
-
-    Differences are taken along BOTH spatial axes and never across channels, so an
-    image that only varies from channel to channel has TV 0. (``tf.image.total_variation``
-    uses absolute differences instead.) Accepts (N, H, W, C) or one (H, W, C) image,
-    NumPy or tensor; differentiable, so it serves as a regularizer.
+    Squaring (beta = 2 in Mahendran & Vedaldi's notation) punishes large jumps most and has a
+    smooth gradient. The course's other two definitions: the exercise (notebook 09) sums
+    ABSOLUTE differences, like ``tf.image.total_variation``, which tolerates sharp edges; the
+    PyTorch ``total_variation_norm(x, beta)`` (notebook 07) sums each pixel's squared gradient
+    magnitude to the power beta/2 (beta = 2: this sum without the differences along the last
+    row and column). ``images``: (N, H, W, C) or one (H, W, C), NumPy or tensor; differentiable.
     """
-    return _total_variation(_tf(), images)
-
-
-def _total_variation(tf, images):
-    """``total_variation`` given the TensorFlow module (so tf.function can trace it)."""
-    try:
-        x = tf.convert_to_tensor(images, dtype=tf.float32)
-    except (TypeError, ValueError):
-        raise TypeError(f"total_variation expects images (N, H, W, C) or (H, W, C) of numbers, got "
-                        f"{type(images).__name__}.") from None
+    tf = _tf()
+    x = _converted(images, "images", "an array of numbers (N, H, W, C) or (H, W, C)",
+                   lambda v: tf.convert_to_tensor(v, dtype=tf.float32))
     if x.shape.rank == 3:
         x = x[tf.newaxis]
     if x.shape.rank != 4:
-        raise ValueError(
-            f"total_variation expects images (N, H, W, C) or (H, W, C); got shape {tuple(x.shape)}."
-        )
-    down = x[:, 1:, :, :] - x[:, :-1, :, :]
-    across = x[:, :, 1:, :] - x[:, :, :-1, :]
-    return (tf.reduce_sum(tf.square(down), axis=[1, 2, 3])
-            + tf.reduce_sum(tf.square(across), axis=[1, 2, 3]))
+        raise ValueError(f"images must be (N, H, W, C) or (H, W, C); got shape {tuple(x.shape)}.")
+    down = x[:, 1:, :, :] - x[:, :-1, :, :]      # each pixel minus the one above it
+    across = x[:, :, 1:, :] - x[:, :, :-1, :]    # each pixel minus the one to its left
+    return tf.reduce_sum(down ** 2, axis=[1, 2, 3]) + tf.reduce_sum(across ** 2, axis=[1, 2, 3])
 
 
 class FeatureVisualization:
@@ -1126,7 +1148,7 @@ def _activation_maximization_fn(model, layer_name, spatial):
                 tape.watch(x)
                 obj = unit_mean(pre_and_post(tf.roll(x, shift=shifts[t], axis=[1, 2]))[0], onehot)
                 loss = (obj - l2 * tf.reduce_sum(tf.square(x), axis=[1, 2, 3])
-                        - tv * _total_variation(tf, x))
+                        - tv * total_variation(x))
             grad = tape.gradient(loss, x)
             norm = tf.sqrt(tf.reduce_sum(tf.square(grad), axis=[1, 2, 3], keepdims=True))
             x = x + lr * grad / (norm + 1e-8)                # L2-normalised step, per image
@@ -1318,6 +1340,16 @@ def _ops(x):
     return _OPS[kind]
 
 
+def _min_max_scaled(a, axes):
+    """``(a - min a) / (max a - min a)`` over ``axes`` (NumPy, TF or torch), and where the
+    slice ``varies``; a constant slice becomes all zeros. The course's one min-max scaling."""
+    o = _ops(a)
+    lo = o.amin(a, axes, keepdims=True)
+    span = o.amax(a, axes, keepdims=True) - lo
+    varies = span > 0
+    return o.where(varies, (a - lo) / o.where(varies, span, 1.0 + 0.0 * span), 0.0 * span), varies
+
+
 def saliency_from_gradients(grads):
     """Simonyan et al. (2014): ``M_ij = max_c |dS/dx_ijc|``; (N, H, W, C) -> (N, H, W)."""
     o = _ops(grads)
@@ -1359,11 +1391,7 @@ def score_cam_masks(upsampled):
     """Score-CAM masks (Wang et al., 2020): each upsampled map min-max scaled to [0, 1],
     ``M^k = (A^k - min A^k) / (max A^k - min A^k)``. (N, H, W, k) -> (masks, varies (N, k));
     a constant channel has no mask (all zeros, ``varies`` False)."""
-    o = _ops(upsampled)
-    lo = o.amin(upsampled, (1, 2), keepdims=True)
-    span = o.amax(upsampled, (1, 2), keepdims=True) - lo
-    varies = span > 0
-    masks = o.where(varies, (upsampled - lo) / o.where(varies, span, 1.0 + 0.0 * span), 0.0 * span)
+    masks, varies = _min_max_scaled(upsampled, (1, 2))
     return masks, varies[:, 0, 0, :]
 
 
@@ -1424,16 +1452,6 @@ def occlusion_map(drops, input_hw, rows, cols, win):
     return (total / np.maximum(count, 1)).astype(np.float32)
 
 
-def _tf_minmax(maps):
-    """Per-map min-max scaling to [0, 1] in TensorFlow; a constant map becomes zeros."""
-    tf = _tf()
-    axes = list(range(1, len(maps.shape)))
-    lo = tf.reduce_min(maps, axis=axes, keepdims=True)
-    hi = tf.reduce_max(maps, axis=axes, keepdims=True)
-    span = hi - lo
-    return tf.where(span > 0, (maps - lo) / tf.where(span > 0, span, 1.0), tf.zeros_like(maps))
-
-
 def normalize_maps(maps):
     """Min-max scale each map of a batch (N, ...) to [0, 1], as float32.
 
@@ -1444,11 +1462,7 @@ def normalize_maps(maps):
         raise ValueError(f"maps must be a batch (N, H, W[, C]); got shape {m.shape}.")
     if not np.all(np.isfinite(m)):
         raise ValueError("maps contain NaN or infinite values.")
-    axes = tuple(range(1, m.ndim))
-    lo = m.min(axis=axes, keepdims=True)
-    span = m.max(axis=axes, keepdims=True) - lo
-    safe = np.where(span > 0, span, 1.0)
-    return np.where(span > 0, (m - lo) / safe, 0.0).astype(np.float32)
+    return _min_max_scaled(m, tuple(range(1, m.ndim)))[0].astype(np.float32)
 
 
 # --- CAM geometry: where each feature-map cell sits in the input ---------------------------
@@ -1903,9 +1917,9 @@ def _score_output(model, score):
         return out
     last = model.layers[-1]
     if LOGITS_LAYER in [layer.name for layer in model.layers]:
-        return model.get_layer(LOGITS_LAYER).output
+        return _graph_tensor(model, model.get_layer(LOGITS_LAYER))
     if isinstance(last, keras.layers.Softmax):
-        return last.input
+        return _graph_tensor(model, last, "input")
     activation = getattr(getattr(last, "activation", None), "__name__", "linear")
     if activation in ("softmax", "sigmoid"):
         pre, _ = _pre_activation(last)
@@ -1914,7 +1928,7 @@ def _score_output(model, score):
                 f"The model's last layer {last.name!r} applies a {activation} and its pre-activation "
                 f"cannot be recovered; add a layer named {LOGITS_LAYER!r} holding pre-softmax scores, "
                 "or pass score='probability'.")
-        return pre(last.input)
+        return pre(_graph_tensor(model, last, "input"))
     return out
 
 
@@ -2631,11 +2645,7 @@ def rank_correlation(maps_a, maps_b):
 
 def _as_class_matrix(values, name):
     """``values`` as float64 (N, num_classes), at least 2 classes, finite."""
-    try:
-        z = np.asarray(values, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be an array of numbers (N, num_classes), got "
-                        f"{type(values).__name__}.") from None
+    z = _converted(values, name, "an array of numbers (N, num_classes)")
     if z.ndim != 2 or z.shape[1] < 2:
         raise ValueError(f"{name} must be a 2-D array (N, num_classes) with at least 2 classes; "
                          f"got shape {z.shape}.")
@@ -2690,11 +2700,7 @@ def softmax(logits, temperature=1.0):
     The arg-max is the same for every T, so accuracy does not depend on T.
     """
     _check_temperature(temperature)
-    try:
-        z = np.asarray(logits, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise TypeError(f"logits must be an array of numbers (N, num_classes), got "
-                        f"{type(logits).__name__}.") from None
+    z = _converted(logits, "logits", "an array of numbers (N, num_classes)")
     single = z.ndim == 1
     z = _as_logits(z[np.newaxis] if single else z)
     z = z / temperature
@@ -2877,10 +2883,7 @@ def extract_features(model, images, layer=FEATURE_LAYER, batch_size=512, input_r
 
 
 def _as_points(x, name):
-    try:
-        a = np.asarray(x, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be an array of numbers (N, D), got {type(x).__name__}.") from None
+    a = _converted(x, name, "an array of numbers (N, D)")
     if a.ndim != 2:
         raise ValueError(f"{name} must be a 2-D array (N, D), one row per point; got shape {a.shape}.")
     if not np.all(np.isfinite(a)):
@@ -3222,6 +3225,29 @@ def composite_photo(left, right, size=224, split=0.5):
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+
+def _imagenet_statistics(x):
+    """``IMAGENET_MEAN`` and ``IMAGENET_STD`` as (3, 1, 1) tensors of ``x``'s dtype and device."""
+    torch, _ = _torch()
+    _check_tensor(x, "x")
+    if x.ndim < 3 or x.shape[-3] != 3:
+        raise ValueError(f"x must be RGB images (N, 3, H, W) or (3, H, W); got shape {tuple(x.shape)}.")
+    return tuple(torch.tensor(v, dtype=x.dtype, device=x.device).view(3, 1, 1)
+                 for v in (IMAGENET_MEAN, IMAGENET_STD))
+
+
+def imagenet_normalize(x):
+    """RGB in [0, 1] to the input VGG16's ImageNet weights expect: ``(x - IMAGENET_MEAN) /
+    IMAGENET_STD`` channel by channel. ``x``: a float tensor (N, 3, H, W) or (3, H, W)."""
+    mean, std = _imagenet_statistics(x)
+    return (x - mean) / std
+
+
+def imagenet_denormalize(x):
+    """The inverse of ``imagenet_normalize``: ``x * IMAGENET_STD + IMAGENET_MEAN`` (no clipping)."""
+    mean, std = _imagenet_statistics(x)
+    return x * std + mean
+
 #: Set this environment variable to ``1`` to never try a download (use the cache or
 #: fall back to random weights at once), e.g. for tests on a machine with a network.
 OFFLINE_ENV_VAR = "CNN_COURSE_OFFLINE"
@@ -3280,7 +3306,7 @@ def _vgg16_class():
     """``ImageNetVGG16``: torchvision's VGG16 whose ``forward`` takes RGB in [0, 1].
 
     Built on first use (``import cnn_utils`` must not import torch). The ImageNet
-    normalisation lives in non-persistent buffers, so the state dict is torchvision's.
+    normalisation is applied in ``forward`` (no extra weights: the state dict is torchvision's).
     """
     global _VGG16_CLASS
     if _VGG16_CLASS is not None:
@@ -3296,11 +3322,9 @@ def _vgg16_class():
 
         def __init__(self, init_weights=True):
             super().__init__(vgg.make_layers(vgg.cfgs["D"], batch_norm=False), init_weights=init_weights)
-            self.register_buffer("input_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-            self.register_buffer("input_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
         def forward(self, x):
-            return super().forward((x - self.input_mean) / self.input_std)
+            return super().forward(imagenet_normalize(x))
 
         def forward_normalized(self, x):
             return super().forward(x)
@@ -3522,9 +3546,7 @@ def preprocess_image(image, size=224):
         pil = Image.fromarray(arr)
     pil = pil.resize((width, height), Image.Resampling.BICUBIC)
     x = torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return ((x - mean) / std).unsqueeze(0).contiguous()
+    return imagenet_normalize(x).unsqueeze(0).contiguous()
 
 
 def recreate_image(tensor):
@@ -3533,11 +3555,8 @@ def recreate_image(tensor):
     if isinstance(tensor, torch.Tensor):
         x = tensor.detach().cpu().float()
     else:
-        try:
-            x = torch.as_tensor(np.asarray(tensor, dtype=np.float32))
-        except (TypeError, ValueError):
-            raise TypeError(f"recreate_image expects a tensor (1, 3, H, W) or (3, H, W), got "
-                            f"{type(tensor).__name__}.") from None
+        x = _converted(tensor, "tensor", "a torch tensor or array (1, 3, H, W) or (3, H, W)",
+                       lambda v: torch.as_tensor(np.asarray(v, dtype=np.float32)))
     if x.ndim == 4 and x.shape[0] == 1:
         x = x[0]
     if x.ndim != 3 or x.shape[0] != 3 or x.shape[1] < 1 or x.shape[2] < 1:
@@ -3545,9 +3564,7 @@ def recreate_image(tensor):
                          f"preprocess_image; got shape {tuple(x.shape)}.")
     if not torch.isfinite(x).all():
         raise ValueError("recreate_image: the tensor contains NaN or infinite values.")
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    x = (x * std + mean).clamp(0, 1)
+    x = imagenet_denormalize(x).clamp(0, 1)
     return np.round(x.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
 
 
@@ -3751,9 +3768,7 @@ def feature_inversion(model, image, layer_index, iterations=200, lr=0.1, optimiz
             target = trunk(x0).clone()
         gen = torch.Generator(device="cpu").manual_seed(int(seed))
         noise = 0.5 + 0.1 * torch.randn(x0.shape, generator=gen)  # grey-ish noise in pixel space
-        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-        x = ((noise - mean) / std).to(device).requires_grad_(True)
+        x = imagenet_normalize(noise).to(device).requires_grad_(True)
         opt = (torch.optim.Adam([x], lr=lr) if optimizer == "adam"
                else torch.optim.SGD([x], lr=lr, momentum=0.9))
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=int(iterations))
@@ -3859,15 +3874,11 @@ class _StopForward(Exception):
 def _vgg_features_and_input(model):
     """``(features, to_model_input)``: VGG's ``features`` and the map from pixels in [0, 1]
     to the input the features expect (ImageNet normalisation)."""
-    torch, _ = _torch()
     features = getattr(model, "features", None)
     if features is None or not hasattr(features, "__len__"):
         raise TypeError("model must be torchvision's VGG16 (with a `features` attribute), as "
                         f"load_vgg16() returns; got {type(model).__name__}.")
-    p = next(model.parameters())
-    mean = torch.tensor(IMAGENET_MEAN, device=p.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=p.device).view(1, 3, 1, 1)
-    return features, lambda x: (x - mean) / std
+    return features, imagenet_normalize
 
 
 def vgg_module_name(model, layer):
@@ -4184,8 +4195,8 @@ def _grid(n, ncols, size, extra_width=0.0, title_space=0.5):
     return fig, axes
 
 
-def plot_activation_grid(maps, title=None, ncols=8, cmap="viridis", size=1.1, labels=None):
-    """All channels of one image's feature maps (H, W, C), one panel per channel.
+def plot_all_channels(maps, title=None, ncols=8, cmap="viridis", size=1.1, labels=None):
+    """Every channel of one image's feature maps (H, W, C), Keras' layout, one panel each.
 
     One colour scale for all channels (0 .. the largest value), so panels compare
     honestly; channels that are zero everywhere are titled in grey with "(0)".
@@ -4199,7 +4210,7 @@ def plot_activation_grid(maps, title=None, ncols=8, cmap="viridis", size=1.1, la
     if maps.ndim == 4 and maps.shape[0] == 1:
         maps = maps[0]
     if maps.ndim != 3:
-        raise ValueError(f"plot_activation_grid expects one image's maps (H, W, C); got shape {maps.shape} "
+        raise ValueError(f"plot_all_channels expects one image's maps (H, W, C); got shape {maps.shape} "
                          "(a batch: pick one image, e.g. maps[0]).")
     if maps.size == 0 or not np.all(np.isfinite(maps)):
         raise ValueError("maps must be non-empty and finite (no NaN or infinite values).")
@@ -4890,9 +4901,7 @@ def plot_rgb_filters(weights, ncols=16, title="First-layer filters as RGB images
     w = np.asarray(weights, dtype=np.float64)
     if w.ndim != 4 or w.shape[1] != 3:
         raise ValueError(f"Expected weights (F, 3, k, k) of a layer that sees RGB, got shape {w.shape}.")
-    lo = w.min(axis=(1, 2, 3), keepdims=True)
-    hi = w.max(axis=(1, 2, 3), keepdims=True)
-    rgb = ((w - lo) / np.maximum(hi - lo, 1e-12)).transpose(0, 2, 3, 1)
+    rgb = _min_max_scaled(w, (1, 2, 3))[0].transpose(0, 2, 3, 1)
     n = len(rgb)
     ncols = min(ncols, n)
     nrows = int(np.ceil(n / ncols))
@@ -4911,17 +4920,15 @@ def _strongest_channels(maps, n):
     return list(np.argsort(maps.reshape(len(maps), -1).mean(axis=1))[::-1][:n])
 
 
-def plot_feature_maps(maps, channels=None, n=16, ncols=8, layer_name="layer", cmap="viridis", size=1.3):
-    """Individual channels of one layer's feature maps (C, H, W), on one colour scale.
-
-    ``channels`` defaults to the ``n`` channels with the largest mean activation.
-    Drawn by ``plot_activation_grid``, which takes the Keras layout (H, W, C).
-    """
+def plot_strongest_channels(maps, channels=None, n=16, ncols=8, layer_name="layer", cmap="viridis", size=1.3):
+    """The ``n`` channels with the largest mean activation (or the given ``channels``) of one
+    image's feature maps (C, H, W), PyTorch's layout, on one colour scale
+    (``plot_all_channels`` draws them)."""
     maps = np.asarray(maps)
     if maps.ndim != 3:
         raise ValueError(f"Expected feature maps (C, H, W), got shape {maps.shape}.")
     channels = _strongest_channels(maps, n) if channels is None else list(channels)
-    return plot_activation_grid(
+    return plot_all_channels(
         np.moveaxis(maps[channels], 0, -1), ncols=ncols, cmap=cmap, size=size,
         labels=[f"channel {c}" for c in channels],
         title=f"{layer_name}: {len(channels)} of {len(maps)} channels, "

@@ -119,7 +119,7 @@ def test_plots_draw(mnist_model):
     matplotlib.use("Agg")
     model = tiny_model()
     acts = cnn_utils.get_activations(model, IMAGE)
-    fig = cnn_utils.plot_activation_grid(acts["conv"][0], title="conv")
+    fig = cnn_utils.plot_all_channels(acts["conv"][0], title="conv")
     assert fig._suptitle.get_text() == "conv" and len(fig.axes) == 3      # 2 maps + colour bar
     assert fig.axes[1].get_title() == "ch 1 (0)"                           # the all-zero channel
     k, b = cnn_utils.get_filter_weights(mnist_model, "conv1")

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 
 import cnn_utils as cu
+from model_zoo import (CAM_LAYER, batchnorm_residual, conv_stack, functional_softmax_output, nested_sequential,
+                       variable_size)
 
 RNG = np.random.default_rng(0)
 W_LIN = RNG.normal(size=(4 * 4 * 2, 3)).astype(np.float32)
@@ -511,66 +513,11 @@ def test_tf_keras_vis_scorecam_high_correlation(mnist_model, digits, tkv, monkey
 
 # --- instructors' own models (issue 13): every supported shape, one table ---------------------
 
-def _conv_stack(keras, inp):
-    h = keras.layers.Conv2D(4, 3, activation="relu", name="c1")(inp)
-    return keras.layers.Conv2D(5, 3, activation="relu", name="c2")(h)
-
-
-def _softmax_dense_model():
-    """No 'logits' layer: the last Dense applies the softmax itself (keras.applications' shape)."""
-    keras = _keras()
-    inp = keras.Input((8, 8, 1))
-    h = keras.layers.Flatten()(_conv_stack(keras, inp))
-    return keras.Model(inp, keras.layers.Dense(3, activation="softmax", name="predictions")(h))
-
-
-def _logits_twin(model):
-    """The same weights with a separate 'logits' layer and Softmax: the reference scores."""
-    keras = _keras()
-    inp = keras.Input((8, 8, 1))
-    h = keras.layers.Flatten()(_conv_stack(keras, inp))
-    out = keras.layers.Softmax()(keras.layers.Dense(3, name="logits")(h))
-    twin = keras.Model(inp, out)
-    for name in ("c1", "c2"):
-        twin.get_layer(name).set_weights(model.get_layer(name).get_weights())
-    twin.get_layer("logits").set_weights(model.get_layer("predictions").get_weights())
-    return twin
-
-
-def _nested_model():
-    """Sequential([base, pooling, head]), the usual transfer-learning shape."""
-    keras = _keras()
-    inp = keras.Input((8, 8, 1))
-    base = keras.Model(inp, _conv_stack(keras, inp), name="base")
-    return keras.Sequential([base, keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(3, name="head")])
-
-
-def _variable_size_model():
-    keras = _keras()
-    inp = keras.Input((None, None, 1))
-    h = keras.layers.GlobalAveragePooling2D()(_conv_stack(keras, inp))
-    return keras.Model(inp, keras.layers.Dense(3)(h))
-
-
-def _batchnorm_residual_model():
-    keras = _keras()
-    inp = keras.Input((8, 8, 1))
-    h = keras.layers.Conv2D(4, 3, padding="same", name="c1")(inp)
-    h = keras.layers.BatchNormalization(name="bn1")(h)
-    h = keras.layers.ReLU(name="relu1")(h)
-    r = keras.layers.Conv2D(4, 3, padding="same", name="c2")(h)
-    r = keras.layers.BatchNormalization(name="bn2")(r)
-    r = keras.layers.ReLU(name="relu2")(r)
-    h = keras.layers.Add()([h, r])
-    h = keras.layers.GlobalAveragePooling2D()(h)
-    return keras.Model(inp, keras.layers.Dense(3)(h))
-
-
-MODEL_SHAPES = {  # name: (builder, the default CAM layer)
-    "softmax Dense, no logits layer": (_softmax_dense_model, "c2"),
-    "nested base": (_nested_model, "c2"),
-    "variable input size": (_variable_size_model, "c2"),
-    "BatchNorm, residual": (_batchnorm_residual_model, "relu2"),
+MODEL_SHAPES = {  # name: builder (its default CAM layer: model_zoo.CAM_LAYER)
+    "softmax Dense, no logits layer": functional_softmax_output,
+    "nested base": nested_sequential,
+    "variable input size": variable_size,
+    "BatchNorm, residual": batchnorm_residual,
 }
 
 
@@ -578,7 +525,8 @@ MODEL_SHAPES = {  # name: (builder, the default CAM layer)
 @pytest.mark.parametrize("method", ["saliency_map", "smoothgrad", "integrated_gradients", "grad_cam",
                                     "grad_cam_plus_plus", "score_cam", "occlusion"])
 def test_supported_model_shapes(shape, method):
-    build, default_layer = MODEL_SHAPES[shape]
+    build = MODEL_SHAPES[shape]
+    default_layer = CAM_LAYER[build]
     cu._keras().utils.set_random_seed(0)
     model = build()
     x = np.random.default_rng(0).random((2, 8, 8, 1)).astype(np.float32)
@@ -593,8 +541,9 @@ def test_supported_model_shapes(shape, method):
 
 def test_softmax_dense_model_is_explained_with_its_pre_softmax_scores():
     cu._keras().utils.set_random_seed(0)
-    model = _softmax_dense_model()
-    twin = _logits_twin(model)
+    model = functional_softmax_output()
+    twin = functional_softmax_output(softmax_layer=True)   # the same weights, a separate Softmax
+    twin.set_weights(model.get_weights())
     x = np.random.default_rng(0).random((3, 8, 8, 1)).astype(np.float32)
     for method in ("saliency_map", "grad_cam", "score_cam"):
         np.testing.assert_allclose(getattr(cu, method)(model, x, normalize=False),
@@ -604,7 +553,7 @@ def test_softmax_dense_model_is_explained_with_its_pre_softmax_scores():
 
 def test_variable_input_size_in_cam_methods():
     cu._keras().utils.set_random_seed(0)
-    model = _variable_size_model()
+    model = variable_size()
     for side in (8, 13):
         x = np.random.default_rng(side).random((2, side, side, 1)).astype(np.float32)
         for method in ("grad_cam", "grad_cam_plus_plus", "score_cam"):
@@ -613,10 +562,10 @@ def test_variable_input_size_in_cam_methods():
 
 def test_nested_model_layers_reachable_by_name():
     cu._keras().utils.set_random_seed(0)
-    model = _nested_model()
+    model = nested_sequential()
     x = np.random.default_rng(0).random((2, 8, 8, 1)).astype(np.float32)
-    assert cu.last_conv_layer_name(model) == "c2" and cu.conv_layer_names(model) == ["c1", "c2"]
-    assert cu.grad_cam(model, x, layer="c1").shape == (2, 8, 8)
+    assert cu.last_conv_layer_name(model) == "bc2" and cu.conv_layer_names(model) == ["bc1", "bc2"]
+    assert cu.grad_cam(model, x, layer="bc1").shape == (2, 8, 8)
     # the flat graph computes what the nested model computes
     np.testing.assert_allclose(cu._flat_model(model).predict(x, verbose=0), model.predict(x, verbose=0),
                                rtol=1e-6)
@@ -647,7 +596,7 @@ def test_binary_sigmoid_score_cam_weights_are_not_all_one():
     keras = _keras()
     cu._keras().utils.set_random_seed(1)
     inp = keras.Input((8, 8, 1))
-    h = keras.layers.GlobalAveragePooling2D()(_conv_stack(keras, inp))
+    h = keras.layers.GlobalAveragePooling2D()(conv_stack(inp))
     model = keras.Model(inp, keras.layers.Dense(1, activation="sigmoid")(h))
     x = np.random.default_rng(0).random((2, 8, 8, 1)).astype(np.float32)
     _, w = cu.score_cam(model, x, return_weights=True)

@@ -10,97 +10,11 @@ import numpy as np
 import pytest
 
 import cnn_utils
+from model_zoo import (base_model, batchnorm_residual, direct, functional_softmax_output, images, keras,
+                        nested_functional, nested_sequential, sequential_built_later, sequential_with_input,
+                        variable_size)
 
-RNG = np.random.default_rng(0)
-
-
-def keras():
-    return cnn_utils._keras()
-
-
-def images(n=3, size=8, channels=1, seed=1):
-    return np.random.default_rng(seed).uniform(0, 1, (n, size, size, channels)).astype(np.float32)
-
-
-def sequential_with_input():
-    k = keras()
-    return k.Sequential([k.Input((8, 8, 1)), k.layers.Conv2D(3, 3, activation="relu", name="c1"),
-                         k.layers.MaxPooling2D(2, name="p1"), k.layers.Flatten(name="f"),
-                         k.layers.Dense(4, name="logits")], name="seq")
-
-
-def sequential_built_later():
-    k = keras()
-    model = k.Sequential([k.layers.Conv2D(3, 3, activation="relu", name="c1"),
-                          k.layers.MaxPooling2D(2, name="p1"), k.layers.Flatten(name="f"),
-                          k.layers.Dense(4, name="logits")], name="seq_built")
-    model.build((None, 8, 8, 1))
-    return model
-
-
-def functional_softmax_output():
-    """Softmax inside the last Dense layer, no 'logits' layer (the usual Keras shape)."""
-    k = keras()
-    inp = k.Input((8, 8, 1))
-    x = k.layers.Conv2D(3, 3, activation="relu", name="c1")(inp)
-    x = k.layers.MaxPooling2D(2, name="p1")(x)
-    x = k.layers.Flatten(name="f")(x)
-    return k.Model(inp, k.layers.Dense(4, activation="softmax", name="out")(x), name="softmax_out")
-
-
-def batchnorm_residual():
-    k = keras()
-    inp = k.Input((8, 8, 1))
-    x = k.layers.Conv2D(4, 3, padding="same", name="c1")(inp)
-    x = k.layers.BatchNormalization(name="bn1")(x)
-    x = k.layers.ReLU(name="r1")(x)
-    y = k.layers.Conv2D(4, 3, padding="same", activation="relu", name="c2")(x)
-    x = k.layers.Add(name="add")([x, y])
-    x = k.layers.GlobalAveragePooling2D(name="gap")(x)
-    model = k.Model(inp, k.layers.Dense(4, name="logits")(x), name="resnet_like")
-    bn = model.get_layer("bn1")   # non-trivial statistics, so inference mode matters
-    bn.set_weights([np.full(4, 2.0), np.full(4, 0.5), np.full(4, 0.3), np.full(4, 4.0)])
-    return model
-
-
-def variable_size():
-    k = keras()
-    inp = k.Input((None, None, 1))
-    x = k.layers.Conv2D(3, 3, activation="relu", name="c1")(inp)
-    x = k.layers.GlobalMaxPooling2D(name="gmp")(x)
-    return k.Model(inp, k.layers.Dense(4, name="logits")(x), name="any_size")
-
-
-def base_model(name="base"):
-    k = keras()
-    return k.Sequential([k.Input((8, 8, 1)), k.layers.Conv2D(3, 3, activation="relu", name="bc1"),
-                         k.layers.Conv2D(5, 3, activation="relu", name="bc2")], name=name)
-
-
-def nested_sequential():
-    k = keras()
-    base = base_model()
-    return k.Sequential([k.Input((8, 8, 1)), base, k.layers.GlobalAveragePooling2D(name="gap"),
-                         k.layers.Dense(4, name="logits")], name="transfer")
-
-
-def nested_functional():
-    """The base applied after a preprocessing layer, inside a functional model."""
-    k = keras()
-    base = base_model()
-    inp = k.Input((8, 8, 1))
-    x = k.layers.Rescaling(2.0, offset=-1.0, name="to_pm1")(inp)
-    x = base(x)
-    x = k.layers.GlobalAveragePooling2D(name="gap")(x)
-    return k.Model(inp, k.layers.Dense(4, name="logits")(x), name="transfer_fn")
-
-
-# (builder, a conv layer name, the independent computation of that layer's output)
-def direct(model, layer):
-    k = keras()
-    return k.Model(model.inputs[0], model.get_layer(layer).output)
-
-
+# (builder, a layer name, the independent computation of that layer's output)
 CASES = {
     "sequential": (sequential_with_input, "c1", lambda m, x: direct(m, "c1")(x)),
     "sequential built later": (sequential_built_later, "c1", lambda m, x: direct(m, "c1")(x)),
@@ -204,8 +118,8 @@ def test_variable_input_size():
     for size in (7, 12):
         x = images(2, size)
         acts = cnn_utils.get_activations(model, x)
-        assert acts["c1"].shape == (2, size - 2, size - 2, 3)
-        np.testing.assert_allclose(acts["gmp"], acts["c1"].max(axis=(1, 2)), rtol=1e-6)
+        assert acts["c1"].shape == (2, size - 2, size - 2, 4) and acts["c2"].shape == (2, size - 4, size - 4, 5)
+        np.testing.assert_allclose(acts["gmp"], acts["c2"].max(axis=(1, 2)), rtol=1e-6)
     with pytest.raises(ValueError, match=r"any size.*image_shape=\(H, W, C\)"):
         cnn_utils.activation_maximization(model, "c1", 0, steps=2)
     for shape in ((10, 10, 1), (9, 14, 1)):

@@ -136,6 +136,22 @@ def test_preprocess_normalises_with_imagenet_statistics():
     assert float(x[0, 2, 3, 3]) == pytest.approx((0 - mean[2]) / std[2], abs=1e-5)
 
 
+def test_imagenet_normalize_and_denormalize_by_hand():
+    x = torch.zeros(2, 3, 2, 2)
+    x[:, 0] = 1.0                                     # red 1, green and blue 0
+    y = cnn_utils.imagenet_normalize(x)
+    mean, std = cnn_utils.IMAGENET_MEAN, cnn_utils.IMAGENET_STD
+    assert float(y[1, 0, 1, 1]) == pytest.approx((1 - mean[0]) / std[0])
+    assert float(y[0, 2, 0, 1]) == pytest.approx(-mean[2] / std[2])
+    torch.testing.assert_close(cnn_utils.imagenet_normalize(x[0]), y[0])          # (3, H, W) as well
+    torch.testing.assert_close(cnn_utils.imagenet_denormalize(y), x, rtol=0, atol=1e-6)
+    assert cnn_utils.imagenet_normalize(x.double()).dtype == torch.float64
+    with pytest.raises(ValueError, match=r"x must be RGB images.*got shape \(2, 1, 2, 2\)"):
+        cnn_utils.imagenet_normalize(torch.zeros(2, 1, 2, 2))
+    with pytest.raises(TypeError, match="x must be a torch tensor"):
+        cnn_utils.imagenet_denormalize(np.zeros((3, 2, 2)))
+
+
 def test_preprocess_accepts_path_pil_float_and_grey(tmp_path, chelsea):
     from PIL import Image
 
@@ -468,7 +484,7 @@ def test_preprocess_bad_size(size):
 
 @pytest.mark.parametrize("tensor, error, message", [
     ([[1, 2]], ValueError, r"expects a tensor \(1, 3, H, W\) or \(3, H, W\).*got shape \(1, 2\)"),
-    ("image", TypeError, "expects a tensor"),
+    ("image", TypeError, r"tensor must be a torch tensor or array \(1, 3, H, W\).*got str"),
     (torch.full((1, 3, 4, 4), float("nan")), ValueError, "NaN"),
     (torch.zeros(2, 3, 4, 4), ValueError, r"got shape \(2, 3, 4, 4\)"),
 ])

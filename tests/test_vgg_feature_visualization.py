@@ -44,11 +44,9 @@ def test_recorded_objective_is_the_units_activation(vgg, layer, unit):
     img = r["images"]
     assert img.shape == (2, 32, 32, 3) and 0 < img.min() and img.max() < 1
     x = torch.from_numpy(img).permute(0, 3, 1, 2)
-    mean = torch.tensor(cnn_utils.IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(cnn_utils.IMAGENET_STD).view(1, 3, 1, 1)
     with torch.no_grad():
         if layer == "logits":
-            expected = vgg.classifier(torch.flatten(vgg.avgpool(vgg.features((x - mean) / std)), 1))[0, unit].item()
+            expected = vgg.classifier(torch.flatten(vgg.avgpool(vgg.features(cnn_utils.imagenet_normalize(x))), 1))[0, unit].item()
         else:
             pre = layer.replace("relu", "conv")
             expected = cnn_utils.vgg_layer_activations(vgg, img, pre)[0, unit].mean()
