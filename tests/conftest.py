@@ -83,6 +83,28 @@ def stored_notebook(name):
     return nb, markdown, code
 
 
+#: The explorer's attribution methods, in the order of its menu.
+EXPLORER_METHODS = ("Saliency", "SmoothGrad", "Integrated Gradients", "Grad-CAM", "Grad-CAM++", "Score-CAM")
+
+
+def explorer_reference(model, x, method, class_index, layer, samples=32):
+    """What the explorer must show for ``method``, written out with the public attribution
+    functions (not the explorer's own table): maps (N, H, W) in [0, 1]."""
+    import numpy as np
+
+    import cnn_utils as cu
+
+    if method == "Saliency":
+        return cu.saliency_map(model, x, class_index=class_index)
+    if method == "SmoothGrad":
+        return cu.smoothgrad(model, x, class_index=class_index, samples=samples, seed=0)
+    if method == "Integrated Gradients":   # |IG| summed over colour channels, min-max scaled
+        ig = cu.integrated_gradients(model, x, class_index=class_index, steps=samples)
+        return cu.normalize_maps(np.abs(ig).sum(axis=-1))
+    cam = {"Grad-CAM": cu.grad_cam, "Grad-CAM++": cu.grad_cam_plus_plus, "Score-CAM": cu.score_cam}[method]
+    return cam(model, x, class_index=class_index, layer=layer)
+
+
 def notebook_text(nb):
     """All text output of an executed notebook (stdout and text/plain results)."""
     parts = []

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import cnn_utils
+from conftest import EXPLORER_METHODS, explorer_reference
 
 
 @pytest.fixture(scope="module")
@@ -34,15 +35,18 @@ def test_starts_with_grad_cam_of_the_predicted_class(app_and_data, mnist_model):
     assert "✔" in app.status.value
 
 
-@pytest.mark.parametrize("method", list(cnn_utils.explorer_methods()))
+def test_the_menu_lists_every_method():
+    assert tuple(cnn_utils.explorer_methods()) == EXPLORER_METHODS
+
+
+@pytest.mark.parametrize("method", EXPLORER_METHODS)
 def test_each_method_matches_its_function(app_and_data, mnist_model, method):
     app, x, _ = app_and_data
     app.controls["index"].value = 3
     before = _shown_heatmap(app)
     app.controls["method"].value = method
     assert app.last["method"] == method and "error" not in app.last, app.status.value
-    expected = cnn_utils.explorer_methods()[method](mnist_model, x[3:4], app.last["class_index"],
-                                                    app.last["layer"])[0]
+    expected = explorer_reference(mnist_model, x[3:4], method, app.last["class_index"], app.last["layer"])[0]
     np.testing.assert_allclose(app.last["heatmap"], expected, atol=1e-5)
     if method != "Grad-CAM":
         assert _shown_heatmap(app) != before

@@ -63,10 +63,5 @@ def test_notebook_04_mnist(tmp_path):
 
 @pytest.mark.notebook
 def test_notebook_04_fashion_mnist(tmp_path):
-    import cnn_utils
-
-    if not cnn_utils.model_path("fashion_mnist").is_file():
-        pytest.skip("saved_models/fashion_mnist_cnn.keras is not in this checkout yet "
-                    "(it lands on main with the Fashion-MNIST model)")
     nb = run_notebook(NAME, tmp_path, DATASET="fashion_mnist")
     _check(nb, min_accuracy=85)

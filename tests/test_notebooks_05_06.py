@@ -13,9 +13,8 @@ pytestmark = pytest.mark.notebook
 
 
 def _require(dataset):
-    if not cnn_utils.model_path(dataset).is_file():
-        pytest.skip(f"saved_models/{dataset}_cnn.keras is missing "
-                    f"(rebuild with `python -m course train --dataset {dataset}`)")
+    assert cnn_utils.model_path(dataset).is_file(), (
+        f"saved_models/{dataset}_cnn.keras is missing (rebuild with `python -m course train --dataset {dataset}`)")
     for name in cnn_utils.DATASETS:  # 05 needs the other dataset for its out-of-distribution section
         if not any(p.is_file() for p in cnn_utils.dataset_search_paths(name)):
             pytest.skip(f"{name}.npz not found (set CNN_COURSE_DATA to a folder holding it)")

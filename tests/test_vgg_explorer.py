@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import cnn_utils
+from conftest import EXPLORER_METHODS, explorer_reference
 
 torch = pytest.importorskip("torch")
 
@@ -100,14 +101,14 @@ def test_photo_explorer_class_list_is_top_k_then_all(photo_app):
     app.controls["class_index"].value = -1
 
 
-@pytest.mark.parametrize("method", list(cnn_utils.explorer_methods()))
+@pytest.mark.parametrize("method", EXPLORER_METHODS)
 def test_photo_explorer_every_method(photo_app, method):
     app, model, x = photo_app
     app.controls["index"].value = 0
     app.controls["layer"].value = "relu4_3"
     app.controls["method"].value = method
     assert "error" not in app.last, app.status.value
-    expected = cnn_utils.explorer_methods(samples=2)[method](model, x[:1], app.last["class_index"], "relu4_3")[0]
+    expected = explorer_reference(model, x[:1], method, app.last["class_index"], "relu4_3", samples=2)[0]
     np.testing.assert_allclose(app.last["heatmap"], expected, atol=1e-5)
     app.controls["layer"].value = "relu5_3"
     app.controls["method"].value = "Grad-CAM"
