@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 import cnn_utils
-from cnn_utils import BUILD_DIR, DATASETS, DEFAULT_SEED, NOTEBOOKS_DIR, PROJECT_DIR
+from cnn_utils import BUILD_DIR, DATA_ENV_VAR, DATASETS, DEFAULT_SEED, NOTEBOOKS_DIR, PROJECT_DIR
 
 DEFAULT_EPOCHS = {"mnist": 4, "fashion_mnist": 15}
 
@@ -499,7 +499,7 @@ def grade(folder, jobs=None, course_dir=None, cell_timeout=CELL_TIMEOUT, noteboo
                for s, reason in unreadable.items()}
     if verbose:
         print(f"Grading {len(students)} submission(s) with {jobs} job(s) "
-              f"({'bubblewrap sandbox' if sandbox_available() else 'NO sandbox: bubblewrap is missing'}).",
+              f"({'bubblewrap sandbox' if sandbox_available() else 'NO sandbox (bubblewrap missing or CNN_COURSE_SANDBOX=none): each submission gets a private copy of the course, but file system and network are not isolated'}).",
               flush=True)
     import queue
     import sqlite3
@@ -593,8 +593,11 @@ def print_table(rows):
 # --- sandbox ---------------------------------------------------------------
 
 def sandbox_available():
-    """True when bubblewrap (``bwrap``) can start a sandbox on this machine."""
+    """True when bubblewrap (``bwrap``) can start a sandbox on this machine and
+    ``$CNN_COURSE_SANDBOX`` is not ``none`` (grading then uses a private copy of the course)."""
     global _SANDBOX_OK
+    if os.environ.get("CNN_COURSE_SANDBOX", "").lower() == "none":
+        return False
     if _SANDBOX_OK is None:
         bwrap = shutil.which("bwrap")
         _SANDBOX_OK = bool(bwrap) and subprocess.run(
@@ -921,16 +924,19 @@ def run_sandboxed(nb, cell_timeout=CELL_TIMEOUT, notebook_timeout=NOTEBOOK_TIMEO
     import threading
 
     use_bwrap = sandbox_available()
-    workdir = "/tmp/work"
+    workdir, course_root, before = "/tmp/work", PROJECT_DIR, None
+    env = dict(os.environ)
     if not use_bwrap:
         import tempfile
 
         workdir = tempfile.mkdtemp(prefix="course-grade-")
-    command = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(PROJECT_DIR)!r}); "
+        course_root, env[DATA_ENV_VAR] = private_course_copy(Path(workdir) / "course")
+        before = course_file_hashes()
+    command = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(course_root)!r}); "
                                      "import course; course._sandbox_worker()"]
     if use_bwrap:
         command = sandbox_command(command, workdir)
-    env = dict(os.environ, HOME=workdir if not use_bwrap else "/tmp/home", MPLCONFIGDIR="/tmp/mpl"
+    env.update(HOME=workdir if not use_bwrap else "/tmp/home", MPLCONFIGDIR="/tmp/mpl"
                if use_bwrap else workdir, JUPYTER_RUNTIME_DIR=f"{workdir}/.runtime", IPYTHONDIR=f"{workdir}/.ipython",
                JUPYTER_PLATFORM_DIRS="1", PYTHONUNBUFFERED="1")
     log = open(log_path, "w") if log_path else subprocess.DEVNULL
@@ -984,8 +990,37 @@ def run_sandboxed(nb, cell_timeout=CELL_TIMEOUT, notebook_timeout=NOTEBOOK_TIMEO
         if log_path:
             log.close()
         if not use_bwrap:
+            for path in Path(workdir).rglob("*"):  # the private copy is read-only
+                if path.is_dir() and not path.is_symlink():
+                    path.chmod(0o755)
             shutil.rmtree(workdir, ignore_errors=True)
+            after = course_file_hashes()
+            changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+            if changed:
+                result["status"] = "failed"
+                result["reason"] = (f"the course files changed while this submission ran ({', '.join(changed)}); "
+                                    "restore them (git checkout) and grade with bubblewrap installed")
     return result
+
+
+def private_course_copy(dest):
+    """Without bubblewrap: a private, read-only copy of what a graded notebook imports
+    (``cnn_utils.py``, ``course.py``, ``saved_models/``, the datasets), so that a submission
+    that edits the helpers changes only its own copy. Returns ``(course_dir, data_dir)``."""
+    dest.mkdir(parents=True)
+    for name in ("cnn_utils.py", "course.py"):
+        shutil.copy2(PROJECT_DIR / name, dest / name)
+    shutil.copytree(PROJECT_DIR / "saved_models", dest / "saved_models")
+    data = dest / "data"
+    data.mkdir()
+    sources = [Path(os.environ[DATA_ENV_VAR])] if os.environ.get(DATA_ENV_VAR) else []
+    for src in [*sources, PROJECT_DIR / "data"]:
+        for f in sorted(src.glob("*.npz")) if src.is_dir() else []:
+            if not (data / f.name).exists():
+                shutil.copy2(f, data / f.name)
+    for path in [dest, *dest.rglob("*")]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    return dest, str(data)
 
 
 # --- nbgrader preprocessors (configured in nbgrader_config.py) ------------

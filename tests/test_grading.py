@@ -511,3 +511,45 @@ def test_check_not_calling_finds_the_reference_under_any_name():
         with pytest.raises(AssertionError, match="yourself"):
             cnn_utils.check_not_calling(cheat, forbidden, "mine", args=(3,))
 
+
+
+# ---------------------------------------------------------------------------
+# The fallback without bubblewrap
+# ---------------------------------------------------------------------------
+
+def test_grading_without_bubblewrap_gives_each_submission_its_own_copy(tmp_path, monkeypatch):
+    """CNN_COURSE_SANDBOX=none: no sandbox, but the submission that appends to cnn_utils.py
+    changes only its private copy; the course files and the next student's score are untouched."""
+    import contextlib
+    import io
+
+    monkeypatch.setenv("CNN_COURSE_SANDBOX", "none")
+    assert not course.sandbox_available()
+    course_dir, inbox = tmp_path / "course", tmp_path / "inbox"
+    inbox.mkdir()
+    student_copy = tmp_path / "student_version.ipynb"
+    course.release(course_dir, student_copy=student_copy)
+    made = submissions(nbformat.read(str(SOURCE), as_version=4), nbformat.read(str(student_copy), as_version=4))
+    for student in ("cells", "untouched"):  # graded in this order by one job
+        nbformat.write(made[student], str(inbox / f"{student}.ipynb"))
+    before = course.course_file_hashes()
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = course.main(["grade", str(inbox), "--course-dir", str(course_dir), "--jobs", "1",
+                              f"--cell-timeout={CELL_TIMEOUT}", "--notebook-timeout=600"])
+    assert status == 0, out.getvalue()
+    assert "NO sandbox" in out.getvalue()
+    assert course.course_file_hashes() == before
+    rows = {r["student_id"]: r for r in _read_csv(course_dir / "reports" / "scores.csv")}
+    assert rows["cells"]["status"] == "flagged" and float(rows["cells"]["autograded_total"]) == 15
+    assert rows["untouched"]["status"] == "graded" and float(rows["untouched"]["autograded_total"]) == 0
+
+
+def test_private_course_copy_holds_what_a_notebook_imports(tmp_path):
+    root, data = course.private_course_copy(tmp_path / "copy")
+    assert (root / "cnn_utils.py").read_bytes() == (course.PROJECT_DIR / "cnn_utils.py").read_bytes()
+    assert sorted(p.name for p in (root / "saved_models").iterdir()) == \
+        sorted(p.name for p in (course.PROJECT_DIR / "saved_models").iterdir())
+    assert {p.name for p in Path(data).glob("*.npz")} >= {"mnist.npz"}
+    assert not (root / "instructors").exists() and not (root / "nbgrader_config.py").exists()
+    assert (root / "cnn_utils.py").stat().st_mode & 0o222 == 0
