@@ -24,7 +24,8 @@ def test_notebook_01_loads_shipped_model(dataset, tmp_path):
     counts = [n for _, _, n in v["top_confusions"]]
     assert len(counts) == 5 and counts == sorted(counts, reverse=True) and counts[-1] > 0
     assert all(true != pred for true, pred, _ in v["top_confusions"])
-    assert counts[0] <= v["worst_class_errors"] <= v["test_errors"]
+    assert counts[0] <= v["most_class_errors"] <= v["test_errors"]
+    assert 0 < v["worst_class_errors"] <= v["most_class_errors"] and 0 < v["worst_class_error_rate"] < 1
     a, b, ab, ba = v["asymmetric_pair"]
     assert a != b and ab > ba
     if dataset == "fashion_mnist":
