@@ -1847,6 +1847,16 @@ def _chunks(n, bytes_per_item):
     return [slice(i, min(n, i + step)) for i in range(0, n, step)]
 
 
+def _first_copies(x):
+    """For each image of the batch x, the index of its first identical copy in x: the
+    class-independent passes (Score-CAM's masks, occlusion's windows) run once per photo."""
+    import hashlib
+
+    seen = {}
+    return np.array([seen.setdefault(hashlib.blake2b(np.ascontiguousarray(xi).tobytes(), digest_size=16).digest(), i)
+                     for i, xi in enumerate(x)], dtype=np.int64)
+
+
 def _class_indices(class_index, n, num_classes):
     """Per-image target classes as int32 (N,), with -1 meaning 'the predicted class'."""
     if class_index is None:
@@ -2496,7 +2506,7 @@ def grad_cam_plus_plus(model, images, class_index=None, *, layer=None, score="lo
 
 
 def score_cam(model, images, class_index=None, *, layer=None, score="logits", normalize=True,
-              return_weights=False, weighting="probability"):
+              return_weights=False, weighting="probability", max_masks=None):
     """Score-CAM (Wang et al., 2020).
 
     Each feature map ``A^k`` of ``layer`` (``None``: the last convolutional layer's
@@ -2509,39 +2519,55 @@ def score_cam(model, images, class_index=None, *, layer=None, score="logits", no
     which scores ``S`` are read: pre-softmax (``"logits"``) or the model's
     probabilities (``"probability"``, used as they are). A constant channel gets
     weight 0. ``L = ReLU(sum_k w_k up(A^k))``, min-max scaled per image.
-    The masked inputs go through the model in memory-bounded batches.
+    ``max_masks`` (Faster Score-CAM, tf-keras-vis' ``max_N``): only the ``max_masks``
+    channels whose feature maps vary most (spatial variance, per image) are masked and
+    scored; the others get weight 0. ``None``: every channel.
+    The masked inputs go through the model in memory-bounded batches, only for channels
+    that have a mask, and once per photo when a batch repeats it (one photo explained
+    for several classes).
     With ``return_weights=True`` also returns the channel weights (N, k).
     """
     e = _Explained(model, images, class_index, score)
     name = e.engine.resolve_layer(layer, e.x)
     x, cls = e.x, e.cls
+    if max_masks is not None and (isinstance(max_masks, bool) or not isinstance(max_masks, (int, np.integer))
+                                  or max_masks < 1):
+        raise ValueError(f"max_masks must be a positive int (the number of channels to mask) or None "
+                         f"(every channel); got {max_masks!r}.")
     maps = np.empty(x.shape[:3], np.float32)
-    weights, mats = None, {}
     k = e.engine.channels(name, x)
-    for images_part in _chunks(len(x), e.per_image * k):                # masked copies of n images
-        a, s = e.engine.features(x[images_part], name)                 # (n, h, w, k), scores
-        n = len(a)
-        cls[images_part] = np.where(cls[images_part] < 0, s.argmax(axis=1), cls[images_part])
+    weights, mats = np.zeros((len(x), k), np.float32), {}
+    first = _first_copies(x)
+    unique = np.flatnonzero(first == np.arange(len(x)))
+    for images_part in _chunks(len(unique), e.per_image * k):         # masked copies of n images
+        u = unique[images_part]
+        a, s = e.engine.features(x[u], name)                           # (n, h, w, k), scores
+        copies = [np.flatnonzero(first == i) for i in u]               # the same photo, other classes
+        for c, scores_c in zip(copies, s):
+            cls[c] = np.where(cls[c] < 0, scores_c.argmax(), cls[c])
         hw = a.shape[1:3]
         if hw not in mats:
             mats[hw] = cam_upsampling_matrices(e.engine.model, name, x.shape[1:3], map_hw=hw)
         up = _upsample(a, *mats[hw])                                    # (n, H, W, k)
         masks, varies = score_cam_masks(up)
-        if weights is None:
-            weights = np.empty((len(x), k), np.float32)
-        pairs = [(i, c) for i in range(n) for c in range(k)]            # (image, channel)
-        scores = None
+        if max_masks is not None and max_masks < k:                    # Faster Score-CAM
+            spread = np.where(varies, a.reshape(len(a), -1, k).var(axis=1), -1.0)
+            kept = np.zeros_like(varies)
+            np.put_along_axis(kept, np.argsort(-spread, axis=1, kind="stable")[:, :max_masks], True, axis=1)
+            varies = varies & kept
+        # only channels with a mask: a constant one gets weight 0 whatever its scores
+        pairs = np.argwhere(varies)                                     # (image, channel)
+        scores = np.zeros((len(u), k, s.shape[1]), np.float32)
         for part in _chunks(len(pairs), e.per_image):
-            idx = np.asarray(pairs[part])
-            masked = x[images_part][idx[:, 0]] * masks[idx[:, 0], :, :, idx[:, 1]][..., None]
-            s = e.engine.forward(masked)
-            if scores is None:
-                scores = np.empty((n * k, s.shape[1]), np.float32)
-            scores[part] = s
-        w = score_cam_weights(scores.reshape(n, k, -1), cls[images_part], varies, weighting,
-                              probabilities=score == "probability")
-        weights[images_part] = w
-        maps[images_part] = class_activation_map(up, w)
+            i, ch = pairs[part, 0], pairs[part, 1]
+            scores[i, ch] = e.engine.forward(x[u[i]] * masks[i, :, :, ch][..., None])
+        for j, c in enumerate(copies):                                  # the masked scores serve every class
+            w = score_cam_weights(np.repeat(scores[j:j + 1], len(c), axis=0), cls[c],
+                                  np.repeat(varies[j:j + 1], len(c), axis=0), weighting,
+                                  probabilities=score == "probability")
+            weights[c] = w
+            for row, w_row in zip(c, w):
+                maps[row] = class_activation_map(up[j:j + 1], w_row[None])[0]
     if normalize:
         maps = normalize_maps(maps)
     return (maps, weights) if return_weights else maps
@@ -2556,7 +2582,8 @@ def occlusion(model, images, class_index=None, *, layer=None, score="logits", no
     occluded ones) slides over the image every ``stride`` pixels (default half the
     window) while it fits, as captum's ``Occlusion``. The raw map at a pixel is the
     mean drop ``S_c(x) - S_c(x occluded)`` of the target score over all windows that
-    cover the pixel (``occlusion_map``; 0 for pixels no window covers). Keras model or
+    cover the pixel (``occlusion_map``; 0 for pixels no window covers). A photo repeated
+    in the batch (explained for several classes) is occluded once. Keras model or
     PyTorch module. Returns float32 (N, H, W): min-max scaled per image, or signed raw
     drops with ``normalize=False``.
     """
@@ -2578,16 +2605,22 @@ def occlusion(model, images, class_index=None, *, layer=None, score="logits", no
     clean = np.empty(len(x), np.float32)
     for part in e.chunks(factor=1):
         clean[part] = e.engine.forward(x[part])[np.arange(part.stop - part.start), cls[part]]
-    pairs = [(i, j) for i in range(len(x)) for j in range(len(corners))]      # (image, window)
+    first = _first_copies(x)                         # a repeated photo is occluded once, for all its classes
+    unique = np.flatnonzero(first == np.arange(len(x)))
+    copies = [np.flatnonzero(first == i) for i in unique]
+    pairs = [(u, j) for u in range(len(unique)) for j in range(len(corners))]  # (photo, window)
     drops = np.empty((len(x), len(corners)), np.float32)
     for part in _chunks(len(pairs), e.per_image):
         idx = np.asarray(pairs[part])
-        batch = x[idx[:, 0]]
+        batch = x[unique[idx[:, 0]]]
         for b, j in enumerate(idx[:, 1]):
             r, c = corners[j]
             batch[b, r:r + win[0], c:c + win[1]] = fill[r:r + win[0], c:c + win[1]]
         s = e.engine.forward(batch)
-        drops[idx[:, 0], idx[:, 1]] = clean[idx[:, 0]] - s[np.arange(len(s)), cls[idx[:, 0]]]
+        for u in np.unique(idx[:, 0]):
+            rows_u = idx[:, 0] == u
+            c = copies[u]
+            drops[c[:, None], idx[rows_u, 1][None]] = clean[c][:, None] - s[rows_u][:, cls[c]].T
     maps = occlusion_map(drops.reshape(len(x), len(rows), len(cols)), (H, W), rows, cols, win)
     return normalize_maps(maps) if normalize else maps
 
@@ -3977,7 +4010,8 @@ def top_activating_crops(model, photos, layer, channel, k=4, *, per_photo=1):
     others at least a stride apart) are cut out as the patch of their receptive field
     (``vgg_receptive_field``; clipped to the photo). Returns a list of dicts, strongest
     first: ``photo``, ``value``, ``position`` (unit row, column), ``box`` (top, left,
-    bottom, right in pixels) and ``crop`` (float32 patch).
+    bottom, right in pixels) and ``crop`` (float32 patch). ``channel`` may be a list of
+    channels: then one such list per channel, from one pass over the photos.
     """
     if not photos:
         raise ValueError("photos must be a non-empty dict {name: photo (H, W, 3) in [0, 1]}.")
@@ -3985,31 +4019,36 @@ def top_activating_crops(model, photos, layer, channel, k=4, *, per_photo=1):
     x = _photo_batch(np.stack([np.asarray(photos[n], dtype=np.float32) for n in names]), "photos")
     maps = vgg_layer_activations(model, x, layer)
     n_channels = maps.shape[1]
-    if isinstance(channel, bool) or not isinstance(channel, (int, np.integer)) or not 0 <= channel < n_channels:
-        raise ValueError(f"channel must be an int from 0 to {n_channels - 1} ({layer} has {n_channels} "
-                         f"channels); got {channel!r}.")
+    channels = list(channel) if isinstance(channel, (list, tuple)) else [channel]
+    for ch in channels:
+        if isinstance(ch, bool) or not isinstance(ch, (int, np.integer)) or not 0 <= ch < n_channels:
+            raise ValueError(f"channel must be an int from 0 to {n_channels - 1} ({layer} has {n_channels} "
+                             f"channels), or a list of such ints; got {ch!r}.")
     size, stride, offset = vgg_receptive_field(model, layer)
     height, width = x.shape[1:3]
     half = size // 2
-    found = []
-    for i, name in enumerate(names):
-        m = maps[i, channel]
-        order = np.argsort(m, axis=None)[::-1]
-        taken = []
-        for flat in order:
-            if len(taken) >= per_photo:
-                break
-            r, c = np.unravel_index(flat, m.shape)
-            if any(abs(r - r0) <= 1 and abs(c - c0) <= 1 for r0, c0 in taken):
-                continue
-            taken.append((int(r), int(c)))
-            cy, cx = offset + r * stride, offset + c * stride
-            top, left = int(max(0, round(cy - half))), int(max(0, round(cx - half)))
-            bottom, right = int(min(height, round(cy + half + 1))), int(min(width, round(cx + half + 1)))
-            found.append({"photo": name, "value": float(m[r, c]), "position": (int(r), int(c)),
-                          "box": (top, left, bottom, right), "crop": x[i, top:bottom, left:right].copy()})
-    found.sort(key=lambda d: -d["value"])
-    return found[: int(k)]
+    results = []
+    for ch in channels:
+        found = []
+        for i, name in enumerate(names):
+            m = maps[i, ch]
+            order = np.argsort(m, axis=None)[::-1]
+            taken = []
+            for flat in order:
+                if len(taken) >= per_photo:
+                    break
+                r, c = np.unravel_index(flat, m.shape)
+                if any(abs(r - r0) <= 1 and abs(c - c0) <= 1 for r0, c0 in taken):
+                    continue
+                taken.append((int(r), int(c)))
+                cy, cx = offset + r * stride, offset + c * stride
+                top, left = int(max(0, round(cy - half))), int(max(0, round(cx - half)))
+                bottom, right = int(min(height, round(cy + half + 1))), int(min(width, round(cx + half + 1)))
+                found.append({"photo": name, "value": float(m[r, c]), "position": (int(r), int(c)),
+                              "box": (top, left, bottom, right), "crop": x[i, top:bottom, left:right].copy()})
+        found.sort(key=lambda d: -d["value"])
+        results.append(found[: int(k)])
+    return results if isinstance(channel, (list, tuple)) else results[0]
 
 
 def _fourier_scale(height, width, decay=1.0):

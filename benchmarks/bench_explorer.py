@@ -8,7 +8,8 @@ reference), after a warm-up. Prints a table with the ratio callback / bare call.
 Two models: VGG16 (PyTorch) on the sample photos at 224 x 224 (goal: <= 1 s per update for
 the one-pass gradient methods Saliency, Grad-CAM, Grad-CAM++), then the MNIST CNN (goal:
 under 150 ms for gradient methods, 400 ms for Score-CAM). ``--skip-score-cam`` leaves out
-VGG16's Score-CAM (512 forward passes per update).
+VGG16's Score-CAM (512 forward passes per update), ``--photos-only`` the MNIST CNN;
+``--repeats N`` sets VGG16's timed updates per method (default 5; the MNIST CNN's: 20).
 
     CNN_COURSE_DATA=/path/to/datasets .venv/bin/python benchmarks/bench_explorer.py
 """
@@ -63,13 +64,17 @@ def main():
     import torch  # noqa: F401  (torch before TensorFlow: the import-order trap)
 
     skip = ("Score-CAM",) if "--skip-score-cam" in sys.argv else ()
+    repeats = int(sys.argv[sys.argv.index("--repeats") + 1]) if "--repeats" in sys.argv else 5
     vgg = cnn_utils.load_vgg16(device="cpu")
     photos = cnn_utils.sample_photos(size=224)
     x = np.stack(list(photos.values()))
     app = cnn_utils.explorer(vgg, x, samples=8)
     print(f"VGG16 ({'ImageNet' if vgg.pretrained else 'random'} weights), 224 x 224 photos, "
           f"{torch.get_num_threads()} threads; SmoothGrad/IG with {app.samples} passes")
-    bench(app, vgg, x, "relu5_3", {"Saliency": 1000, "Grad-CAM": 1000, "Grad-CAM++": 1000}, repeats=5, skip=skip)
+    bench(app, vgg, x, "relu5_3", {"Saliency": 1000, "Grad-CAM": 1000, "Grad-CAM++": 1000}, repeats=repeats,
+          skip=skip)
+    if "--photos-only" in sys.argv:
+        return
 
     model = cnn_utils.load_model("mnist")
     _, (xm, ym) = cnn_utils.load_dataset("mnist")

@@ -324,6 +324,49 @@ def test_pytorch_grad_cam_scorecam(ref_model, monkeypatch):
     np.testing.assert_allclose(our_w, theirs / theirs.sum(axis=1, keepdims=True), rtol=1e-3, atol=1e-6)
 
 
+def test_a_repeated_photo_is_masked_once_and_explained_for_each_class(ref_model, monkeypatch):
+    """Score-CAM's masked passes and occlusion's occluded passes do not depend on the class:
+    a batch repeating a photo for several classes runs them once per photo, and gives
+    each row the map it gets alone."""
+    net, x = ref_model
+    batch, classes = np.stack([x[0], x[1], x[0], x[0]]), [1, 2, 4, 1]
+    passes = []
+    forward = cu._TorchEngine.forward
+    monkeypatch.setattr(cu._TorchEngine, "forward", lambda self, xb: passes.append(len(xb)) or forward(self, xb))
+    for f, kwargs in [(cu.score_cam, {}), (cu.occlusion, dict(window=8, stride=8))]:
+        passes.clear()
+        together = f(net, batch, classes, normalize=False, **kwargs)
+        n_together = sum(passes)
+        alone = np.stack([f(net, batch[i:i + 1], c, normalize=False, **kwargs)[0] for i, c in enumerate(classes)])
+        np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-6)
+        assert n_together < sum(passes) - n_together
+    assert n_together == 4 + 2 * 16     # occlusion: clean scores, then 16 windows for each distinct photo
+
+
+def test_faster_score_cam_masks_the_channels_that_vary_most(ref_model):
+    """max_masks=m: per image, the m channels of largest spatial variance keep the weight
+    they have in full Score-CAM (each channel's weight depends on its own mask only);
+    the others get 0."""
+    net, x = ref_model
+    kept = {}
+    handle = net[7].register_forward_hook(lambda m, i, out: kept.update(a=out.detach().numpy()))
+    with torch.no_grad():
+        net(torch.from_numpy(x).permute(0, 3, 1, 2))
+    handle.remove()
+    spread = kept["a"].reshape(len(x), kept["a"].shape[1], -1).var(axis=2)      # (N, channels)
+    _, full = cu.score_cam(net, x, return_weights=True)
+    _, faster = cu.score_cam(net, x, return_weights=True, max_masks=3)
+    top = np.argsort(-spread, axis=1, kind="stable")[:, :3]
+    expected = np.zeros_like(full)
+    np.put_along_axis(expected, top, np.take_along_axis(full, top, axis=1), axis=1)
+    assert np.all(np.take_along_axis(spread, top, axis=1) > 0)
+    np.testing.assert_allclose(faster, expected, rtol=1e-6, atol=1e-8)
+    np.testing.assert_array_equal(cu.score_cam(net, x, max_masks=16), cu.score_cam(net, x))
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="max_masks must be a positive int"):
+            cu.score_cam(net, x, max_masks=bad)
+
+
 # --- the course's VGG16 ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

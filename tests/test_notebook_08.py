@@ -103,5 +103,5 @@ def test_occlusion_sanity_check_feature_visualization_and_explorer(executed):
                 "_dom_classes", [])]
     assert len(apps) == 1 and len(snapshot) == 1  # (the other widget views are progress bars)
     assert snapshot[0].count("RANDOM weights") >= 2
-    # predictions, side by side, ranks, two objects, channels, classes
-    assert count_images(nb) == 6
+    # predictions, side by side, ranks, two objects, channels of conv3_3 and of conv4_3, classes
+    assert count_images(nb) == 7

@@ -10,12 +10,17 @@ torch = pytest.importorskip("torch")
 
 
 @pytest.fixture(scope="module")
-def viewer():
+def vgg():
+    return cnn_utils.load_vgg16(pretrained=False, device="cpu")
+
+
+@pytest.fixture()
+def viewer(vgg):
+    """A new viewer for each test (cheap at 64 px): no test depends on what an earlier one moved."""
     from skimage import data
 
-    model = cnn_utils.load_vgg16(pretrained=False, device="cpu")
     photos = {"chelsea": data.chelsea(), "coffee": data.coffee()}
-    return cnn_utils.vgg_layer_explorer(model, photos, size=64, layer="relu1_2"), model, photos
+    return cnn_utils.vgg_layer_explorer(vgg, photos, size=64, layer="relu1_2"), vgg, photos
 
 
 def test_shows_the_layers_feature_map(viewer):
@@ -63,21 +68,37 @@ def test_module_names(viewer):
 
 
 @pytest.fixture(scope="module")
-def photo_app():
-    model = cnn_utils.load_vgg16(pretrained=False, device="cpu")
+def photo_explorer(vgg):
     photos = cnn_utils.sample_photos(["chelsea", "coffee", "rocket"], size=64)
     x = np.stack(list(photos.values()))
-    return cnn_utils.explorer(model, x, class_names=model.class_names, samples=2), model, x
+    app = cnn_utils.explorer(vgg, x, class_names=vgg.class_names, samples=2)
+    return app, vgg, x, dict(app.last)   # what the explorer showed first
 
 
-def test_photo_explorer_starts_with_grad_cam_and_true_probabilities(photo_app):
+@pytest.fixture()
+def photo_app(photo_explorer):
+    """The module's photo explorer put back on its first view (image 0, predicted class,
+    Grad-CAM at relu5_3): the tests pass in any order (each update is cached, so cheap)."""
+    app, model, x, _ = photo_explorer
+    app.controls["all_classes"].value = False
+    app.controls["index"].value = 0
+    app.controls["class_index"].value = -1
+    app.controls["method"].value = "Grad-CAM"
+    app.controls["layer"].value = "relu5_3"
+    return app, model, x
+
+
+def test_photo_explorer_starts_with_grad_cam_and_true_probabilities(photo_explorer, photo_app):
     app, model, x = photo_app
-    assert app.last["method"] == "Grad-CAM" and app.last["layer"] == "relu5_3", app.status.value
+    first = photo_explorer[3]
+    assert first["method"] == "Grad-CAM" and first["layer"] == "relu5_3", app.status.value
+    assert first["index"] == 0
     with torch.no_grad():
         logits = model(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
     np.testing.assert_allclose(app.probabilities, cnn_utils.softmax(logits), rtol=1e-4, atol=1e-7)
     assert app.model_outputs == "logits"
     expected = cnn_utils.grad_cam(model, x[:1], int(logits[0].argmax()), layer="relu5_3")[0]
+    np.testing.assert_allclose(first["heatmap"], expected, atol=1e-5)
     np.testing.assert_allclose(app.last["heatmap"], expected, atol=1e-5)
     assert "RANDOM weights" in app.texts["caption"].value and "RANDOM weights" in app.texts["heatmap_title"].value
     shown = app.texts["probabilities"].value
@@ -98,31 +119,25 @@ def test_photo_explorer_class_list_is_top_k_then_all(photo_app):
     app.controls["all_classes"].value = False
     app.controls["index"].value = 2                                       # the chosen class stays listed
     assert int(ranked[4]) in [v for _, v in app.controls["class_index"].options]
-    app.controls["class_index"].value = -1
 
 
 @pytest.mark.parametrize("method", EXPLORER_METHODS)
 def test_photo_explorer_every_method(photo_app, method):
     app, model, x = photo_app
-    app.controls["index"].value = 0
     app.controls["layer"].value = "relu4_3"
     app.controls["method"].value = method
     assert "error" not in app.last, app.status.value
     expected = explorer_reference(model, x[:1], method, app.last["class_index"], "relu4_3", samples=2)[0]
     np.testing.assert_allclose(app.last["heatmap"], expected, atol=1e-5)
-    app.controls["layer"].value = "relu5_3"
-    app.controls["method"].value = "Grad-CAM"
 
 
 def test_photo_explorer_layer_activations(photo_app):
     app, model, x = photo_app
     app.controls["method"].value = cnn_utils.ACTIVATIONS_METHOD
     app.controls["layer"].value = "conv5_3"
-    assert "error" not in app.last, app.status.value
+    assert "error" not in app.last and app.last["index"] == 0, app.status.value
     assert "64 strongest of 512" in app.texts["heatmap_title"].value
     maps = cnn_utils.vgg_layer_activations(model, x[:1], "conv5_3")[0]
     keep = np.sort(np.argsort(maps.mean(axis=(1, 2)))[::-1][:64])
     np.testing.assert_allclose(app.last["heatmap"], cnn_utils._tile_channels(np.transpose(maps[keep], (1, 2, 0))),
                                atol=1e-6)
-    app.controls["method"].value = "Grad-CAM"
-    app.controls["layer"].value = "relu5_3"

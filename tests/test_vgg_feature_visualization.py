@@ -102,8 +102,17 @@ def test_top_activating_crops(vgg):
         assert top <= centre_y < bottom and left <= centre_x < right
         assert bottom - top <= size + 1 and right - left <= size + 1
         np.testing.assert_array_equal(c["crop"], photos[c["photo"]][top:bottom, left:right])
+    several = cnn_utils.top_activating_crops(vgg, photos, "relu3_3", [11, 7], k=4, per_photo=2)
+    assert len(several) == 2
+    for got, ch in zip(several, [11, 7]):
+        alone = cnn_utils.top_activating_crops(vgg, photos, "relu3_3", ch, k=4, per_photo=2)
+        assert [(c["photo"], c["position"], c["box"]) for c in got] == [(c["photo"], c["position"], c["box"])
+                                                                         for c in alone]
+    assert [c["value"] for c in several[0]] == values
     with pytest.raises(ValueError, match="channel must be an int from 0 to 255"):
         cnn_utils.top_activating_crops(vgg, photos, "relu3_3", 256)
+    with pytest.raises(ValueError, match="channel must be an int from 0 to 255"):
+        cnn_utils.top_activating_crops(vgg, photos, "relu3_3", [3, 256])
     with pytest.raises(ValueError, match="non-empty"):
         cnn_utils.top_activating_crops(vgg, {}, "relu3_3", 0)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
