@@ -1824,6 +1824,8 @@ def receptive_fields(model, layer, input_hw=None):
         if None in input_hw:
             raise ValueError("The model's input size is not fixed; pass input_hw=(height, width).")
     input_hw = _check_hw(input_hw, "input_hw")
+    if torch_model and isinstance(layer, str) and layer not in dict(model.named_modules()):
+        layer = _vgg_alias_names(model).get(layer, layer)     # VGG's names (relu5_3), as attribution takes
     trace = _torch_receptive_fields if torch_model else _keras_receptive_fields
     y, x = trace(model, layer, input_hw)
     return ReceptiveFields(y.result(), x.result())
@@ -4165,9 +4167,11 @@ def top_activating_crops(model, photos, layer, channel, k=4, *, per_photo=1):
     first: ``photo``, ``value``, ``position`` (unit row, column), ``box`` (top, left,
     bottom, right in pixels) and ``crop`` (float32 patch).
     """
-    if not isinstance(photos, dict) or not photos:
-        raise TypeError("photos must be a non-empty dict {name: photo (H, W, 3) in [0, 1]}, e.g. "
-                        "cnn_utils.sample_photos().")
+    if not isinstance(photos, dict):
+        raise TypeError("photos must be a dict {name: photo (H, W, 3) in [0, 1]}, e.g. cnn_utils.sample_photos(); "
+                        f"got {type(photos).__name__}.")
+    if not photos:
+        raise ValueError("photos must be a non-empty dict {name: photo (H, W, 3) in [0, 1]}.")
     for name, value in (("k", k), ("per_photo", per_photo)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
@@ -4281,10 +4285,10 @@ def vgg_feature_visualization(model, layer, units, *, size=128, steps=128, lr=0.
         raise TypeError(f"units must be an int or a non-empty list of ints (channels or classes); got {units!r}.")
     for name, value, least in (("steps", steps, 1), ("size", size, 32), ("jitter", jitter, 0), ("pad", pad, 0)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
-            raise ValueError(f"{name} must be an integer of at least {least}"
+            raise ValueError(f"{name} must be an integer, {name} >= {least}"
                              f"{' (VGG16 pools five times)' if name == 'size' else ''}; got {value!r}.")
-    if not _is_number(lr) or lr <= 0:
-        raise ValueError(f"lr must be a positive number, got {lr!r}.")
+    if not _is_number(lr) or lr < 0:
+        raise ValueError(f"lr must be a number >= 0, got {lr!r}.")
     seed = _check_seed(seed)
     try:
         scales, angles = [float(v) for v in scales], [float(v) for v in angles]
@@ -5930,9 +5934,11 @@ def vgg_layer_explorer(model, photos, size=224, layer="relu3_3"):
     import ipywidgets as widgets
     import matplotlib
 
-    if not isinstance(photos, dict) or not photos:
-        raise TypeError("vgg_layer_explorer needs a non-empty dict of photos {name: image}, e.g. "
-                        "cnn_utils.sample_photos().")
+    if not isinstance(photos, dict):
+        raise TypeError("photos must be a dict {name: image}, e.g. cnn_utils.sample_photos(); got "
+                        f"{type(photos).__name__}.")
+    if not photos:
+        raise ValueError("vgg_layer_explorer needs at least one photo: {name: image}.")
     names = vgg_layer_names(model)
     if layer not in names:
         raise ValueError(f"Unknown layer {layer!r}; VGG16's layers are: {', '.join(names)}.")

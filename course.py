@@ -142,9 +142,11 @@ def prefetch(datasets=DATASETS, vgg16=True):
         np.savez_compressed(target, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
         print(f"{name}: saved to {target}")
     if vgg16:
-        code = (  # the same weights enum and torchvision cache as load_vgg16
-            f"import sys; sys.path.insert(0, {str(PROJECT_DIR)!r}); import cnn_utils; "
-            "cnn_utils._download_vgg16_state_dict(timeout=60); "
+        code = (  # the same weights enum and torchvision cache as load_vgg16; one line on failure
+            f"import sys; sys.path.insert(0, {str(PROJECT_DIR)!r}); import cnn_utils\n"
+            "try:\n    cnn_utils._download_vgg16_state_dict(timeout=60)\n"
+            "except Exception as err:\n"
+            "    sys.exit(f'VGG16 weights: {type(err).__name__}: {str(err)[:300]}')\n"
             "print('VGG16 ImageNet weights (VGG16_Weights.IMAGENET1K_V1): cached in', "
             "cnn_utils.vgg16_weights_path())"
         )

@@ -340,6 +340,8 @@ def test_prefetch_fills_the_cache_load_vgg16_reads(monkeypatch, tmp_path, capfd)
         return
     with pytest.raises(course.CourseError, match="python -m course prefetch"):
         course.prefetch(datasets=(), vgg16=True)
+    err = capfd.readouterr().err
+    assert "VGG16 weights: " in err and "Traceback" not in err     # one line, no traceback
 
 
 def _online():
@@ -571,7 +573,7 @@ class _SmallVGG(torch.nn.Module):
 
 def test_a_refused_feature_visualization_leaves_the_model_as_it_was():
     net = _SmallVGG()
-    with pytest.raises(ValueError, match="lr must be a positive number"):
+    with pytest.raises(ValueError, match="lr must be a number >= 0"):
         cnn_utils.vgg_feature_visualization(net, "relu2_1", 0, size=32, steps=1, lr=-1, progress=False)
     assert all(not m._forward_hooks for m in net.modules())           # no hook left behind
     assert all(p.requires_grad for p in net.parameters())
@@ -594,14 +596,15 @@ VGG_CASES = {
     "crops of two sizes": (lambda m, p: cnn_utils.top_activating_crops(m, {"a": p, "b": p[:16]}, "relu2_1", 0),
                            ValueError, "must all have one size"),
     "crops from a list": (lambda m, p: cnn_utils.top_activating_crops(m, [p], "relu2_1", 0), TypeError,
-                          "photos must be a non-empty dict"),
+                          "photos must be a dict"),
     "visualization steps text": (lambda m, p: cnn_utils.vgg_feature_visualization(m, "relu2_1", 0, steps="a"),
                                  ValueError, "steps must be an integer"),
     "visualization jitter -2": (lambda m, p: cnn_utils.vgg_feature_visualization(m, "relu2_1", 0, jitter=-2),
-                                ValueError, "jitter must be an integer of at least 0"),
+                                ValueError, "jitter must be an integer, jitter >= 0"),
     "layer names of a Keras model": (lambda m, p: cnn_utils.vgg_layer_names(object()), TypeError,
                                      "torchvision's VGG16"),
-    "layer explorer of a list": (lambda m, p: cnn_utils.vgg_layer_explorer(m, [p]), TypeError, "non-empty dict"),
+    "layer explorer of a list": (lambda m, p: cnn_utils.vgg_layer_explorer(m, [p]), TypeError,
+                                 "photos must be a dict"),
     "device 'gpu'": (lambda m, p: cnn_utils.torch_device("gpu"), ValueError, "device must be None, 'cpu'"),
     "load_vgg16 seed text": (lambda m, p: cnn_utils.load_vgg16(pretrained=False, seed="a"), ValueError,
                              "seed must be"),
@@ -617,3 +620,11 @@ def test_vgg_helpers_bad_arguments(case):
     photo = np.random.default_rng(0).random((32, 32, 3)).astype(np.float32)
     with pytest.raises(error, match=message):
         call(_SmallVGG(), photo)
+
+
+def test_receptive_fields_take_vggs_layer_names_as_the_attribution_functions_do():
+    net = _SmallVGG()
+    by_alias = cnn_utils.receptive_fields(net, "relu2_1", (32, 32))
+    by_module = cnn_utils.receptive_fields(net, "features.4", (32, 32))
+    np.testing.assert_array_equal(by_alias.y.centres, by_module.y.centres)
+    assert by_alias.y.size == 8          # 3, +1 (pool), +2 * 2 (conv after a stride-2 pool)
