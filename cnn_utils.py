@@ -219,6 +219,9 @@ def _raw_dataset(name):
     for path in dataset_search_paths(name):
         if path.is_file():
             return _read_npz(path)
+        if path.exists():   # a folder (or other non-file) of that name: say so, do not download past it
+            raise DataError(f"{path} is not a file; {name}.npz must be the dataset file itself. Remove it, "
+                            "or point CNN_COURSE_DATA at the folder that holds the file.")
     return _download_dataset(name)
 
 
@@ -245,9 +248,17 @@ def train_val_split(x, y, val_fraction=0.1, seed=DEFAULT_SEED):
     if isinstance(val_fraction, bool) or not isinstance(val_fraction, (float, np.floating)) \
             or not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be a fraction strictly between 0 and 1, got {val_fraction!r}.")
+    seed = _check_seed(seed)
     if len(x) != len(y):
         raise ValueError(f"x and y must hold the same number of images and labels; got {len(x)} and {len(y)}.")
-    _, counts = np.unique(np.asarray(y), return_counts=True)
+    labels = np.asarray(y)
+    if labels.ndim != 1:
+        raise ValueError(f"y must hold one class label per image, shape ({len(x)},); got shape {labels.shape}"
+                         + (" (one-hot rows: use y.argmax(axis=1))." if labels.ndim == 2 else "."))
+    if labels.dtype.kind == "f" and not np.all(labels == np.round(labels)):
+        raise ValueError("y must hold class labels (integers), not continuous values; got "
+                         f"{labels[labels != np.round(labels)][0]!r}.")
+    _, counts = np.unique(labels, return_counts=True)
     if counts.size == 0 or counts.min() < 2:
         raise ValueError("The split is stratified by label: every class needs at least 2 examples; "
                          f"the rarest class here has {counts.min() if counts.size else 0}.")
@@ -266,10 +277,21 @@ def train_val_split(x, y, val_fraction=0.1, seed=DEFAULT_SEED):
 LOGITS_LAYER = "logits"
 
 
+def _check_seed(seed, name="seed", allow_none=False):
+    """A random seed: an integer from 0 to 2**32 - 1 (or None where ``allow_none``)."""
+    if seed is None and allow_none:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2 ** 32:
+        raise ValueError(f"{name} must be {'None or ' if allow_none else ''}an integer from 0 to 2**32 - 1, "
+                         f"got {seed!r}.")
+    return int(seed)
+
+
 def set_seed(seed=DEFAULT_SEED):
     """Seed Python, NumPy and Keras/TensorFlow for repeatable runs."""
     import random
 
+    seed = _check_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
     keras = _keras()
@@ -285,6 +307,14 @@ def build_mnist_cnn(input_shape=(28, 28, 1), num_classes=10, seed=DEFAULT_SEED):
     keras = _keras()
     from keras import layers
 
+    shape = tuple(input_shape) if isinstance(input_shape, (tuple, list)) else ()
+    if (len(shape) != 3 or any(isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1 for d in shape)
+            or min(shape[:2]) < 18):
+        raise ValueError(f"input_shape must be (height, width, channels) with height and width of at least 18 "
+                         f"pixels (three 3x3 convolutions and two poolings), e.g. (28, 28, 1); got {input_shape!r}.")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
+        raise ValueError(f"num_classes must be an integer of at least 2 (a softmax over one class is always 1), "
+                         f"got {num_classes!r}.")
     set_seed(seed)
     inputs = keras.Input(shape=input_shape, name="image")
     x = layers.Conv2D(32, 3, activation="relu", name="conv1")(inputs)          # 26x26x32
@@ -306,27 +336,40 @@ def train_model(model, x_train, y_train, epochs=4, batch_size=128, validation_da
 
     Returns the Keras ``History``. Deterministic for a given seed on one machine.
     Images are checked as by ``as_image_batch`` (uint8 scaled to the model's range),
-    labels must be class indices of the model's output.
+    labels must be class indices of the model's output. The loss is the cross-entropy
+    of the model's output as it is: probabilities (a last softmax or sigmoid) or logits
+    (a last layer without activation); one output unit is a binary classifier (labels 0, 1).
     """
     keras = _keras()
     for name, value in (("epochs", epochs), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    if not _is_number(learning_rate) or learning_rate <= 0:
+        raise ValueError(f"learning_rate must be a positive number, got {learning_rate!r}.")
     x_train = as_image_batch(x_train, model, name="x_train")
-    n_classes = int(model.outputs[0].shape[-1])
+    _check_keras_model(model)
+    units = int(model.outputs[0].shape[-1])
+    n_classes = max(2, units)
     y_train = _as_labels(y_train, len(x_train), n_classes, "y_train")
     if validation_data is not None:
+        if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
+            raise TypeError("validation_data must be a pair (images, labels), e.g. (x_val, y_val); got "
+                            f"{type(validation_data).__name__}.")
         x_val, y_val = validation_data
         x_val = as_image_batch(x_val, model, name="validation images")
         validation_data = (x_val, _as_labels(y_val, len(x_val), n_classes, "validation labels"))
     set_seed(seed)
     steps = epochs * int(np.ceil(len(x_train) / batch_size))
     schedule = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=max(steps, 1))
-    model.compile(
-        optimizer=keras.optimizers.Adam(schedule),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
+    # the loss must know whether the model gives probabilities or logits, or it trains on nonsense
+    ends = _keras_output_activation(model)
+    if units == 1:
+        loss = keras.losses.BinaryCrossentropy(from_logits=ends != "sigmoid")
+        metric = keras.metrics.BinaryAccuracy(name="accuracy", threshold=0.5 if ends == "sigmoid" else 0.0)
+    else:
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=ends != "softmax")
+        metric = "accuracy"
+    model.compile(optimizer=keras.optimizers.Adam(schedule), loss=loss, metrics=[metric])
     return model.fit(
         x_train, y_train, epochs=epochs, batch_size=batch_size,
         validation_data=validation_data, verbose=verbose, callbacks=callbacks,
@@ -388,6 +431,7 @@ def logits_model(model):
     output of a model that ends without a softmax (the attribution methods' rule)."""
     keras = _keras()
     _model_input_shape(model)
+    _check_keras_model(model)     # one output: a second one would be ignored without a word
     scores = _score_output(model, "logits")
     return _cached(model, ("logits_model",),
                    lambda: keras.Model(_single_input(model), scores, name=f"{model.name}_logits"))
@@ -408,6 +452,8 @@ def set_input_range(model, input_range):
     mapped linearly onto it. Stored as ``model.input_range``; not saved with the model.
     Returns the model.
     """
+    if not (_is_torch_module(model) or isinstance(model, _keras().Model)):
+        raise TypeError(f"model must be a Keras model or a PyTorch nn.Module, got {type(model).__name__}.")
     model.input_range = _check_input_range(input_range)
     return model
 
@@ -582,8 +628,17 @@ def _all_layers(model):
     return [chain[-1] for _, chain in _nested_layers(model)]
 
 
+def _check_layers_model(model):
+    """A Keras model (built or not: its layers are what matters here), else TypeError."""
+    if not isinstance(model, _keras().Model):
+        raise TypeError(f"model must be a Keras model, got {type(model).__name__}"
+                        + (" (a PyTorch module: use vgg_layer_names or model.named_modules())."
+                           if _is_torch_module(model) else "."))
+
+
 def conv_layer_names(model):
     """Names of the model's 2-D convolutional layers (nested models' included), in model order."""
+    _check_layers_model(model)
     return [l.name for l in _all_layers(model) if _layer_type(l) in _CONV_TYPES
             and len(l.output.shape) == 4]
 
@@ -594,6 +649,7 @@ def conv_and_pool_layer_names(model):
     Layers inside nested models (``Sequential([base, pooling, head])``) are included,
     by their own name, or ``"base/name"`` where a name occurs twice.
     """
+    _check_layers_model(model)
     return [name for name, chain in _nested_layers(model)
             if _layer_type(chain[-1]) in _CONV_TYPES + _POOL_TYPES]
 
@@ -620,6 +676,7 @@ def _layer_list(model):
 def get_layer(model, layer_name):
     """The layer named ``layer_name``, searching nested models too (by name, or by path
     ``"base/name"`` where a name occurs twice), with an error that lists the model's layers."""
+    _check_layers_model(model)
     return _layer_chain(model, layer_name)[-1]
 
 
@@ -809,7 +866,7 @@ def activation_model(model, layer_names):
     (layers inside nested models included)."""
     keras = _keras()
     _model_input_shape(model)
-    layer_names = tuple(layer_names)
+    layer_names = (layer_names,) if isinstance(layer_names, str) else tuple(layer_names)
     chains = [_layer_chain(model, name) for name in layer_names]
     return _cached(model, ("activations",) + layer_names,
                    lambda: keras.Model(_single_input(model), [_symbolic(model, c) for c in chains],
@@ -820,6 +877,17 @@ def _check_batch_size(batch_size):
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     return int(batch_size)
+
+
+def _as_name_list(layer_names):
+    """One layer name or an iterable of them, as a list."""
+    if isinstance(layer_names, str):
+        return [layer_names]
+    try:
+        return list(layer_names)
+    except TypeError:
+        raise TypeError(f"layer_names must be a layer name, a list of names or None, got "
+                        f"{type(layer_names).__name__}.") from None
 
 
 def get_activations(model, images, layer_names=None, batch_size=256, input_range="model"):
@@ -841,13 +909,7 @@ def get_activations(model, images, layer_names=None, batch_size=256, input_range
         if not layer_names:
             raise ValueError(f"The model {model.name!r} has no convolutional or pooling layer; name the "
                              f"layers you want with layer_names (its layers: {_layer_list(model)}).")
-    elif isinstance(layer_names, str):
-        layer_names = [layer_names]
-    try:
-        layer_names = list(layer_names)
-    except TypeError:
-        raise TypeError(f"layer_names must be a layer name, a list of names or None, got "
-                        f"{type(layer_names).__name__}.") from None
+    layer_names = _as_name_list(layer_names)
     if not layer_names:
         raise ValueError("layer_names is empty: name at least one layer, or pass None.")
     if len(set(layer_names)) != len(layer_names):
@@ -921,7 +983,7 @@ def dead_filters(model, layer_name, images, threshold=0.0):
     Use a few hundred real images: a filter silent on all of them is "dead" and its
     activation-maximization image would only show noise.
     """
-    if _layer_type(_layer_chain(model, layer_name)[-1]) == "InputLayer":
+    if _layer_type(get_layer(model, layer_name)) == "InputLayer":
         raise ValueError(f"{layer_name!r} is the input layer; choose one of the convolutional "
                          f"layers: {', '.join(conv_and_pool_layer_names(model))}.")
     acts = get_activations(model, images, [layer_name])[layer_name]
@@ -936,7 +998,7 @@ def dead_filters(model, layer_name, images, threshold=0.0):
 def get_filter_weights(model, layer_name):
     """The kernel (kh, kw, in_channels, out_channels) and bias (out_channels,) of a conv layer
     (layers inside nested models included, by name or ``"base/name"``)."""
-    layer = _layer_chain(model, layer_name)[-1]
+    layer = get_layer(model, layer_name)
     if _layer_type(layer) != "Conv2D":
         convs = [name for name, chain in _nested_layers(model) if _layer_type(chain[-1]) == "Conv2D"]
         raise ValueError(
@@ -966,9 +1028,8 @@ def top_activating_images(model, layer_name, images, index=None, k=5, batch_size
                          f"convolutional layer or the class scores ({LOGITS_LAYER!r}).")
     response = acts.mean(axis=(1, 2)) if acts.ndim == 4 else acts          # (N, units)
     idx = _check_unit_indices(index, response.shape[1], layer_name, acts.ndim)
-    k = int(k)
-    if not 1 <= k <= len(response):
-        raise ValueError(f"k must be between 1 and the number of images ({len(response)}); got {k}.")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= len(response):
+        raise ValueError(f"k must be an integer from 1 to the number of images ({len(response)}); got {k!r}.")
     order = np.argsort(-response[:, idx], axis=0, kind="stable")[:k].T     # (filters, k)
     return order, np.take_along_axis(response[:, idx].T, order, axis=1)
 
@@ -1203,8 +1264,9 @@ def activation_maximization(model, layer_name, index, steps=100, lr=0.1, l2=0.0,
     if init_mean is None:
         span = model_input_range(model) or DEFAULT_INPUT_RANGE
         init_mean = 0.5 * (span[0] + span[1])
-    for name, value in (("lr", lr), ("l2", l2), ("tv", tv), ("jitter", jitter), ("init_std", init_std),
-                        ("init_mean", init_mean)):
+    if isinstance(jitter, bool) or not isinstance(jitter, (int, np.integer)) or jitter < 0:
+        raise ValueError(f"jitter must be a whole number of pixels >= 0, got {jitter!r}.")
+    for name, value in (("lr", lr), ("l2", l2), ("tv", tv), ("init_std", init_std), ("init_mean", init_mean)):
         if not _is_number(value) or (value < 0 and name != "init_mean"):
             raise ValueError(f"{name} must be a finite number{'' if name == 'init_mean' else ' >= 0'}, "
                              f"got {value!r}.")
@@ -1212,6 +1274,9 @@ def activation_maximization(model, layer_name, index, steps=100, lr=0.1, l2=0.0,
         raise ValueError(f"seed must be None or an integer >= 0, got {seed!r}.")
     shape = _model_input_shape(model)
     if image_shape is not None:
+        if not isinstance(image_shape, (tuple, list)):
+            raise TypeError(f"image_shape must be a shape (H, W, C), e.g. {tuple(d or 64 for d in shape)}; "
+                            f"got {image_shape!r}.")
         image_shape = tuple(image_shape)
         if len(image_shape) != len(shape) or any(
                 not isinstance(d, (int, np.integer)) or d < 1 or (e is not None and e != d)
@@ -1252,7 +1317,10 @@ def deprocess_image(x, crop=0, contrast=0.15):
     gradient), then ``* 255`` rounded to uint8. Accepts (H, W), (H, W, C) or
     (N, H, W, C); a constant image becomes mid-grey.
     """
-    a = np.asarray(x, dtype=np.float64)
+    try:
+        a = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"deprocess_image expects an image array of numbers, got {type(x).__name__}.") from None
     if a.ndim not in (2, 3, 4):
         raise ValueError(f"deprocess_image expects (H, W), (H, W, C) or (N, H, W, C); got shape {a.shape}.")
     if a.size == 0:
@@ -1770,6 +1838,8 @@ def receptive_fields(model, layer, input_hw=None):
         if None in input_hw:
             raise ValueError("The model's input size is not fixed; pass input_hw=(height, width).")
     input_hw = _check_hw(input_hw, "input_hw")
+    if torch_model and isinstance(layer, str) and layer not in dict(model.named_modules()):
+        layer = _vgg_alias_names(model).get(layer, layer)     # VGG's names (relu5_3), as attribution takes
     trace = _torch_receptive_fields if torch_model else _keras_receptive_fields
     y, x = trace(model, layer, input_hw)
     return ReceptiveFields(y.result(), x.result())
@@ -1886,6 +1956,33 @@ def _check_score(score):
         raise ValueError(f"score must be 'logits' (pre-softmax, the default) or 'probability', got {score!r}.")
 
 
+def _check_flags(**flags):
+    """Options that are True or False (a string such as "no" would count as True)."""
+    for name, value in flags.items():
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"{name} must be True or False, got {value!r}.")
+
+
+def _as_model_images(images, model, name):
+    """``as_image_batch`` for a Keras model or a PyTorch module (its declared input range)."""
+    if _is_torch_module(model):
+        return as_image_batch(images, None, name=name, input_range=model_input_range(model))
+    return as_image_batch(images, model, name=name)
+
+
+def _baseline_value(value, model):
+    """A baseline given as one number: finite and inside the model's input range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"baseline must be a number or an image, got {value!r}.")
+    if not np.isfinite(value):
+        raise ValueError(f"baseline contains NaN or infinite values ({value!r}).")
+    rng = model_input_range(model)
+    if rng is not None and not rng[0] - 1e-3 * (rng[1] - rng[0]) <= value <= rng[1] + 1e-3 * (rng[1] - rng[0]):
+        raise ValueError(f"baseline {value!r} lies outside the model's input range [{rng[0]:g}, {rng[1]:g}]; "
+                         f"choose a pixel value inside it (e.g. {rng[0]:g} for black).")
+    return float(value)
+
+
 def _no_layer(layer, method):
     if layer is not None:
         raise ValueError(f"{method} attributes to the input pixels: layer must be None, got {layer!r} "
@@ -1907,11 +2004,11 @@ def _check_keras_model(model):
             "with keras.Input(shape), or call it once on a batch of images."
         ) from None
     if len(model.inputs) != 1:
-        raise ValueError(f"Attribution needs a model with one image input; this one has {len(model.inputs)}.")
+        raise ValueError(f"The helpers need a model with one image input; this one has {len(model.inputs)}.")
     if len(model.outputs) != 1:
         raise ValueError(
-            f"The model {model.name!r} has {len(model.outputs)} outputs; attribution explains one "
-            "class-score output. Choose it explicitly: keras.Model(model.inputs, model.outputs[i])."
+            f"The model {model.name!r} has {len(model.outputs)} outputs; the helpers need one output of "
+            "class scores. Choose it explicitly: keras.Model(model.inputs, model.outputs[i])."
         )
 
 
@@ -1924,7 +2021,11 @@ def _score_output(model, score):
     _check_score(score)
     out = model.outputs[0]
     if score == "probability":
-        return out
+        # probabilities as the model gives them, or of its logits when it ends without a softmax
+        ends = _keras_output_activation(model)
+        if ends in ("softmax", "sigmoid") or len(tuple(out.shape)) != 2:
+            return out
+        return keras.ops.sigmoid(out) if out.shape[-1] == 1 else keras.ops.softmax(out, axis=-1)
     last = model.layers[-1]
     if LOGITS_LAYER in [layer.name for layer in model.layers]:
         return _graph_tensor(model, model.get_layer(LOGITS_LAYER))
@@ -1940,6 +2041,16 @@ def _score_output(model, score):
                 "or pass score='probability'.")
         return pre(_graph_tensor(model, last, "input"))
     return out
+
+
+def _keras_output_activation(model):
+    """``"softmax"`` or ``"sigmoid"`` when the model's last layer applies it (a Softmax layer,
+    or ``activation=...`` on the last layer), else None (the model outputs unnormalised scores)."""
+    last = model.layers[-1] if model.layers else None
+    if _layer_type(last) == "Softmax":
+        return "softmax"
+    name = getattr(getattr(last, "activation", None), "__name__", None)
+    return name if name in ("softmax", "sigmoid") else None
 
 
 def _two_classes(scores, score, ops_kind):
@@ -2108,28 +2219,46 @@ class _TorchEngine:
         self.num_classes = None
 
     def images(self, images):
-        x = as_image_batch(images, None, input_range=model_input_range(self.model))
         conv = next((m for m in self.model.modules() if isinstance(m, self.torch.nn.Conv2d)), None)
+        if conv is not None and conv.in_channels == 1 and np.ndim(images) in (2, 3) and np.shape(images)[-1] != 1:
+            images = np.asarray(images)[..., np.newaxis]   # grey (H, W) or (N, H, W) for a 1-channel model
+        x = as_image_batch(images, None, input_range=model_input_range(self.model))
         if conv is not None and x.ndim == 4 and x.shape[-1] != conv.in_channels:
             raise ValueError(f"images have {x.shape[-1]} channels (last axis of (N, H, W, C)), but the "
                              f"model's first convolution takes {conv.in_channels}; pass images channels-last.")
         if len(x):
             def count():
                 with self.torch.no_grad():
-                    return max(2, int(self._scores(self._call(self._tensor(x[:1]))).shape[1]))
+                    return max(2, int(self._call(self._tensor(x[:1])).shape[1]))
             self.num_classes = _cached(self.model, ("classes", self.score, x.shape[1:]), count)
         return x
 
     def _tensor(self, x):
         return self.torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(self.device, self.dtype)
 
-    def _call(self, t):
+    def _final_softmax(self):
+        """The model's last registered module when it is an ``nn.Softmax``, else None."""
+        last = list(self.model.modules())[-1]
+        return last if isinstance(last, self.torch.nn.Softmax) else None
+
+    def _call(self, t, raw=False):
+        """The class scores (N, K) the engine explains (``raw``: the model's output as it is)."""
         training = self.model.training
+        final = None if raw else self._final_softmax()
+        kept = {}
+        handle = final.register_forward_hook(lambda m, i, o: kept.update(inp=i[0], out=o)) if final else None
         self.model.eval()  # as Keras' training=False: no dropout, BatchNorm's running statistics
         try:
             out = self.model(t)
+        except RuntimeError as err:  # e.g. "mat1 and mat2 shapes cannot be multiplied"
+            raise ValueError(
+                f"The model cannot run on images of {t.shape[2]} x {t.shape[3]} pixels with {t.shape[1]} "
+                f"channel(s) ({str(err).splitlines()[0]}). Pass images of the size and channels it was built "
+                "for, channels last (N, H, W, C).") from None
         finally:
             self.model.train(training)
+            if handle is not None:
+                handle.remove()
         if not isinstance(out, self.torch.Tensor):
             raise TypeError(
                 f"The model returned a {type(out).__name__}; attribution needs one tensor of class "
@@ -2138,7 +2267,11 @@ class _TorchEngine:
         if out.ndim != 2:
             raise ValueError(f"The model's output has shape {tuple(out.shape)}; attribution needs class "
                              "scores (N, classes).")
-        return out
+        if raw:
+            return out
+        if kept.get("out") is out:  # the model ends in nn.Softmax: its input holds the logits
+            return kept["inp"] if self.score == "logits" else out
+        return self._scores(out)
 
     def _scores(self, out):
         if self.score == "probability":
@@ -2172,7 +2305,7 @@ class _TorchEngine:
 
     def grad(self, x, cls):
         t = self._tensor(x).requires_grad_(True)
-        c, target = self._pick(self._scores(self._call(t)), cls)
+        c, target = self._pick(self._call(t), cls)
         (g,) = self.torch.autograd.grad(target.sum(), t)
         return (target.detach().cpu().numpy(), c.cpu().numpy().astype(np.int32),
                 g.permute(0, 2, 3, 1).cpu().numpy())
@@ -2201,7 +2334,7 @@ class _TorchEngine:
             if not a.requires_grad:
                 raise ValueError(f"Layer {layer!r}'s output does not depend on trainable computation; "
                                  "choose a layer after the first convolution.")
-            c, target = self._pick(self._scores(out), cls)
+            c, target = self._pick(out, cls)
             (g,) = self.torch.autograd.grad(target.sum(), a)
         self._check_map(a, layer)
         return (target.detach().cpu().numpy(), c.cpu().numpy().astype(np.int32),
@@ -2214,7 +2347,7 @@ class _TorchEngine:
 
     def forward(self, x):
         with self.torch.no_grad():
-            return self._scores(self._call(self._tensor(x))).cpu().numpy()
+            return self._call(self._tensor(x)).cpu().numpy()
 
     def channels(self, layer, x):
         return _cached(self.model, ("channels", layer, tuple(x.shape[1:])),
@@ -2224,7 +2357,7 @@ class _TorchEngine:
         with self.torch.no_grad():
             a, out = self._hooked(layer, self._tensor(x))
         self._check_map(a, layer)
-        return a.permute(0, 2, 3, 1).cpu().numpy(), self._scores(out).cpu().numpy()
+        return a.permute(0, 2, 3, 1).cpu().numpy(), out.cpu().numpy()
 
     def resolve_layer(self, layer, x):
         """A name from ``model.named_modules()`` (VGG's ``conv5_3`` etc. translated);
@@ -2350,6 +2483,7 @@ def saliency_map(model, images, class_index=None, *, layer=None, score="logits",
     the raw maximum absolute gradient). Batched, in memory-bounded calls.
     """
     _no_layer(layer, "saliency_map")
+    _check_flags(normalize=normalize)
     e = _Explained(model, images, class_index, score)
     out = np.empty(e.x.shape[:3], np.float32)
     for part in e.chunks():
@@ -2370,10 +2504,12 @@ def smoothgrad(model, images, class_index=None, *, layer=None, score="logits", n
     (``normalize=False``: raw).
     """
     _no_layer(layer, "smoothgrad")
+    _check_flags(normalize=normalize)
     if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 1:
         raise ValueError(f"samples must be a positive integer, got {samples!r}.")
-    if not np.isfinite(noise) or noise < 0:
+    if not _is_number(noise) or noise < 0:
         raise ValueError(f"noise must be a non-negative number (a fraction of each image's range), got {noise!r}.")
+    seed = _check_seed(seed, allow_none=True)
     e = _Explained(model, images, class_index, score)
     x, cls = e.x, e.fix_classes()
     rng = np.random.default_rng(seed)
@@ -2408,6 +2544,7 @@ def integrated_gradients(model, images, class_index=None, *, layer=None, score="
     per image (N,): Completeness says it tends to 0 as ``steps`` grows.
     """
     _no_layer(layer, "integrated_gradients")
+    _check_flags(return_gap=return_gap)
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}.")
     e = _Explained(model, images, class_index, score)
@@ -2415,11 +2552,10 @@ def integrated_gradients(model, images, class_index=None, *, layer=None, score="
     if baseline is None:
         base = np.zeros_like(x)
     else:
-        b = np.asarray(baseline, dtype=np.float32)
-        if b.ndim == 0:
-            base = np.full_like(x, float(b))
+        if np.ndim(baseline) == 0:
+            base = np.full_like(x, _baseline_value(baseline, model))
         else:
-            b = as_image_batch(b, None if _is_torch_module(model) else model, name="baseline")
+            b = _as_model_images(baseline, model, "baseline")      # uint8 mapped, range checked
             if len(b) not in (1, len(x)) or b.shape[1:] != x.shape[1:]:
                 raise ValueError(
                     f"baseline must be one image or one per image ({len(x)}) of shape {x.shape[1:]}; "
@@ -2455,6 +2591,7 @@ def integrated_gradients(model, images, class_index=None, *, layer=None, score="
 def _cam(weights_fn, model, images, class_index, layer, score, normalize, return_weights):
     """Grad-CAM-style maps: ``ReLU(sum_k w_k A^k)`` with ``w = weights_fn(A, dS_c/dA)``,
     brought to the input grid with ``cam_upsampling_matrices``."""
+    _check_flags(normalize=normalize, return_weights=return_weights)
     e = _Explained(model, images, class_index, score)
     name = e.engine.resolve_layer(layer, e.x)
     maps = np.empty(e.x.shape[:3], np.float32)
@@ -2527,6 +2664,7 @@ def score_cam(model, images, class_index=None, *, layer=None, score="logits", no
     for several classes).
     With ``return_weights=True`` also returns the channel weights (N, k).
     """
+    _check_flags(normalize=normalize, return_weights=return_weights)
     e = _Explained(model, images, class_index, score)
     name = e.engine.resolve_layer(layer, e.x)
     x, cls = e.x, e.cls
@@ -2588,6 +2726,7 @@ def occlusion(model, images, class_index=None, *, layer=None, score="logits", no
     drops with ``normalize=False``.
     """
     _no_layer(layer, "occlusion")
+    _check_flags(normalize=normalize)
     e = _Explained(model, images, class_index, score)
     x, cls = e.x, e.fix_classes()
     H, W = x.shape[1:3]
@@ -2596,10 +2735,14 @@ def occlusion(model, images, class_index=None, *, layer=None, score="logits", no
     if stride is None:
         stride = max(1, (window if np.isscalar(window) else min(window)) // 2)
     rows, cols, win = occlusion_windows((H, W), window, stride)
-    fill = np.asarray(baseline, dtype=np.float32)
-    if fill.ndim not in (0, 3) or (fill.ndim == 3 and fill.shape != x.shape[1:]) or not np.all(np.isfinite(fill)):
-        raise ValueError(f"baseline must be a finite number or one image of shape {x.shape[1:]}; "
-                         f"got shape {fill.shape}.")
+    if np.ndim(baseline) == 0:
+        fill = np.float32(_baseline_value(baseline, model))
+    else:
+        fill = np.asarray(baseline)
+        if fill.ndim != 3 or fill.shape != x.shape[1:]:
+            raise ValueError(f"baseline must be a finite number or one image of shape {x.shape[1:]}; "
+                             f"got shape {fill.shape}.")
+        fill = _as_model_images(fill, model, "baseline")[0]          # uint8 mapped, range checked
     fill = np.broadcast_to(fill, x.shape[1:])
     corners = [(r, c) for r in rows for c in cols]
     clean = np.empty(len(x), np.float32)
@@ -2630,22 +2773,29 @@ def randomize_weights(model, layer_names=None, seed=0):
 
     The other layers keep the trained weights. Used for the model-randomisation
     sanity check of Adebayo et al. (2018), including its cascading form
-    (re-initialise from the top layer down, one more layer each time).
+    (re-initialise from the top layer down, one more layer each time). Layers inside
+    a nested model are named as everywhere (``"Conv1"`` or ``"base/Conv1"``); naming the
+    nested model re-initialises all of its layers.
     """
     keras = _keras()
-    names = [layer.name for layer in model.layers]
+    _check_layers_model(model)
+    seed = _check_seed(seed)
     if layer_names is None:
-        layer_names = names
-    elif isinstance(layer_names, str):
-        layer_names = [layer_names]
-    unknown = [n for n in layer_names if n not in names]
-    if unknown:
-        raise ValueError(f"Unknown layer(s) {', '.join(map(repr, unknown))}. The model's layers: {_layer_list(model)}.")
+        chosen = list(model.layers)
+    else:
+        chosen = [get_layer(model, name) for name in _as_name_list(layer_names)]
+    fresh = set()
+    for layer in chosen:
+        fresh.add(id(layer))
+        if _is_model(layer):
+            fresh.update(id(chain[-1]) for _, chain in _nested_layers(layer))
     keras.utils.set_random_seed(seed)
     clone = keras.models.clone_model(model)
-    for layer in model.layers:
-        if layer.name not in layer_names:
-            clone.get_layer(layer.name).set_weights(layer.get_weights())
+    copies = dict(_nested_layers(clone))
+    for name, chain in _nested_layers(model):
+        layer = chain[-1]
+        if not _is_model(layer) and id(layer) not in fresh and layer.weights:
+            copies[name][-1].set_weights(layer.get_weights())
     return clone
 
 
@@ -2657,10 +2807,16 @@ def rank_correlation(maps_a, maps_b):
     """
     from scipy.stats import spearmanr
 
-    a = np.asarray(maps_a, dtype=np.float64)
-    b = np.asarray(maps_b, dtype=np.float64)
+    try:
+        a = np.asarray(maps_a, dtype=np.float64)
+        b = np.asarray(maps_b, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"maps_a and maps_b must be arrays of numbers (N, H, W), got {type(maps_a).__name__} "
+                        f"and {type(maps_b).__name__}.") from None
     if a.shape != b.shape or a.ndim < 2:
         raise ValueError(f"maps_a and maps_b must be batches of the same shape; got {a.shape} and {b.shape}.")
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+        raise ValueError("maps_a and maps_b must not contain NaN or infinite values (a map has no ranking then).")
     out = []
     for u, v in zip(a.reshape(len(a), -1), b.reshape(len(b), -1)):
         if np.ptp(u) == 0 or np.ptp(v) == 0:
@@ -2760,10 +2916,21 @@ def entropy(probs, base=None):
     return np.maximum(h, 0.0)
 
 
+def _refuse_probabilities(z, function):
+    """Logits (N, K) that are really probabilities (rows in [0, 1] summing to 1) are refused."""
+    if len(z) and z.min() >= 0 and z.max() <= 1 and np.allclose(z.sum(axis=1), 1.0, atol=1e-3):
+        raise ValueError(f"logits look like probabilities (each row is in [0, 1] and sums to 1). {function} "
+                         "takes the pre-softmax scores: pass cnn_utils.predict_logits(model, x), or np.log(probs).")
+
+
 def negative_log_likelihood(logits, labels, temperature=1.0):
     """Mean negative log-likelihood (cross-entropy, nats) of ``labels`` under softmax(logits/T)."""
     _check_temperature(temperature)
-    z = _as_logits(logits) / temperature
+    z = _as_logits(logits)
+    _refuse_probabilities(z, "negative_log_likelihood")
+    if len(z) == 0:
+        raise ValueError("negative_log_likelihood needs at least one example (logits has 0 rows).")
+    z = z / temperature
     y = _as_labels(labels, len(z), z.shape[1])
     zmax = z.max(axis=1, keepdims=True)
     log_norm = np.log(np.exp(z - zmax).sum(axis=1)) + zmax[:, 0]
@@ -2785,10 +2952,10 @@ def fit_temperature(logits, labels, bounds=(0.05, 20.0)):
     y = _as_labels(labels, len(z), z.shape[1])
     if len(z) == 0:
         raise ValueError("fit_temperature needs at least one validation example.")
-    if z.min() >= 0 and z.max() <= 1 and np.allclose(z.sum(axis=1), 1.0, atol=1e-3):
-        raise ValueError("logits look like probabilities (each row is in [0, 1] and sums to 1). "
-                         "Temperature scaling divides the pre-softmax scores: pass "
-                         "cnn_utils.predict_logits(model, x_val), or np.log(probs).")
+    _refuse_probabilities(z, "Temperature scaling")
+    if np.allclose(z, z[:, :1]):
+        raise ValueError("Every row of logits is constant, so every temperature gives the same likelihood "
+                         "and there is nothing to fit; check that these are the model's logits.")
     try:
         lo, hi = (float(b) for b in bounds)
     except (TypeError, ValueError):
@@ -2801,7 +2968,7 @@ def fit_temperature(logits, labels, bounds=(0.05, 20.0)):
     )
     t = float(np.exp(result.x))
     for bound in (lo, hi):
-        if abs(np.log(t) - np.log(bound)) < 1e-3:
+        if abs(np.log(t) - np.log(bound)) < 2e-2:   # the bounded search stops near, not at, a bound
             # the minimiser of a convex function sits at the bound: check the NLL still falls there
             inside = bound * (1.01 if bound == lo else 1 / 1.01)
             if negative_log_likelihood(z, y, bound) < negative_log_likelihood(z, y, inside):
@@ -2949,6 +3116,9 @@ def tsne_embedding(features, perplexity=30.0, method="opentsne", n_iter=750, see
     if n_iter <= 250:
         raise ValueError(f"n_iter counts the 250 early-exaggeration iterations too; it must exceed 250, "
                          f"got {n_iter}.")
+    seed = _check_seed(seed)
+    if isinstance(n_jobs, bool) or not isinstance(n_jobs, (int, np.integer)) or n_jobs == 0 or n_jobs < -1:
+        raise ValueError(f"n_jobs must be a positive number of threads, or -1 for all cores; got {n_jobs!r}.")
     if pca_components is not None and (isinstance(pca_components, bool)
                                        or not isinstance(pca_components, (int, np.integer))
                                        or not 2 <= pca_components <= min(x.shape)):
@@ -2997,6 +3167,9 @@ def trustworthiness(features, embedding, n_neighbors=10, chunk_size=500):
 
     x = _as_points(features, "features")
     e = _as_points(embedding, "embedding")
+    for name, value in (("n_neighbors", n_neighbors), ("chunk_size", chunk_size)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     n, k = len(x), int(n_neighbors)
     if len(e) != n:
         raise ValueError(f"features have {n} rows but the embedding has {len(e)}; they must match.")
@@ -3032,6 +3205,10 @@ def knn_label_disagreement(features, labels, n_neighbors=10):
     if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer) or (len(y) and y.min() < 0):
         raise ValueError(f"labels must be non-negative integers of shape ({len(x)},); "
                          f"got shape {y.shape}, dtype {y.dtype}.")
+    if isinstance(n_neighbors, bool) or not isinstance(n_neighbors, (int, np.integer)):
+        raise ValueError(f"n_neighbors must be an integer, got {n_neighbors!r}.")
+    _, y = np.unique(y, return_inverse=True)   # labels 0..K-1 (e.g. 3, 7, 1000000000 -> 0, 1, 2)
+    classes = np.unique(np.asarray(labels))
     k = int(n_neighbors)
     if not 1 <= k < len(x):
         raise ValueError(f"n_neighbors must be between 1 and N - 1 = {len(x) - 1}, got {n_neighbors}.")
@@ -3039,7 +3216,7 @@ def knn_label_disagreement(features, labels, n_neighbors=10):
     nb_labels = y[nb]
     counts = np.apply_along_axis(np.bincount, 1, nb_labels, minlength=int(y.max()) + 1)
     return {"disagreement": (nb_labels != y[:, None]).mean(axis=1),
-            "vote": counts.argmax(axis=1), "neighbors": nb}
+            "vote": classes[counts.argmax(axis=1)], "neighbors": nb}
 
 
 # ---------------------------------------------------------------------------
@@ -3239,7 +3416,9 @@ def composite_photo(left, right, size=224, split=0.5):
     Returns float32 in [0, 1].
     """
     hw = _photo_size(size)
-    if not 0.0 < float(split) < 1.0:
+    if hw is None:
+        raise ValueError("size must be a positive int or a pair (height, width) for a composite, got None.")
+    if not _is_number(split) or not 0.0 < float(split) < 1.0:
         raise ValueError(f"split must lie strictly between 0 and 1 (the left part's share of the width), "
                          f"got {split!r}.")
     w_left = int(round(hw[1] * float(split)))
@@ -3311,7 +3490,11 @@ def torch_device(device=None):
     torch, _ = _torch()
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device must be None, 'cpu', 'cuda', 'cuda:0', 'mps' ... or a torch.device; got "
+                         f"{device!r} ({str(err).splitlines()[0][:120]}).") from None
 
 
 def _download_vgg16_state_dict(timeout=10.0, progress=True):
@@ -3393,6 +3576,8 @@ def load_vgg16(pretrained=True, device=None, seed=DEFAULT_SEED, timeout=10.0):
     the ImageNet weights were loaded) and ``class_names`` (the 1000 ImageNet classes).
     """
     torch, torchvision = _torch()
+    seed = _check_seed(seed)
+    device = torch_device(device)       # a mistyped device fails before the 528 MB of weights load
     weights_enum = _vgg16_weights_enum()
     model, loaded = None, False
     if pretrained:
@@ -3438,6 +3623,9 @@ def load_vgg16(pretrained=True, device=None, seed=DEFAULT_SEED, timeout=10.0):
 def vgg_layer_names(model):
     """Names of ``model.features`` in VGG's convention: conv1_1, relu1_1, ..., pool1, conv2_1 ..."""
     torch, _ = _torch()
+    if not hasattr(getattr(model, "features", None), "__iter__"):
+        raise TypeError("model must be torchvision's VGG16 (with a `features` sequence), as load_vgg16() "
+                        f"returns; got {type(model).__name__}.")
     names, block, conv = [], 1, 0
     for layer in model.features:
         if isinstance(layer, torch.nn.Conv2d):
@@ -3677,11 +3865,15 @@ def top_k_predictions(model, image, k=5):
     ``image``: a tensor from ``preprocess_image`` (ImageNet-normalised), or anything
     ``preprocess_image`` accepts (a photo, an array in [0, 1] or uint8)."""
     torch, _ = _torch()
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a PyTorch model (torchvision's VGG16), got {type(model).__name__}.")
     device = next(model.parameters()).device
     x = _as_model_input(image).to(device)
     with torch.no_grad():
         probs = torch.softmax(_normalized_forward(model)(x), dim=1)[0].cpu()
-    values, indices = probs.topk(k)
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= len(probs):
+        raise ValueError(f"k must be an integer from 1 to the number of classes ({len(probs)}), got {k!r}.")
+    values, indices = probs.topk(int(k))
     names = getattr(model, "class_names", None) or imagenet_class_names()
     return [(names[i], float(p)) for p, i in zip(values, indices.tolist())]
 
@@ -3693,7 +3885,13 @@ def vgg_feature_maps(model, image, layer_indices):
     copies each output, so VGG's in-place ReLUs cannot overwrite a conv layer's map.
     """
     torch, _ = _torch()
+    if isinstance(layer_indices, (int, np.integer)):
+        layer_indices = [layer_indices]
+    if not isinstance(layer_indices, (list, tuple, set, range, np.ndarray)):
+        raise TypeError(f"layer_indices must be a list of indices of model.features, got {layer_indices!r}.")
     indices = sorted({_check_layer_index(model, i) for i in layer_indices})
+    if not indices:
+        raise ValueError("layer_indices is empty: give at least one index of model.features.")
     device = next(model.parameters()).device
     x = _as_model_input(image).to(device)
     maps = {}
@@ -3947,6 +4145,7 @@ def vgg_layer_activations(model, images, layer, *, batch_size=16):
     rectified map).
     """
     torch, _ = _torch()
+    batch_size = _check_batch_size(batch_size)
     x = _photo_batch(images)
     features, to_input = _vgg_features_and_input(model)
     names = vgg_layer_names(model)
@@ -4013,10 +4212,20 @@ def top_activating_crops(model, photos, layer, channel, k=4, *, per_photo=1):
     bottom, right in pixels) and ``crop`` (float32 patch). ``channel`` may be a list of
     channels: then one such list per channel, from one pass over the photos.
     """
+    if not isinstance(photos, dict):
+        raise TypeError("photos must be a dict {name: photo (H, W, 3) in [0, 1]}, e.g. cnn_utils.sample_photos(); "
+                        f"got {type(photos).__name__}.")
     if not photos:
         raise ValueError("photos must be a non-empty dict {name: photo (H, W, 3) in [0, 1]}.")
+    for name, value in (("k", k), ("per_photo", per_photo)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     names = list(photos)
-    x = _photo_batch(np.stack([np.asarray(photos[n], dtype=np.float32) for n in names]), "photos")
+    batch = [_photo_batch(photos[n], f"photos[{n!r}]")[0] for n in names]
+    sizes = {n: b.shape[:2] for n, b in zip(names, batch)}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"photos must all have one size (load them with the same size=...); got {sizes}.")
+    x = np.stack(batch)
     maps = vgg_layer_activations(model, x, layer)
     n_channels = maps.shape[1]
     channels = list(channel) if isinstance(channel, (list, tuple)) else [channel]
@@ -4124,9 +4333,19 @@ def vgg_feature_visualization(model, layer, units, *, size=128, steps=128, lr=0.
     units = [units] if isinstance(units, (int, np.integer)) else list(units)
     if not units or any(isinstance(u, bool) or not isinstance(u, (int, np.integer)) for u in units):
         raise TypeError(f"units must be an int or a non-empty list of ints (channels or classes); got {units!r}.")
-    if int(steps) < 1 or int(size) < 32:
-        raise ValueError(f"steps must be >= 1 and size >= 32 (VGG16 pools five times); got steps={steps}, "
-                         f"size={size}.")
+    for name, value, least in (("steps", steps, 1), ("size", size, 32), ("jitter", jitter, 0), ("pad", pad, 0)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+            raise ValueError(f"{name} must be an integer, {name} >= {least}"
+                             f"{' (VGG16 pools five times)' if name == 'size' else ''}; got {value!r}.")
+    if not _is_number(lr) or lr < 0:
+        raise ValueError(f"lr must be a number >= 0, got {lr!r}.")
+    seed = _check_seed(seed)
+    try:
+        scales, angles = [float(v) for v in scales], [float(v) for v in angles]
+    except (TypeError, ValueError):
+        raise TypeError(f"scales and angles must be lists of numbers, got {scales!r} and {angles!r}.") from None
+    if any(not np.isfinite(v) or v <= 0 for v in scales) or not all(np.isfinite(angles)):
+        raise ValueError(f"scales must be positive numbers and angles finite; got {scales!r} and {angles!r}.")
     features, to_input = _vgg_features_and_input(model)
     if layer == VGG_LOGITS:
         module, n_units = None, int(model.classifier[-1].out_features)
@@ -4150,16 +4369,17 @@ def vgg_feature_visualization(model, layer, units, *, size=128, steps=128, lr=0.
         captured["out"] = output
         raise _StopForward
 
-    handle = module.register_forward_hook(hook) if module is not None else None
-    requires = [p.requires_grad for p in model.parameters()]
-    was_training = model.training
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
     opt = torch.optim.Adam([spectrum], lr=lr)
     history = np.empty((int(steps), b), dtype=np.float32)
+    requires = [p.requires_grad for p in model.parameters()]
+    was_training = model.training
     start = time.perf_counter()
+    # everything that changes the model sits inside try/finally: an error leaves no hook behind
+    handle = module.register_forward_hook(hook) if module is not None else None
     try:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
         bar = tqdm(range(int(steps)), disable=not progress, desc=f"visualising {layer}")
         for step in bar:
             img = _fourier_image(torch, spectrum, scale, h, w, decorrelate)
@@ -4261,7 +4481,7 @@ def plot_all_channels(maps, title=None, ncols=8, cmap="viridis", size=1.1, label
     fig, axes = _grid(n, ncols, size)
     im = None
     for c, ax in enumerate(axes.flat[:n]):
-        im = ax.imshow(maps[..., c], cmap=matplotlib.colormaps[cmap], vmin=vmin, vmax=vmax)
+        im = ax.imshow(maps[..., c], cmap=colormap(cmap), vmin=vmin, vmax=vmax)
         zero = not np.any(maps[..., c])
         label = labels[c] if labels is not None else f"ch {c}"
         ax.set_title(label + (" (0)" if zero else ""), fontsize=7, color="0.6" if zero else "black")
@@ -4324,6 +4544,8 @@ def plot_kernels(kernel, in_channel=0, annotate=True, ncols=8, size=1.25, title=
         raise ValueError(f"in_channel must be an integer from 0 to {k.shape[2] - 1}, got {in_channel!r}.")
     if bias is not None and np.shape(bias) != (k.shape[-1],):
         raise ValueError(f"bias must have one value per filter, shape ({k.shape[-1]},); got {np.shape(bias)}.")
+    if bias is not None and np.asarray(bias).dtype.kind not in "iuf":
+        raise TypeError(f"bias must hold numbers, got dtype {np.asarray(bias).dtype}.")
     k = k[:, :, in_channel, :]
     n = k.shape[-1]
     norm = _symmetric_norm(k)
@@ -4356,8 +4578,11 @@ def plot_kernel_matrix(kernel, out_channels=None, in_channels=None, size=0.6, ti
     k = np.asarray(kernel)
     if k.ndim != 4:
         raise ValueError(f"kernel must be (kh, kw, in_channels, out_channels); got shape {k.shape}.")
-    outs = np.arange(k.shape[3]) if out_channels is None else np.asarray(out_channels)
-    ins = np.arange(k.shape[2]) if in_channels is None else np.asarray(in_channels)
+    outs = np.arange(k.shape[3]) if out_channels is None else np.atleast_1d(np.asarray(out_channels))
+    ins = np.arange(k.shape[2]) if in_channels is None else np.atleast_1d(np.asarray(in_channels))
+    for name, idx, n in (("out_channels", outs, k.shape[3]), ("in_channels", ins, k.shape[2])):
+        if idx.size == 0 or idx.dtype.kind not in "iu" or idx.min() < 0 or idx.max() >= n:
+            raise ValueError(f"{name} must be indices from 0 to {n - 1}; got {idx.tolist()}.")
     sub = k[:, :, ins][:, :, :, outs]
     norm = _symmetric_norm(sub)
     cmap = matplotlib.colormaps["RdBu_r"]
@@ -4395,12 +4620,15 @@ def plot_feature_visualizations(images, labels=None, dead=None, ncols=8, size=1.
         imgs = imgs[np.newaxis]
     n = len(imgs)
     mask = np.zeros(n, bool)
+    _check_titles(labels, n, "labels")
     if dead is not None:
         dead = np.asarray(dead)
-        if dead.dtype == bool:
+        if dead.dtype == bool and dead.shape == (n,):
             mask = dead
+        elif dead.dtype.kind in "iu" and dead.ndim == 1 and (dead.size == 0 or (dead.min() >= 0 and dead.max() < n)):
+            mask[dead] = True
         else:
-            mask[dead.astype(int)] = True
+            raise ValueError(f"dead must be a boolean mask of {n} entries or positions 0..{n - 1}; got {dead!r}.")
     fig, axes = _grid(n, ncols, size)
     gray = matplotlib.colormaps["gray"]
     im = None
@@ -4432,6 +4660,7 @@ def plot_objective_history(history, labels=None, title=None, max_lines=12):
         h = h[:, np.newaxis]
     if h.ndim != 2 or len(h) == 0:
         raise ValueError(f"history must be (steps, K), as FeatureVisualization.history; got shape {h.shape}.")
+    _check_titles(labels, h.shape[1], "labels")
     fig, ax = plt.subplots(figsize=(6, 3.5), layout="constrained")
     steps = np.arange(len(h))
     for k in range(min(h.shape[1], max_lines)):
@@ -4475,7 +4704,7 @@ def plot_maps_across_images(images, maps, labels=None, title=None, cmap="viridis
     im = None
     for i in range(n):
         axes[0, i].imshow(images[i], cmap="gray", vmin=0, vmax=1)
-        im = axes[1, i].imshow(maps[i], cmap=matplotlib.colormaps[cmap], vmin=0, vmax=vmax)
+        im = axes[1, i].imshow(maps[i], cmap=colormap(cmap), vmin=0, vmax=vmax)
         if labels is not None:
             axes[0, i].set_title(str(labels[i]), fontsize=8)
     axes[0, 0].set_ylabel("input", fontsize=8)
@@ -4505,6 +4734,10 @@ def plot_image_grid(images, titles=None, ncols=10, cmap="gray", title=None, size
     n = len(images)
     if titles is not None and len(titles) != n:
         raise ValueError(f"titles has {len(titles)} entries for {n} images.")
+    _check_titles(title_colors, n, "title_colors")
+    colormap(cmap)
+    if isinstance(ncols, bool) or not isinstance(ncols, (int, np.integer)) or ncols < 1:
+        raise ValueError(f"ncols must be a positive integer, got {ncols!r}.")
     ncols = min(ncols, n)
     nrows = int(np.ceil(n / ncols))
     title_lines = max((str(t).count("\n") + 1 for t in titles), default=0) if titles is not None else 0
@@ -4559,10 +4792,21 @@ def plot_confusion_matrix(cm, class_names, title="Confusion matrix", normalize=F
     import seaborn as sns
 
     cm = np.asarray(cm)
-    data = cm / cm.sum(axis=1, keepdims=True) if normalize else cm
+    class_names = list(class_names)
+    if cm.ndim != 2 or cm.shape[0] != cm.shape[1] or cm.dtype.kind not in "iuf":
+        raise ValueError(f"cm must be a square matrix of counts (true class x predicted class), e.g. "
+                         f"sklearn.metrics.confusion_matrix(y_true, y_pred); got shape {cm.shape}.")
+    if len(class_names) != len(cm):
+        raise ValueError(f"class_names has {len(class_names)} names for a {len(cm)} x {len(cm)} matrix.")
+    if not np.all(np.isfinite(cm)) or cm.min() < 0:
+        raise ValueError("cm must hold non-negative finite counts.")
+    rows = cm.sum(axis=1, keepdims=True)
+    data = np.divide(cm, rows, out=np.zeros(cm.shape), where=rows > 0) if normalize else cm
+    integer = not normalize and np.all(cm == np.round(cm))
+    data = data.astype(int) if integer else data
     fig, ax = plt.subplots(figsize=(7.5, 6.2))
     sns.heatmap(
-        data, annot=True, fmt=".2f" if normalize else "d", cmap="Blues", square=True, ax=ax,
+        data, annot=True, fmt="d" if integer else ".2f", cmap="Blues", square=True, ax=ax,
         xticklabels=class_names, yticklabels=class_names,
         cbar_kws={"label": "fraction of the true class" if normalize else "number of test images"},
         annot_kws={"fontsize": 7},
@@ -4598,10 +4842,26 @@ def overlay_heatmap(image, heatmap, alpha=0.4, cmap="jet"):
         raise ValueError(f"heatmap must be (H, W) = {img.shape[:2]} like the image; got shape {np.shape(heatmap)}.")
     if not (np.all(np.isfinite(img)) and np.all(np.isfinite(heat))):
         raise ValueError("image and heatmap must not contain NaN or infinite values.")
+    _check_unit_maps(heat, "heatmap")
     if not _is_number(alpha) or not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha!r}.")
-    colored = matplotlib.colormaps[cmap](np.clip(heat, 0.0, 1.0))[..., :3].astype(np.float32)
+    colored = colormap(cmap)(np.clip(heat, 0.0, 1.0))[..., :3].astype(np.float32)
     return np.clip((1.0 - alpha) * img + alpha * colored, 0.0, 1.0).astype(np.float32)
+
+
+def _check_unit_maps(maps, name):
+    """Maps drawn on the colour scale [0, 1] must lie in it (nothing silently clipped)."""
+    m = np.asarray(maps, dtype=np.float64)
+    if m.size and (m.min() < -1e-3 or m.max() > 1 + 1e-3):
+        raise ValueError(f"{name} are drawn on the scale [0, 1] but hold values from {m.min():.4g} to "
+                         f"{m.max():.4g}; scale them first with cnn_utils.normalize_maps(maps) (raw or signed "
+                         "maps: plot_signed_attributions).")
+
+
+def _check_titles(titles, n, name):
+    if titles is not None and (isinstance(titles, str) or len(titles) != n):
+        raise ValueError(f"{name} must be a list of {n} entries, one per image; got "
+                         f"{titles!r}"[:200] + ".")
 
 
 def plot_attribution_maps(images, maps, image_titles=None, overlay=True, alpha=0.5, cmap="jet",
@@ -4621,9 +4881,12 @@ def plot_attribution_maps(images, maps, image_titles=None, overlay=True, alpha=0
     if not isinstance(maps, dict) or not maps:
         raise ValueError("maps must be a non-empty dict: method name -> maps (N, H, W).")
     n = len(images)
+    colormap(cmap)
+    _check_titles(image_titles, n, "image_titles")
     for name, m in maps.items():
         if np.shape(m) != images.shape[:3]:
             raise ValueError(f"maps[{name!r}] has shape {np.shape(m)}; expected {images.shape[:3]}.")
+        _check_unit_maps(m, f"maps[{name!r}]")
     names = list(maps)
     shape = (n, len(names) + 1) if not transpose else (len(names) + 1, n)
     fig, axes = plt.subplots(*shape, figsize=(size * shape[1] + 0.9, size * shape[0] + 0.5), squeeze=False)
@@ -4653,7 +4916,7 @@ def plot_attribution_maps(images, maps, image_titles=None, overlay=True, alpha=0
             ax_at(0, j).set_ylabel(name, fontsize=8)
         else:
             ax_at(0, j).set_title(name, fontsize=9)
-    sm = matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0, 1), cmap=matplotlib.colormaps[cmap])
+    sm = matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0, 1), cmap=colormap(cmap))
     height = fig.get_size_inches()[1]
     top_space = (0.55 if title else 0.1) + (0.3 if image_titles is not None and transpose else 0.25)
     fig.subplots_adjust(left=0.06, right=0.86, bottom=0.02, top=1 - top_space / height,
@@ -4684,6 +4947,7 @@ def plot_signed_attributions(images, attributions, image_titles=None, title=None
     if attr.shape != images.shape[:3]:
         raise ValueError(f"attributions have shape {attr.shape}; expected {images.shape[:3]} (one per image).")
     n = len(images)
+    _check_titles(image_titles, n, "image_titles")
     fig, axes = plt.subplots(2, n, figsize=(size * n + 0.6, 2 * size + 0.6), squeeze=False)
     for i in range(n):
         axes[0, i].imshow(images[i], cmap="gray", vmin=0, vmax=1)
@@ -4719,6 +4983,8 @@ def plot_probability_bars(images, probs, labels, class_names=None, title=None):
         raise ValueError(f"Got {len(imgs)} images but {len(p)} rows of probabilities.")
     k = p.shape[1]
     names = list(class_names) if class_names is not None else [str(i) for i in range(k)]
+    if len(names) != k:
+        raise ValueError(f"class_names has {len(names)} names; probs has {k} classes.")
     n = len(p)
     fig, axes = plt.subplots(2, n, figsize=(2.1 * n, 4.4), squeeze=False,
                              gridspec_kw={"height_ratios": [1, 1.15]})
@@ -4759,6 +5025,10 @@ def plot_reliability_diagram(bins, titles=None, title=None):
     import matplotlib.pyplot as plt
 
     bins_list = [bins] if isinstance(bins, dict) else list(bins)
+    needed = {"edges", "counts", "accuracy", "confidence", "gap", "weight", "n"}
+    if not bins_list or any(not isinstance(b, dict) or not needed <= set(b) for b in bins_list):
+        raise ValueError("bins must be what calibration_bins (or expected_calibration_error(..., return_bins=True)) "
+                         "returns, or a list of those.")
     titles = list(titles) if titles is not None else [None] * len(bins_list)
     if len(titles) != len(bins_list):
         raise ValueError(f"Got {len(titles)} titles for {len(bins_list)} diagrams.")
@@ -4809,8 +5079,14 @@ def plot_histograms(samples, xlabel, title, bins=30, range=None, log=False):
 
     if not isinstance(samples, dict) or not samples:
         raise TypeError("samples must be a non-empty dict {label: 1-D array}.")
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
     arrays = {k: np.asarray(v, dtype=np.float64).ravel() for k, v in samples.items()}
+    for k, a in arrays.items():
+        if a.size == 0 or not np.all(np.isfinite(a)):
+            raise ValueError(f"samples[{k!r}] must be a non-empty array of finite numbers; got {a.size} values"
+                             f"{'' if a.size == 0 else ' with NaN or infinite ones'}.")
+    if isinstance(bins, bool) or not isinstance(bins, (int, np.integer)) or bins < 1:
+        raise ValueError(f"bins must be a positive integer, got {bins!r}.")
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
     if range is None:
         lo = min(a.min() for a in arrays.values())
         hi = max(a.max() for a in arrays.values())
@@ -4829,6 +5105,8 @@ def plot_histograms(samples, xlabel, title, bins=30, range=None, log=False):
 def spread_out_indices(points, n, seed=DEFAULT_SEED):
     """``n`` indices of ``points`` (N, 2) far apart from each other (greedy farthest-point)."""
     pts = _as_points(points, "points")
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise ValueError(f"n must be an integer >= 0, got {n!r}.")
     n = min(int(n), len(pts))
     if n <= 0:
         return np.zeros(0, dtype=np.int64)
@@ -4859,6 +5137,13 @@ def plot_embedding(embeddings, labels, class_names=None, images=None, n_thumbnai
     if not isinstance(embeddings, dict):
         embeddings = {"embedding": embeddings}
     y = np.asarray(labels)
+    if y.ndim != 1 or (y.size and (not np.issubdtype(y.dtype, np.integer) or y.min() < 0)):
+        raise ValueError(f"labels must be class indices, non-negative integers (N,); got dtype {y.dtype}, "
+                         f"shape {y.shape}.")
+    if highlight is not None and len(highlight) and (np.min(highlight) < 0 or np.max(highlight) >= len(y)):
+        raise ValueError(f"highlight holds indices of points, 0..{len(y) - 1}; got {list(highlight)[:10]}.")
+    if images is not None and n_thumbnails and len(images) != len(y):
+        raise ValueError(f"images has {len(images)} images for {len(y)} points; give one per point.")
     num_classes = int(y.max()) + 1 if len(y) else 1
     names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
     if len(names) < num_classes:
@@ -4909,6 +5194,11 @@ def plot_top_predictions(images, predictions, titles=None, title="Top-5 predicti
     if n == 0 or n != len(predictions):
         raise ValueError(f"Need as many prediction lists as images (got {n} images, "
                          f"{len(predictions)} prediction lists, at least one).")
+    images = [_display_images(img, "images") for img in images]
+    for preds in predictions:
+        if not all(isinstance(p, (tuple, list)) and len(p) == 2 and _is_number(p[1]) for p in preds):
+            raise ValueError("predictions must be lists of (class name, probability) pairs, as "
+                             f"top_k_predictions returns; got {preds!r}"[:200] + ".")
     fig, axes = plt.subplots(n, 2, figsize=(9, 2.4 * n), squeeze=False,
                              gridspec_kw={"width_ratios": [1, 2.2]})
     for i, (img, preds) in enumerate(zip(images, predictions)):
@@ -4966,7 +5256,13 @@ def plot_strongest_channels(maps, channels=None, n=16, ncols=8, layer_name="laye
     maps = np.asarray(maps)
     if maps.ndim != 3:
         raise ValueError(f"Expected feature maps (C, H, W), got shape {maps.shape}.")
-    channels = _strongest_channels(maps, n) if channels is None else list(channels)
+    if maps.shape[0] == maps.shape[1] != maps.shape[2]:
+        raise ValueError(f"Feature maps of shape {maps.shape} look like (H, W, C), the Keras layout; this "
+                         "function takes PyTorch's (C, H, W): pass np.moveaxis(maps, -1, 0).")
+    channels = _strongest_channels(maps, n) if channels is None else list(np.atleast_1d(channels))
+    if not channels or any(isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not 0 <= c < len(maps)
+                           for c in channels):
+        raise ValueError(f"channels must be indices from 0 to {len(maps) - 1}; got {channels}.")
     return plot_all_channels(
         np.moveaxis(maps[channels], 0, -1), ncols=ncols, cmap=cmap, size=size,
         labels=[f"channel {c}" for c in channels],
@@ -4979,9 +5275,12 @@ def plot_feature_maps_by_depth(maps_by_layer, n=6, cmap="viridis", size=1.4):
     its own colour scale with its colour bar, so the maps shrink and sparsify with depth."""
     import matplotlib.pyplot as plt
 
+    if not isinstance(maps_by_layer, dict) or not maps_by_layer:
+        raise TypeError("maps_by_layer must be a non-empty dict {layer name: (C, H, W) array}.")
     names = list(maps_by_layer)
-    if not names:
-        raise ValueError("maps_by_layer is empty: pass {layer name: (C, H, W) array}.")
+    bad = {k: np.shape(v) for k, v in maps_by_layer.items() if np.ndim(v) != 3}
+    if bad:
+        raise ValueError(f"maps_by_layer must hold feature maps (C, H, W); got shapes {bad}.")
     fig, axes = plt.subplots(len(names), n, figsize=(size * n + 1.2, size * len(names) + 0.6), squeeze=False)
     for row, name in enumerate(names):
         maps = np.asarray(maps_by_layer[name])
@@ -5007,6 +5306,10 @@ def plot_inversion(result, original=None, title=None):
     """A feature inversion's progress: snapshots at regular steps and the loss curves."""
     import matplotlib.pyplot as plt
 
+    needed = {"snapshots", "snapshot_steps", "loss", "feature_loss", "layer_name", "layer_index"}
+    if not isinstance(result, dict) or not needed <= set(result):
+        raise ValueError("result must be what feature_inversion returns (a dict with "
+                         f"{', '.join(sorted(needed))}).")
     snaps = result["snapshots"]
     extra = 1 if original is not None else 0
     ncols = len(snaps) + extra + 1
@@ -5036,6 +5339,11 @@ def plot_reconstructions(original, results, scores=None, title="What each depth 
     """The original beside reconstructions from several layers; ``scores`` are (SSIM, PSNR)."""
     import matplotlib.pyplot as plt
 
+    if not results or any(not isinstance(r, dict) or not {"image", "layer_name"} <= set(r) for r in results):
+        raise ValueError("results must be a non-empty list of feature_inversion results (dicts with 'image' "
+                         "and 'layer_name').")
+    if scores is not None and len(scores) != len(results):
+        raise ValueError(f"scores needs one (SSIM, PSNR) pair per result: {len(results)}, got {len(scores)}.")
     n = len(results) + 1
     fig, axes = plt.subplots(1, n, figsize=(2.2 * n, 2.7))
     axes[0].imshow(original)
@@ -5057,6 +5365,9 @@ def plot_quality_vs_depth(layer_names, ssim, psnr, title="How much of the image 
     """SSIM (left axis) and PSNR (right axis) of the reconstructions against depth."""
     import matplotlib.pyplot as plt
 
+    if not len(layer_names) == len(ssim) == len(psnr) or not len(layer_names):
+        raise ValueError(f"layer_names, ssim and psnr need one entry per layer; got {len(layer_names)}, "
+                         f"{len(ssim)} and {len(psnr)}.")
     x = np.arange(len(layer_names))
     fig, ax = plt.subplots(figsize=(6.5, 3.4))
     ax.plot(x, ssim, "o-", color="tab:blue", label="SSIM")
@@ -5079,6 +5390,9 @@ def plot_saliency(image, saliency, title="Gradient saliency", cmap="hot"):
     sal = np.asarray(saliency, dtype=np.float64)
     if sal.shape != np.asarray(image).shape[:2]:
         raise ValueError(f"saliency {sal.shape} must match the image's H x W {np.asarray(image).shape[:2]}.")
+    if not np.all(np.isfinite(sal)):
+        raise ValueError("saliency contains NaN or infinite values.")
+    image = _display_images(image, "image")
     fig, axes = plt.subplots(1, 3, figsize=(10, 3.4))
     axes[0].imshow(image)
     axes[0].set_title("input", fontsize=9)
@@ -5131,8 +5445,14 @@ def plot_units_with_crops(images, crops, titles, title="Feature visualization", 
 
 def colormap(name):
     """A matplotlib colormap by name (the current ``matplotlib.colormaps`` registry)."""
+    import difflib
+
     import matplotlib
 
+    if not isinstance(name, str) or name not in matplotlib.colormaps:
+        close = difflib.get_close_matches(str(name), list(matplotlib.colormaps), n=3)
+        raise ValueError(f"Unknown colour map {name!r}; use a name of matplotlib.colormaps, e.g. "
+                         f"{', '.join(close or ['viridis', 'gray', 'jet'])}.")
     return matplotlib.colormaps[name]
 
 
@@ -5185,6 +5505,10 @@ def plot_raw_and_deprocessed(images, labels, title=None, size=1.8, crop=0):
     if raw.ndim != 4 or raw.shape[-1] != 1 or len(labels) != len(raw):
         raise ValueError(f"images must be (K, H, W, 1) with one label each; got {raw.shape} "
                          f"and {len(labels)} labels.")
+    if isinstance(crop, bool) or not isinstance(crop, (int, np.integer)) or crop < 0 \
+            or 2 * crop >= min(raw.shape[1:3]):
+        raise ValueError(f"crop must be an integer >= 0 that leaves part of the {raw.shape[1]}x{raw.shape[2]} "
+                         f"images; got {crop!r}.")
     if crop:
         raw = raw[:, crop:-crop, crop:-crop]
     n = len(raw)
@@ -5293,27 +5617,36 @@ def class_probabilities(model, images, batch_size=None):
     """Class probabilities of a Keras or PyTorch model, whatever its last layer outputs.
 
     A model that ends in a softmax gives probabilities as they are; a model that outputs
-    logits (VGG16, a Keras model without a final softmax) gets ``softmax(logits)``.
-    ``images``: (N, H, W, C) in the model's input range. Returns ``(probs (N, K),
-    "probabilities" or "logits")``: the second says what the model output.
+    logits (VGG16, a Keras model without a final softmax) gets ``softmax(logits)``; a
+    model with one output unit (binary) gets ``[1 - p, p]`` (``p`` its sigmoid output, or
+    the sigmoid of its logit). ``images``: (N, H, W, C) in the model's input range
+    (uint8 mapped onto it). Returns ``(probs (N, K), "probabilities" or "logits")``: the
+    second says what the model output.
     """
+    batch_size = None if batch_size is None else _check_batch_size(batch_size)
     if _is_torch_module(model):
         torch = sys.modules["torch"]
-        x = _photo_batch(images)
-        device = next(model.parameters()).device
+        engine = _TorchEngine(model, "logits")
+        x = engine.images(images)
         outs = []
         with torch.no_grad():
             for i in range(0, len(x), batch_size or 8):
-                xb = torch.from_numpy(x[i: i + (batch_size or 8)]).permute(0, 3, 1, 2).to(device)
-                outs.append(model(xb).float().cpu().numpy())
+                outs.append(engine._call(engine._tensor(x[i: i + (batch_size or 8)]), raw=True).float().cpu().numpy())
         scores = np.concatenate(outs)
+        sigmoid_last = isinstance(list(model.modules())[-1], torch.nn.Sigmoid)
     else:
         x = as_image_batch(images, model)
+        _check_keras_model(model)
         scores = np.asarray(model.predict(x, batch_size=batch_size or 1000, verbose=0), dtype=np.float64)
+        sigmoid_last = _keras_output_activation(model) == "sigmoid"
     if scores.ndim != 2:
         raise ValueError(f"The model's output has shape {scores.shape}; expected class scores (N, classes).")
+    scores = scores.astype(np.float64)
+    if scores.shape[1] == 1:  # binary: one unit, the positive class
+        p = scores[:, 0] if sigmoid_last else 1.0 / (1.0 + np.exp(-scores[:, 0]))
+        return np.stack([1.0 - p, p], axis=1), "probabilities" if sigmoid_last else "logits"
     if _outputs_probabilities(model, scores):
-        return scores.astype(np.float64), "probabilities"
+        return scores, "probabilities"
     return softmax(scores), "logits"
 
 
@@ -5410,20 +5743,23 @@ def explorer(model, images, labels=None, class_names=None, *, scale=None, top_k=
     import matplotlib
 
     torch_model = _is_torch_module(model)
-    x_all = _photo_batch(images) if torch_model else as_image_batch(images, model)
-    if labels is not None:
-        labels = np.asarray(labels).astype(int)
-        if labels.shape != (len(x_all),):
-            raise ValueError(f"explorer got {len(x_all)} images but {labels.size} labels; pass one label per "
-                             "image, or labels=None.")
+    # the model's declared input range for both frameworks (uint8 mapped onto it)
+    x_all = _TorchEngine(model, "logits").images(images) if torch_model else as_image_batch(images, model)
     probs_all, source = class_probabilities(model, x_all)
     n_classes = probs_all.shape[1]
+    if labels is not None:
+        labels = _as_labels(labels, len(x_all), n_classes)
     if class_names is None:
         class_names = getattr(model, "class_names", None) or [str(i) for i in range(n_classes)]
+    if isinstance(class_names, str):
+        raise TypeError("class_names must be a list of names, one per class, not one string.")
     class_names = list(class_names)
     if len(class_names) != n_classes:
         raise ValueError(f"class_names has {len(class_names)} names; the model has {n_classes} classes.")
-    top_k = max(1, min(int(top_k), n_classes))
+    for name, value in (("top_k", top_k), ("scale", 1 if scale is None else scale)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    top_k = min(int(top_k), n_classes)
     pred_all = probs_all.argmax(axis=1)
     wrong = np.flatnonzero(pred_all != labels) if labels is not None else np.array([], int)
     if samples is None:
@@ -5435,9 +5771,16 @@ def explorer(model, images, labels=None, class_names=None, *, scale=None, top_k=
                       [n for n, m in model.named_modules() if type(m).__name__ in ("Conv2d", "MaxPool2d")])
         else:
             layers = conv_and_pool_layer_names(model)
-    layers = list(layers)
-    default_layer = (next((n for n in reversed(layers) if n.startswith("relu")), layers[-1]) if torch_model
-                     else last_conv_layer_name(model))
+    layers = [layers] if isinstance(layers, str) else list(layers)
+    if not layers:
+        raise ValueError("layers is empty: name at least one layer for the layer choice, or pass None.")
+    for name in layers:  # unknown names are refused now, not on the first click
+        _TorchEngine(model, "logits").resolve_layer(name, x_all) if torch_model else get_layer(model, name)
+    if torch_model:
+        default_layer = next((n for n in reversed(layers) if n.startswith("relu")), layers[-1])
+    else:
+        last = last_conv_layer_name(model)
+        default_layer = last if last in layers else layers[-1]
     if scale is None:
         scale = max(1, 224 // x_all.shape[2])
     jet = matplotlib.colormaps["jet"]
@@ -5519,8 +5862,11 @@ def explorer(model, images, labels=None, class_names=None, *, scale=None, top_k=
         key = (idx, method, target, c_layer.value)
         if key not in cache:
             if method == ACTIVATIONS_METHOD:
-                if torch_model:
+                if torch_model and c_layer.value in _vgg_alias_names(model):
                     maps = np.transpose(vgg_layer_activations(model, x, c_layer.value)[0], (1, 2, 0))
+                elif torch_model:  # any other PyTorch module: its feature maps through a hook
+                    engine = _TorchEngine(model, "logits")
+                    maps = engine.features(x, engine.resolve_layer(c_layer.value, x))[0][0]
                 else:
                     maps = get_activations(model, x, [c_layer.value])[c_layer.value][0]
                 keep = np.sort(np.argsort(maps.mean(axis=(0, 1)))[::-1][:_MAX_TILED_CHANNELS])
@@ -5580,6 +5926,11 @@ def explorer_snapshot(app, views=None):
     from IPython.display import HTML
 
     order = ["only_misclassified", "all_classes", "index", "method", "layer", "class_index", "alpha"]
+    if not hasattr(app, "controls") or not hasattr(app, "images"):
+        raise TypeError(f"app must be what cnn_utils.explorer(...) returns, got {type(app).__name__}.")
+    if views is not None and (isinstance(views, dict) or not all(isinstance(v, dict) for v in views)):
+        raise TypeError("views must be a list of dicts of control values, e.g. [{'index': 3}, "
+                        "{'method': 'Saliency'}].")
     saved = {k: app.controls[k].value for k in order if k in app.controls}
 
     def img(key):
@@ -5594,7 +5945,15 @@ def explorer_snapshot(app, views=None):
                 raise ValueError(f"views: unknown control(s) {', '.join(sorted(unknown))}; the explorer's "
                                  f"controls are {', '.join(app.controls)}.")
             for k in sorted(view, key=order.index):
-                app.controls[k].value = view[k]
+                control = app.controls[k]
+                options = [o[1] if isinstance(o, tuple) else o for o in getattr(control, "options", ())]
+                if options and view[k] not in options:
+                    raise ValueError(f"views: {k}={view[k]!r} is not one of the explorer's choices: "
+                                     f"{', '.join(map(repr, options))}.")
+                low, high = getattr(control, "min", None), getattr(control, "max", None)
+                if low is not None and not low <= view[k] <= high:
+                    raise ValueError(f"views: {k}={view[k]!r} is outside {low}..{high}.")
+                control.value = view[k]
             t = app.texts
             rows.append(
                 f"<div style='margin:6px 0'>{t['caption'].value} — {app.status.value}</div>"
@@ -5621,6 +5980,9 @@ def vgg_layer_explorer(model, photos, size=224, layer="relu3_3"):
     import ipywidgets as widgets
     import matplotlib
 
+    if not isinstance(photos, dict):
+        raise TypeError("photos must be a dict {name: image}, e.g. cnn_utils.sample_photos(); got "
+                        f"{type(photos).__name__}.")
     if not photos:
         raise ValueError("vgg_layer_explorer needs at least one photo: {name: image}.")
     names = vgg_layer_names(model)
@@ -5726,7 +6088,10 @@ def check_close(actual, expected, name, rtol=1e-5, atol=1e-8, hint=""):
     difference, where it is and both values there, followed by ``hint``.
     Returns None (so that a test cell ending with it prints nothing).
     """
-    exp = np.asarray(expected, dtype=np.float64)
+    try:
+        exp = np.asarray(expected, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"expected (the reference for {name}) must be numbers, got {type(expected).__name__}.") from None
     act = check_array(actual, name)
     if act.shape != exp.shape:
         if act.size == exp.size == 1:

@@ -44,7 +44,9 @@ def train_and_save(dataset="mnist", epochs=None, seed=DEFAULT_SEED, out_dir=None
     ``out_dir`` (default ``build/models/``) and nothing shipped is touched. With
     ``replace`` it replaces ``saved_models/<dataset>_cnn.keras`` only when its test
     accuracy is at least the shipped one's; otherwise it stays in ``build/models/``
-    and ``info["replaced"]`` is False. Returns the metadata dict written beside it.
+    and ``info["replaced"]`` is False. Outside ``saved_models/`` nothing is overwritten:
+    when ``mnist_cnn.keras`` exists, the model goes to ``mnist_cnn_2.keras`` (``_3`` ...).
+    Returns the metadata dict written beside it (``info["path"]``: where the model went).
     """
     if dataset not in DATASETS:
         raise CourseError(f"Unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)}.")
@@ -90,10 +92,22 @@ def train_and_save(dataset="mnist", epochs=None, seed=DEFAULT_SEED, out_dir=None
         out = Path(out_dir) if out_dir else BUILD_DIR / "models"
     out.mkdir(parents=True, exist_ok=True)
     path = out / shipped.name
+    if not info["replaced"]:  # never write over an earlier model (or any file of that name)
+        path = _free_path(path)
     model.save(path)
     path.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
     info["path"] = str(path)
     return info
+
+
+def _free_path(path):
+    """``path``, or ``<stem>_2<suffix>``, ``_3`` ... : the first name taken by neither the model nor
+    its JSON record."""
+    candidate, n = path, 1
+    while candidate.exists() or candidate.with_suffix(".json").exists():
+        n += 1
+        candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")
+    return candidate
 
 
 def _shipped_accuracy(dataset):
@@ -128,9 +142,11 @@ def prefetch(datasets=DATASETS, vgg16=True):
         np.savez_compressed(target, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
         print(f"{name}: saved to {target}")
     if vgg16:
-        code = (  # the same weights enum and torchvision cache as load_vgg16
-            f"import sys; sys.path.insert(0, {str(PROJECT_DIR)!r}); import cnn_utils; "
-            "cnn_utils._download_vgg16_state_dict(timeout=60); "
+        code = (  # the same weights enum and torchvision cache as load_vgg16; one line on failure
+            f"import sys; sys.path.insert(0, {str(PROJECT_DIR)!r}); import cnn_utils\n"
+            "try:\n    cnn_utils._download_vgg16_state_dict(timeout=60)\n"
+            "except Exception as err:\n"
+            "    sys.exit(f'VGG16 weights: {type(err).__name__}: {str(err)[:300]}')\n"
             "print('VGG16 ImageNet weights (VGG16_Weights.IMAGENET1K_V1): cached in', "
             "cnn_utils.vgg16_weights_path())"
         )
@@ -185,6 +201,8 @@ def run_notebooks(names=None, out_dir=BUILD_DIR, parameters=None, html=True, ker
     Returns ``[(notebook name, seconds), ...]``."""
     paths = notebook_paths(names)
     out_dir = Path(out_dir)
+    for path in paths:  # before anything runs: never write over a source or someone's own file
+        _check_output(path, out_dir / path.name)
     timings = []
     for i, path in enumerate(paths, 1):
         print(f"[{i}/{len(paths)}] {path.name}", flush=True)
@@ -197,6 +215,27 @@ def run_notebooks(names=None, out_dir=BUILD_DIR, parameters=None, html=True, ker
         print(f"    done in {seconds:.0f} s -> {out_path}", flush=True)
     print(f"All {len(timings)} notebooks ran in {sum(s for _, s in timings):.0f} s. Output in {out_dir}/")
     return timings
+
+
+def _written_by_run(ipynb_path):
+    """True for a notebook that papermill wrote (an earlier output of `run`)."""
+    try:
+        return "papermill" in json.loads(Path(ipynb_path).read_text(encoding="utf-8")).get("metadata", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _check_output(source, out_path):
+    """Refuse an output path that is the source notebook itself, or a file `run` did not write."""
+    out_path = Path(out_path)
+    if out_path.resolve() == Path(source).resolve():
+        raise CourseError(f"The output folder {out_path.parent} holds the source notebooks: running into it "
+                          f"would overwrite {source.name}. Choose another folder with --out (default: build/).")
+    html = out_path.with_suffix(".html")
+    if (out_path.exists() and not _written_by_run(out_path)) or (html.exists() and not out_path.exists()):
+        mine = out_path if out_path.exists() else html
+        raise CourseError(f"{mine} exists and was not written by `python -m course run`; running would "
+                          "overwrite it. Move it away, or choose another folder with --out.")
 
 
 def to_html(ipynb_path):
@@ -297,6 +336,17 @@ def _ensure_released(course):
     release(course, student_copy=None)
 
 
+def _submission_files(folder):
+    """The ``<student_id>.ipynb`` files of a submissions folder; CourseError when there are none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CourseError(f"{folder} is not a folder: give the folder that holds the <student_id>.ipynb files.")
+    files = sorted(folder.glob("*.ipynb"))
+    if not files:
+        raise CourseError(f"No submissions in {folder}: expected files named <student_id>.ipynb.")
+    return files
+
+
 def collect(folder, course_dir=None):
     """Put ``FOLDER/<student_id>.ipynb`` into nbgrader's ``submitted/<id>/09_exercises/``.
 
@@ -305,12 +355,7 @@ def collect(folder, course_dir=None):
     """
     import nbformat
 
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise CourseError(f"{folder} is not a folder: give the folder that holds the <student_id>.ipynb files.")
-    files = sorted(folder.glob("*.ipynb"))
-    if not files:
-        raise CourseError(f"No submissions in {folder}: expected files named <student_id>.ipynb.")
+    files = _submission_files(folder)
     course = _course_dir(course_dir)
     students, unreadable = [], {}
     for path in files:
@@ -492,6 +537,7 @@ def grade(folder, jobs=None, course_dir=None, cell_timeout=CELL_TIMEOUT, noteboo
 
     course = _course_dir(course_dir)
     jobs = jobs or os.cpu_count() or 1
+    _submission_files(folder)           # a mistyped folder is reported before nbgrader starts
     before = course_file_hashes()
     _ensure_released(course)
     students, unreadable = collect(folder, course)
@@ -1236,6 +1282,18 @@ def _positive_int(text):
     return value
 
 
+def _seed(text):
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= value < 2 ** 32:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 2**32 - 1, got {value}")
+    return value
+
+
 def build_parser():
     import argparse
 
@@ -1251,7 +1309,7 @@ def build_parser():
     p_train.add_argument("--dataset", choices=DATASETS, default="mnist")
     p_train.add_argument("--epochs", type=_positive_int, default=None,
                          help=f"default: {DEFAULT_EPOCHS['mnist']} (mnist), {DEFAULT_EPOCHS['fashion_mnist']} (fashion_mnist)")
-    p_train.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    p_train.add_argument("--seed", type=_seed, default=DEFAULT_SEED)
     p_train.add_argument("--replace", action="store_true",
                          help="replace the shipped model in saved_models/, only if the new one is at least as accurate")
     p_rel = sub.add_parser("release", help="write the student version of the exercise notebook (nbgrader)")
@@ -1293,7 +1351,8 @@ def main(argv=None):
         elif args.command == "grade":
             grade(args.folder, jobs=args.jobs, course_dir=args.course_dir, cell_timeout=args.cell_timeout,
                   notebook_timeout=args.notebook_timeout, memory_mb=args.memory)
-    except (CourseError, cnn_utils.DataError, ValueError, TypeError, FileNotFoundError) as err:
+    except (CourseError, cnn_utils.DataError, ValueError, TypeError, OSError) as err:
+        # OSError: a folder that cannot be written (read-only, a file in the way, disk full ...)
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -423,3 +423,64 @@ def test_torch_bad_input():
 
     with pytest.raises(TypeError, match="one tensor of class scores"):
         cu.grad_cam(TwoOutputs(), x)
+
+
+# --- what a user hands a PyTorch module by mistake (issue 13, second campaign) -------------------
+
+def small_module(out=5, softmax=False, channels=3):
+    torch.manual_seed(0)
+    layers = [torch.nn.Conv2d(channels, 4, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Flatten(),
+              torch.nn.Linear(4 * 5 * 5, out)]
+    return torch.nn.Sequential(*layers, *([torch.nn.Softmax(dim=1)] if softmax else [])).eval()
+
+
+X12 = np.random.default_rng(5).random((2, 12, 12, 3)).astype(np.float32)
+
+
+def test_a_module_ending_in_softmax_is_explained_on_its_logits():
+    net = small_module(softmax=True)
+    t = torch.from_numpy(X12).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        logits, probs = net[:-1](t).numpy(), net(t).numpy()
+    np.testing.assert_allclose(cu.class_scores(net, X12, 1)[0], logits[:, 1], rtol=1e-5)
+    np.testing.assert_allclose(cu.class_scores(net, X12, 1, score="probability")[0], probs[:, 1], rtol=1e-5)
+    np.testing.assert_allclose(cu.class_probabilities(net, X12)[0], probs, rtol=1e-5)
+    logits_only = net[:-1]
+    np.testing.assert_allclose(cu.grad_cam(net, X12, 1), cu.grad_cam(logits_only, X12, 1), atol=1e-6)
+
+
+@pytest.mark.parametrize("method", METHODS + ["class_scores", "class_probabilities"])
+def test_images_of_the_wrong_size_get_a_message_not_a_torch_error(method):
+    fn = getattr(cu, method)
+    with pytest.raises(ValueError, match=r"cannot run on images of 10 x 10 pixels with 3 channel\(s\).*size"):
+        fn(small_module(), X12[:, :10, :10])
+
+
+def test_one_channel_modules_take_grey_batches_and_the_explorer():
+    net = small_module(channels=1)
+    grey = X12[..., 0]                                   # (N, H, W): a batch of grey images
+    np.testing.assert_allclose(cu.grad_cam(net, grey), cu.grad_cam(net, grey[..., None]), atol=1e-7)
+    app = cu.explorer(net, grey[..., None])
+    assert "error" not in app.last
+    app.controls["method"].value = cu.ACTIVATIONS_METHOD  # feature maps of a module that is not VGG
+    assert "error" not in app.last, app.last.get("error")
+
+
+def test_a_declared_input_range_holds_for_probabilities_and_the_explorer():
+    net = cu.set_input_range(small_module(), (-1, 1))
+    u8 = np.round(X12 * 255).astype(np.uint8)
+    pm1 = u8.astype(np.float32) / 255 * 2 - 1
+    with torch.no_grad():
+        expected = torch.softmax(net(torch.from_numpy(pm1).permute(0, 3, 1, 2)), 1).numpy()
+    np.testing.assert_allclose(cu.class_probabilities(net, u8)[0], expected, rtol=1e-5)
+    np.testing.assert_allclose(cu.explorer(net, pm1).probabilities, expected, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"outside the model's input range \[-1, 1\]"):
+        cu.class_probabilities(net, pm1 * 3)
+
+
+def test_a_one_output_module_gets_two_class_probabilities():
+    net = small_module(out=1)
+    with torch.no_grad():
+        z = net(torch.from_numpy(X12).permute(0, 3, 1, 2)).numpy()[:, 0]
+    p = 1 / (1 + np.exp(-z))
+    np.testing.assert_allclose(cu.class_probabilities(net, X12)[0], np.stack([1 - p, p], 1), rtol=1e-5)

@@ -329,11 +329,333 @@ PLOT_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(PLOT_CASES))
-def test_plotting_bad_input(case):
+def raises_and_closes_figures(table, case):
     import matplotlib.pyplot as plt
 
     try:
-        raises_as_listed(PLOT_CASES, case)
+        raises_as_listed(table, case)
     finally:
         plt.close("all")
+
+
+@pytest.mark.parametrize("case", list(PLOT_CASES))
+def test_plotting_bad_input(case):
+    raises_and_closes_figures(PLOT_CASES, case)
+
+
+# --- second campaign (issue 13 re-run): what was still silent or raw --------------------------------
+
+def softmax_model():
+    k = keras()
+    inp = k.Input((6, 6, 1))
+    x = k.layers.Flatten()(k.layers.Conv2D(2, 3, activation="relu", name="conv")(inp))
+    return k.Model(inp, k.layers.Dense(3, activation="softmax", name="out")(x))
+
+
+def two_output_model(as_dict=False):
+    k = keras()
+    inp = k.Input((6, 6, 1))                       # an unnamed input: clone_model renames it
+    f = k.layers.Flatten()(k.layers.Conv2D(2, 3, activation="relu", name="conv")(inp))
+    a, b = k.layers.Dense(3, name="a")(f), k.layers.Dense(2, name="b")(f)
+    return k.Model(inp, {"cls": a, "box": b} if as_dict else [a, b])
+
+
+def test_probability_scores_are_probabilities_whatever_the_model_ends_with():
+    logits = cnn_utils.predict_logits(model(), GOOD)
+    scores, _ = cnn_utils.class_scores(model(), GOOD, 1, score="probability")     # a logits-output model
+    np.testing.assert_allclose(scores, cnn_utils.softmax(logits)[:, 1], rtol=1e-5)
+    sm = softmax_model()
+    scores, _ = cnn_utils.class_scores(sm, GOOD, 1, score="probability")          # a softmax-output model
+    np.testing.assert_allclose(scores, np.asarray(sm(GOOD))[:, 1], rtol=1e-5)
+
+
+SEPARABLE_Y = np.repeat([0, 1], 32)
+SEPARABLE_X = np.zeros((64, 6, 6, 1), np.float32)
+SEPARABLE_X[:32, :3] = 1.0
+SEPARABLE_X[32:, 3:] = 1.0
+
+
+@pytest.mark.parametrize("head", ["logits", "softmax", "sigmoid", "one logit"])
+def test_train_model_learns_whatever_the_model_outputs(head):
+    """The loss follows the output: a logits model trained as if it gave probabilities learns nothing."""
+    k = keras()
+    inp = k.Input((6, 6, 1))
+    h = k.layers.Flatten()(inp)
+    units, activation = {"logits": (2, None), "softmax": (2, "softmax"), "sigmoid": (1, "sigmoid"),
+                         "one logit": (1, None)}[head]
+    m = k.Model(inp, k.layers.Dense(units, activation=activation, kernel_initializer="zeros")(h))
+    cnn_utils.train_model(m, SEPARABLE_X, SEPARABLE_Y, epochs=10, batch_size=16, learning_rate=0.05, verbose=0)
+    out = np.asarray(m(SEPARABLE_X))
+    predicted = out.argmax(1) if units == 2 else (out[:, 0] > (0.5 if activation else 0.0)).astype(int)
+    assert (predicted == SEPARABLE_Y).mean() == 1.0
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+@pytest.mark.parametrize("call", ["predict_logits", "logits_model", "class_probabilities", "train_model",
+                                  "explorer"])
+def test_models_with_two_outputs_are_refused_everywhere(as_dict, call):
+    m = two_output_model(as_dict)
+    fn = {"predict_logits": lambda: cnn_utils.predict_logits(m, GOOD),
+          "logits_model": lambda: cnn_utils.logits_model(m),
+          "class_probabilities": lambda: cnn_utils.class_probabilities(m, GOOD),
+          "train_model": lambda: cnn_utils.train_model(m, GOOD, np.array([0, 1]), epochs=1, verbose=0),
+          "explorer": lambda: cnn_utils.explorer(m, GOOD)}[call]
+    with pytest.raises(ValueError, match=r"has 2 outputs.*keras.Model\(model.inputs, model.outputs\[i\]\)"):
+        fn()
+
+
+def test_randomize_weights_reaches_nested_layers_and_unnamed_inputs():
+    from test_own_models import nested_sequential
+
+    nested = nested_sequential()
+    clone = cnn_utils.randomize_weights(nested, ["bc2"], seed=1)
+    for name in ("bc1", "logits"):   # kept
+        for a, b in zip(cnn_utils.get_layer(nested, name).get_weights(), cnn_utils.get_layer(clone, name).get_weights()):
+            np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(cnn_utils.get_layer(nested, "bc2").get_weights()[0],
+                              cnn_utils.get_layer(clone, "bc2").get_weights()[0])
+    m = two_output_model()   # functional, unnamed input layer (Keras renames it in the clone)
+    clone = cnn_utils.randomize_weights(m, ["a"])
+    np.testing.assert_array_equal(m.get_layer("conv").get_weights()[0], clone.get_layer("conv").get_weights()[0])
+
+
+def test_baselines_are_on_the_models_scale():
+    u8 = np.full((6, 6, 1), 51, np.uint8)                    # uint8 baseline image: mapped like the images
+    np.testing.assert_allclose(cnn_utils.integrated_gradients(model(), GOOD, steps=2, baseline=u8),
+                               cnn_utils.integrated_gradients(model(), GOOD, steps=2, baseline=np.full((6, 6, 1), 0.2)),
+                               rtol=1e-5, atol=1e-7)
+    for call in (lambda: cnn_utils.integrated_gradients(model(), GOOD, baseline=255.0),
+                 lambda: cnn_utils.occlusion(model(), GOOD, window=3, baseline=255.0)):
+        with pytest.raises(ValueError, match=r"baseline 255.0 lies outside the model's input range \[0, 1\]"):
+            call()
+
+
+SECOND_CAMPAIGN = {
+    "set_seed -1": (lambda: cnn_utils.set_seed(-1), ValueError, r"seed must be an integer from 0 to 2\*\*32 - 1"),
+    "set_seed text": (lambda: cnn_utils.set_seed("a"), ValueError, "seed must be an integer"),
+    "build_mnist_cnn (28, 28)": (lambda: cnn_utils.build_mnist_cnn((28, 28)), ValueError,
+                                 r"input_shape must be \(height, width, channels\)"),
+    "build_mnist_cnn 8x8": (lambda: cnn_utils.build_mnist_cnn((8, 8, 1)), ValueError, "at least 18"),
+    "build_mnist_cnn one class": (lambda: cnn_utils.build_mnist_cnn(num_classes=1), ValueError,
+                                  "num_classes must be an integer of at least 2"),
+    "split seed -1": (lambda: cnn_utils.train_val_split(np.zeros((20, 2)), np.repeat([0, 1], 10), 0.2, seed=-1),
+                      ValueError, "seed must be"),
+    "split one-hot y": (lambda: cnn_utils.train_val_split(np.zeros((20, 2)), np.eye(2)[np.repeat([0, 1], 10)], 0.2),
+                        ValueError, r"one-hot rows: use y.argmax\(axis=1\)"),
+    "split continuous y": (lambda: cnn_utils.train_val_split(np.zeros((20, 2)), np.repeat([0.5, 1.5], 10), 0.2),
+                           ValueError, "class labels"),
+    "train learning_rate -1": (lambda: cnn_utils.train_model(tiny(), GOOD, np.array([0, 1]), learning_rate=-1),
+                               ValueError, "learning_rate must be a positive number"),
+    "train validation_data one array": (lambda: cnn_utils.train_model(tiny(), GOOD, np.array([0, 1]),
+                                                                     validation_data=GOOD),
+                                        TypeError, r"validation_data must be a pair \(images, labels\)"),
+    "set_input_range on a name": (lambda: cnn_utils.set_input_range("mnist", (0, 1)), TypeError,
+                                  "model must be a Keras model or a PyTorch nn.Module"),
+    "conv_layer_names of a name": (lambda: cnn_utils.conv_layer_names("mnist"), TypeError,
+                                   "model must be a Keras model"),
+    "get_filter_weights of a name": (lambda: cnn_utils.get_filter_weights("mnist", "conv"), TypeError,
+                                     "model must be a Keras model"),
+    "randomize_weights int": (lambda: cnn_utils.randomize_weights(model(), 3), TypeError, "layer_names must be"),
+    "randomize_weights seed text": (lambda: cnn_utils.randomize_weights(model(), seed="a"), ValueError,
+                                    "seed must be"),
+    "activation_model of one name": (lambda: cnn_utils.activation_model(model(), "nope"), ValueError,
+                                     "Unknown layer 'nope'"),
+    "top images k 1.7": (lambda: cnn_utils.top_activating_images(model(), "conv", GOOD, k=1.7), ValueError,
+                         "k must be an integer from 1"),
+    "AM jitter 1.5": (lambda: cnn_utils.activation_maximization(model(), "conv", 0, steps=2, jitter=1.5),
+                      ValueError, "jitter must be a whole number of pixels"),
+    "AM image_shape 8": (lambda: cnn_utils.activation_maximization(model(), "conv", 0, steps=2, image_shape=8),
+                         TypeError, r"image_shape must be a shape \(H, W, C\)"),
+    "deprocess text": (lambda: cnn_utils.deprocess_image("img"), TypeError, "expects an image array of numbers"),
+    "rank correlation text": (lambda: cnn_utils.rank_correlation("ab", "cd"), TypeError, "must be arrays of numbers"),
+    "rank correlation NaN": (lambda: cnn_utils.rank_correlation(np.full((1, 3, 3), np.nan), np.ones((1, 3, 3))),
+                             ValueError, "NaN"),
+    "smoothgrad noise text": (lambda: cnn_utils.smoothgrad(model(), GOOD, noise="0.1"), ValueError,
+                              "noise must be a non-negative number"),
+    "smoothgrad seed text": (lambda: cnn_utils.smoothgrad(model(), GOOD, seed="a"), ValueError, "seed must be None"),
+    "IG baseline text": (lambda: cnn_utils.integrated_gradients(model(), GOOD, baseline="black"), TypeError,
+                         "baseline must be a number or an image"),
+    "normalize 'no'": (lambda: cnn_utils.grad_cam(model(), GOOD, normalize="no"), TypeError,
+                       "normalize must be True or False"),
+    "return_weights 1": (lambda: cnn_utils.score_cam(model(), GOOD, return_weights=1), TypeError,
+                         "return_weights must be True or False"),
+    "nll of probabilities": (lambda: cnn_utils.negative_log_likelihood(cnn_utils.softmax(LOGITS), LABELS), ValueError,
+                             "look like probabilities"),
+    "nll of nothing": (lambda: cnn_utils.negative_log_likelihood(np.zeros((0, 3)), np.zeros(0, int)), ValueError,
+                       "at least one example"),
+    "temperature of constant logits": (lambda: cnn_utils.fit_temperature(np.zeros((4, 3)), LABELS), ValueError,
+                                       "nothing to fit"),
+    "temperature of one example": (lambda: cnn_utils.fit_temperature(LOGITS[:1], LABELS[:1]), ValueError,
+                                   "search bound T = 0.05"),
+    "tsne n_jobs 0": (lambda: cnn_utils.tsne_embedding(np.random.default_rng(0).normal(size=(40, 3)), 5, n_jobs=0),
+                      ValueError, "n_jobs must be"),
+    "tsne seed text": (lambda: cnn_utils.tsne_embedding(np.random.default_rng(0).normal(size=(40, 3)), 5, seed="a"),
+                       ValueError, "seed must be"),
+    "trustworthiness k 2.5": (lambda: cnn_utils.trustworthiness(np.eye(8), np.eye(8)[:, :2], 2.5), ValueError,
+                              "n_neighbors must be a positive integer"),
+    "trustworthiness chunk 0": (lambda: cnn_utils.trustworthiness(np.eye(8), np.eye(8)[:, :2], 2, chunk_size=0),
+                                ValueError, "chunk_size must be a positive integer"),
+    "knn k 2.7": (lambda: cnn_utils.knn_label_disagreement(np.eye(8), np.arange(8), 2.7), ValueError,
+                  "n_neighbors must be an integer"),
+    "check_close expected text": (lambda: cnn_utils.check_close(1.0, "a", "x"), TypeError, "must be numbers"),
+}
+
+
+@pytest.mark.parametrize("case", list(SECOND_CAMPAIGN))
+def test_second_campaign_calls_are_explained(case):
+    raises_as_listed(SECOND_CAMPAIGN, case)
+
+
+def test_knn_votes_with_any_label_values():
+    x = np.array([[0.0], [0.1], [0.2], [5.0], [5.1], [5.2]])
+    y = np.array([7, 7, 7, 10 ** 9, 10 ** 9, 10 ** 9])        # large label values: no huge bincount
+    out = cnn_utils.knn_label_disagreement(x, y, 2)
+    assert out["vote"].tolist() == y.tolist() and out["disagreement"].max() == 0
+
+
+def test_a_folder_named_like_the_dataset_is_reported_not_skipped(tmp_path, monkeypatch):
+    (tmp_path / "mnist.npz").mkdir()
+    monkeypatch.setenv("CNN_COURSE_DATA", str(tmp_path))
+    with pytest.raises(cnn_utils.DataError, match=r"mnist.npz is not a file"):
+        cnn_utils.load_dataset("mnist")
+
+
+# --- plotting and the explorer: what the second campaign found -----------------------------------
+
+SCORES = cnn_utils.softmax(LOGITS[:2])
+PLOT_CASES_2 = {
+    "overlay of a 0..255 heatmap": (lambda: cnn_utils.overlay_heatmap(GOOD[0], np.full((6, 6), 200.0)), ValueError,
+                                    r"heatmap are drawn on the scale \[0, 1\].*normalize_maps"),
+    "attribution maps of raw values": (lambda: cnn_utils.plot_attribution_maps(
+        GOOD, {"raw": np.full((2, 6, 6), 7.0)}, overlay=False), ValueError, r"maps\['raw'\] are drawn on the scale"),
+    "unknown colour map": (lambda: cnn_utils.plot_attribution_maps(GOOD, {"m": np.zeros((2, 6, 6))}, cmap="nope"),
+                           ValueError, "Unknown colour map 'nope'"),
+    "colormap()": (lambda: cnn_utils.colormap("virdis"), ValueError, "e.g. viridis"),
+    "attribution titles too few": (lambda: cnn_utils.plot_attribution_maps(
+        GOOD, {"m": np.zeros((2, 6, 6))}, image_titles=["a"]), ValueError, "image_titles must be a list of 2"),
+    "signed attributions titles": (lambda: cnn_utils.plot_signed_attributions(GOOD, np.zeros((2, 6, 6)),
+                                                                              image_titles=["a"]),
+                                   ValueError, "image_titles must be a list of 2"),
+    "grid title colours": (lambda: cnn_utils.plot_image_grid(GOOD, titles=["a", "b"], title_colors=["red"]),
+                           ValueError, "title_colors must be a list of 2"),
+    "grid ncols 0": (lambda: cnn_utils.plot_image_grid(GOOD, ncols=0), ValueError, "ncols must be a positive"),
+    "confusion names": (lambda: cnn_utils.plot_confusion_matrix(np.eye(3, dtype=int), ["a", "b"]), ValueError,
+                        "class_names has 2 names for a 3 x 3 matrix"),
+    "confusion not square": (lambda: cnn_utils.plot_confusion_matrix(np.ones((2, 3), int), ["a", "b"]), ValueError,
+                             "square matrix of counts"),
+    "histogram of nothing": (lambda: cnn_utils.plot_histograms({"a": []}, "x", "t"), ValueError,
+                             r"samples\['a'\] must be a non-empty array"),
+    "histogram of NaN": (lambda: cnn_utils.plot_histograms({"a": [np.nan, 1.0]}, "x", "t"), ValueError, "NaN"),
+    "histogram bins 0": (lambda: cnn_utils.plot_histograms({"a": [1.0, 2.0]}, "x", "t", bins=0), ValueError,
+                         "bins must be a positive integer"),
+    "top predictions of 0..255 floats": (lambda: cnn_utils.plot_top_predictions([np.full((8, 8, 3), 200.0)],
+                                                                                [[("cat", 0.5)]]),
+                                         ValueError, r"scale \[0, 1\]"),
+    "top predictions not pairs": (lambda: cnn_utils.plot_top_predictions([np.zeros((8, 8, 3))], [["cat"]]),
+                                  ValueError, r"\(class name, probability\) pairs"),
+    "saliency photo 0..255 floats": (lambda: cnn_utils.plot_saliency(np.full((8, 8, 3), 200.0), np.zeros((8, 8))),
+                                     ValueError, r"scale \[0, 1\]"),
+    "saliency NaN": (lambda: cnn_utils.plot_saliency(np.zeros((8, 8, 3)), np.full((8, 8), np.nan)), ValueError,
+                     "NaN"),
+    "embedding float labels": (lambda: cnn_utils.plot_embedding(np.zeros((4, 2)), np.array([0.5, 1, 2, 1])),
+                               ValueError, "labels must be class indices"),
+    "embedding highlight": (lambda: cnn_utils.plot_embedding(np.zeros((4, 2)), np.array([0, 1, 2, 1]),
+                                                             highlight=[10]),
+                            ValueError, r"highlight holds indices of points, 0..3"),
+    "embedding thumbnails": (lambda: cnn_utils.plot_embedding(np.zeros((4, 2)), np.array([0, 1, 2, 1]),
+                                                              images=GOOD, n_thumbnails=2),
+                             ValueError, "images has 2 images for 4 points"),
+    "kernel matrix channel 9": (lambda: cnn_utils.plot_kernel_matrix(np.zeros((3, 3, 2, 4)), out_channels=[9]),
+                                ValueError, "out_channels must be indices from 0 to 3"),
+    "kernels bias text": (lambda: cnn_utils.plot_kernels(np.zeros((3, 3, 1, 2)), bias=["a", "b"]), TypeError,
+                          "bias must hold numbers"),
+    "feature maps channel 99": (lambda: cnn_utils.plot_strongest_channels(np.zeros((4, 5, 5)), channels=[99]), ValueError,
+                                "channels must be indices from 0 to 3"),
+    "feature maps in the Keras layout": (lambda: cnn_utils.plot_strongest_channels(np.zeros((5, 5, 64))), ValueError,
+                                         r"look like \(H, W, C\).*np.moveaxis"),
+    "maps by depth 2-D": (lambda: cnn_utils.plot_feature_maps_by_depth({"a": np.zeros((4, 4))}), ValueError,
+                          r"feature maps \(C, H, W\)"),
+    "reliability of a wrong dict": (lambda: cnn_utils.plot_reliability_diagram({"counts": [1]}), ValueError,
+                                    "what calibration_bins"),
+    "visualizations dead 9": (lambda: cnn_utils.plot_feature_visualizations(GOOD, dead=[9]), ValueError,
+                              "dead must be a boolean mask of 2"),
+    "visualizations labels": (lambda: cnn_utils.plot_feature_visualizations(GOOD, labels=["a"]), ValueError,
+                              "labels must be a list of 2"),
+    "objective labels": (lambda: cnn_utils.plot_objective_history(np.zeros((3, 2)), labels=["a"]), ValueError,
+                         "labels must be a list of 2"),
+    "raw and deprocessed crop 3": (lambda: cnn_utils.plot_raw_and_deprocessed(GOOD, ["a", "b"], crop=3), ValueError,
+                                   "crop must be"),
+    "quality vs depth lengths": (lambda: cnn_utils.plot_quality_vs_depth(["a", "b"], [0.5], [20.0]), ValueError,
+                                 "one entry per layer"),
+    "reconstructions scores": (lambda: cnn_utils.plot_reconstructions(
+        np.zeros((8, 8, 3)), [{"image": np.zeros((8, 8, 3)), "layer_name": "x"}], scores=[]), ValueError,
+                               "one \\(SSIM, PSNR\\) pair per result"),
+    "inversion of a wrong dict": (lambda: cnn_utils.plot_inversion({"loss": [1.0]}), ValueError,
+                                  "what feature_inversion returns"),
+    "probability bars names": (lambda: cnn_utils.plot_probability_bars(GOOD, SCORES, [0, 1], class_names=["a"]),
+                               ValueError, "class_names has 1 names; probs has 3 classes"),
+    "spread_out_indices -1": (lambda: cnn_utils.spread_out_indices(np.zeros((5, 2)), -1), ValueError,
+                              "n must be an integer >= 0"),
+}
+
+
+@pytest.mark.parametrize("case", list(PLOT_CASES_2))
+def test_plotting_bad_input_second_campaign(case):
+    raises_and_closes_figures(PLOT_CASES_2, case)
+
+
+def test_confusion_matrix_with_an_empty_row_shows_zeros_not_nan():
+    import matplotlib.pyplot as plt
+
+    fig = cnn_utils.plot_confusion_matrix(np.array([[3, 1], [0, 0]]), ["a", "b"], normalize=True)
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    plt.close(fig)
+    assert texts == ["0.75", "0.25", "0.00", "0.00"]
+
+
+EXPLORER_CASES = {
+    "labels out of range": (dict(labels=[0, 9]), ValueError, r"labels must lie in 0\.\.2"),
+    "float labels": (dict(labels=[0.0, 1.7]), TypeError, "labels must be integer class indices"),
+    "class_names one string": (dict(class_names="abc"), TypeError, "class_names must be a list"),
+    "unknown layer": (dict(layers=["nope"]), ValueError, "Unknown layer 'nope'"),
+    "no layers": (dict(layers=[]), ValueError, "layers is empty"),
+    "top_k 0": (dict(top_k=0), ValueError, "top_k must be a positive integer"),
+    "scale 0": (dict(scale=0), ValueError, "scale must be a positive integer"),
+}
+
+
+@pytest.mark.parametrize("case", list(EXPLORER_CASES))
+def test_explorer_arguments_are_checked_before_drawing(case):
+    kwargs, error, message = EXPLORER_CASES[case]
+    with pytest.raises(error, match=message):
+        cnn_utils.explorer(tiny(), GOOD, **kwargs)
+
+
+def test_explorer_takes_a_layer_list_without_the_last_conv_layer_and_binary_models():
+    app = cnn_utils.explorer(model(), GOOD, layers=["image", "conv"])
+    assert app.controls["layer"].value == "conv" and "error" not in app.last
+    k = keras()
+    inp = k.Input((6, 6, 1))
+    f = k.layers.Flatten()(k.layers.Conv2D(2, 3, activation="relu", name="conv")(inp))
+    binary = k.Model(inp, k.layers.Dense(1, activation="sigmoid")(f))
+    app = cnn_utils.explorer(binary, GOOD)
+    p = np.asarray(binary(GOOD))[:, 0]
+    np.testing.assert_allclose(app.probabilities, np.stack([1 - p, p], 1), rtol=1e-5)
+    assert "error" not in app.last
+
+
+SNAPSHOT_CASES = {
+    "index beyond the images": ([{"index": 99}], ValueError, r"index=99 is outside 0\.\.1"),
+    "unknown method": ([{"method": "LIME"}], ValueError, r"method='LIME' is not one of"),
+    "views as one dict": ({"index": 1}, TypeError, "views must be a list of dicts"),
+}
+
+
+@pytest.mark.parametrize("case", list(SNAPSHOT_CASES))
+def test_explorer_snapshot_refuses_views_it_cannot_show(case):
+    views, error, message = SNAPSHOT_CASES[case]
+    app = cnn_utils.explorer(model(), GOOD)
+    with pytest.raises(error, match=message):
+        cnn_utils.explorer_snapshot(app, views)
+    with pytest.raises(TypeError, match="what cnn_utils.explorer"):
+        cnn_utils.explorer_snapshot("app")

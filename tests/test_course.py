@@ -111,3 +111,66 @@ def test_claims_fail_loudly_and_records_come_back(tmp_path):
     out = course.execute_notebook(src, tmp_path / "out.ipynb", progress_bar=False, kernel_name="python3")
     values = notebook_values(nbformat.read(str(out), as_version=4))
     assert values == {"accuracy": 0.75, "counts": [0, 1, 2], "name": "x"}
+
+
+# --- second campaign (issue 13): nothing of the user's is written over ---------------------------
+
+@pytest.mark.parametrize("seed", ["-1", "4294967296", "abc"])
+def test_train_refuses_a_bad_seed_before_loading_anything(seed, capsys):
+    with pytest.raises(SystemExit) as err:
+        course.main(["train", "--seed", seed])
+    assert err.value.code == 2 and "--seed" in capsys.readouterr().err
+
+
+def test_retraining_never_overwrites_an_earlier_model(tiny_training, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "mnist_cnn.keras").write_text("my own model")
+    info = course.train_and_save("mnist", epochs=1, out_dir=mine, verbose=0)
+    assert (mine / "mnist_cnn.keras").read_text() == "my own model"
+    assert info["path"] == str(mine / "mnist_cnn_2.keras") and (mine / "mnist_cnn_2.json").is_file()
+
+
+def _fake_notebook(path, papermill):
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    if papermill:
+        nb.metadata["papermill"] = {"input_path": "x"}
+    nbformat.write(nb, str(path))
+
+
+def test_run_refuses_to_write_over_sources_or_files_it_did_not_write(tmp_path, monkeypatch):
+    src = tmp_path / "notebooks"
+    src.mkdir()
+    _fake_notebook(src / "01_a.ipynb", papermill=False)
+    monkeypatch.setattr(course, "NOTEBOOKS_DIR", src)
+    ran = []
+    monkeypatch.setattr(course, "execute_notebook", lambda path, out, *a, **k: ran.append(out))
+    with pytest.raises(course.CourseError, match="holds the source notebooks"):
+        course.run_notebooks(out_dir=src)
+    out = tmp_path / "out"
+    out.mkdir()
+    _fake_notebook(out / "01_a.ipynb", papermill=False)          # the user's own file of that name
+    with pytest.raises(course.CourseError, match="was not written by `python -m course run`"):
+        course.run_notebooks(out_dir=out, html=False)
+    _fake_notebook(out / "01_a.ipynb", papermill=True)           # an earlier output: replaced as before
+    course.run_notebooks(out_dir=out, html=False)
+    assert ran == [out / "01_a.ipynb"]
+
+
+def test_file_system_errors_are_one_line_messages(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("mine")
+    assert course.main(["run", "01", "--out", str(blocker / "build")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert blocker.read_text() == "mine"
+
+
+def test_grade_checks_the_folder_before_starting_nbgrader(tmp_path, monkeypatch):
+    monkeypatch.setattr(course, "_ensure_released", lambda course_dir: pytest.fail("released first"))
+    with pytest.raises(course.CourseError, match="is not a folder"):
+        course.grade(tmp_path / "missing", course_dir=tmp_path / "nbgrader")
+    with pytest.raises(course.CourseError, match="No submissions"):
+        course.grade(tmp_path, course_dir=tmp_path / "nbgrader")

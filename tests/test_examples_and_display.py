@@ -47,7 +47,7 @@ def test_top_activating_images_class_scores_and_errors():
     idx, values = cnn_utils.top_activating_images(model, "logits", images, k=2)
     np.testing.assert_array_equal(idx, [[2, 0], [1, 0]])
     np.testing.assert_allclose(values, [[3, 2], [5, 0]])
-    with pytest.raises(ValueError, match="k must be between 1"):
+    with pytest.raises(ValueError, match="k must be an integer from 1"):
         cnn_utils.top_activating_images(model, "logits", images, k=4)
     with pytest.raises(ValueError, match="out of range"):
         cnn_utils.top_activating_images(model, "logits", images, index=5)

@@ -356,6 +356,8 @@ def test_prefetch_fills_the_cache_load_vgg16_reads(monkeypatch, tmp_path, capfd)
         return
     with pytest.raises(course.CourseError, match="python -m course prefetch"):
         course.prefetch(datasets=(), vgg16=True)
+    err = capfd.readouterr().err
+    assert "VGG16 weights: " in err and "Traceback" not in err     # one line, no traceback
 
 
 def _online():
@@ -565,3 +567,80 @@ def test_image_similarity_of_empty_or_nan_images():
         cnn_utils.image_similarity(np.zeros((0, 0, 3)), np.zeros((0, 0, 3)))
     with pytest.raises(ValueError, match="reconstruction contains NaN"):
         cnn_utils.image_similarity(np.zeros((8, 8, 3)), np.full((8, 8, 3), np.nan))
+
+
+# --- second campaign (issue 13): bad arguments to the VGG helpers ----------------------------------
+
+class _SmallVGG(torch.nn.Module):
+    """VGG's attributes (features, avgpool, classifier) at a size that builds in milliseconds."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(inplace=True), torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(inplace=True), torch.nn.MaxPool2d(2))
+        self.avgpool = torch.nn.AdaptiveAvgPool2d(1)
+        self.classifier = torch.nn.Sequential(torch.nn.Linear(8, 4))
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+def test_a_refused_feature_visualization_leaves_the_model_as_it_was():
+    net = _SmallVGG()
+    with pytest.raises(ValueError, match="lr must be a number >= 0"):
+        cnn_utils.vgg_feature_visualization(net, "relu2_1", 0, size=32, steps=1, lr=-1, progress=False)
+    assert all(not m._forward_hooks for m in net.modules())           # no hook left behind
+    assert all(p.requires_grad for p in net.parameters())
+    out = cnn_utils.vgg_feature_visualization(net, "logits", [1, 2], size=32, steps=2, progress=False)
+    assert out["images"].shape == (2, 32, 32, 3)
+
+
+VGG_CASES = {
+    "top_k k=0": (lambda m, p: cnn_utils.top_k_predictions(m, p, k=0), ValueError, "k must be an integer from 1"),
+    "top_k k=2000": (lambda m, p: cnn_utils.top_k_predictions(m, p, k=2000), ValueError, "number of classes"),
+    "top_k of a Keras model": (lambda m, p: cnn_utils.top_k_predictions(object(), p), TypeError,
+                               "must be a PyTorch model"),
+    "feature maps []": (lambda m, p: cnn_utils.vgg_feature_maps(m, p, []), ValueError, "layer_indices is empty"),
+    "feature maps 'relu1_1'": (lambda m, p: cnn_utils.vgg_feature_maps(m, p, "relu1_1"), TypeError,
+                               "layer_indices must be a list"),
+    "activations batch_size 0": (lambda m, p: cnn_utils.vgg_layer_activations(m, p, "relu1_1", batch_size=0),
+                                 ValueError, "batch_size must be a positive integer"),
+    "crops k=-1": (lambda m, p: cnn_utils.top_activating_crops(m, {"a": p}, "relu2_1", 0, k=-1), ValueError,
+                   "k must be a positive integer"),
+    "crops of two sizes": (lambda m, p: cnn_utils.top_activating_crops(m, {"a": p, "b": p[:16]}, "relu2_1", 0),
+                           ValueError, "must all have one size"),
+    "crops from a list": (lambda m, p: cnn_utils.top_activating_crops(m, [p], "relu2_1", 0), TypeError,
+                          "photos must be a dict"),
+    "visualization steps text": (lambda m, p: cnn_utils.vgg_feature_visualization(m, "relu2_1", 0, steps="a"),
+                                 ValueError, "steps must be an integer"),
+    "visualization jitter -2": (lambda m, p: cnn_utils.vgg_feature_visualization(m, "relu2_1", 0, jitter=-2),
+                                ValueError, "jitter must be an integer, jitter >= 0"),
+    "layer names of a Keras model": (lambda m, p: cnn_utils.vgg_layer_names(object()), TypeError,
+                                     "torchvision's VGG16"),
+    "layer explorer of a list": (lambda m, p: cnn_utils.vgg_layer_explorer(m, [p]), TypeError,
+                                 "photos must be a dict"),
+    "device 'gpu'": (lambda m, p: cnn_utils.torch_device("gpu"), ValueError, "device must be None, 'cpu'"),
+    "load_vgg16 seed text": (lambda m, p: cnn_utils.load_vgg16(pretrained=False, seed="a"), ValueError,
+                             "seed must be"),
+    "composite split text": (lambda m, p: cnn_utils.composite_photo(p, p, 16, split="a"), ValueError,
+                             "split must lie strictly between 0 and 1"),
+    "composite size None": (lambda m, p: cnn_utils.composite_photo(p, p, None), ValueError, "got None"),
+}
+
+
+@pytest.mark.parametrize("case", list(VGG_CASES))
+def test_vgg_helpers_bad_arguments(case):
+    call, error, message = VGG_CASES[case]
+    photo = np.random.default_rng(0).random((32, 32, 3)).astype(np.float32)
+    with pytest.raises(error, match=message):
+        call(_SmallVGG(), photo)
+
+
+def test_receptive_fields_take_vggs_layer_names_as_the_attribution_functions_do():
+    net = _SmallVGG()
+    by_alias = cnn_utils.receptive_fields(net, "relu2_1", (32, 32))
+    by_module = cnn_utils.receptive_fields(net, "features.4", (32, 32))
+    np.testing.assert_array_equal(by_alias.y.centres, by_module.y.centres)
+    assert by_alias.y.size == 8          # 3, +1 (pool), +2 * 2 (conv after a stride-2 pool)
