@@ -300,6 +300,8 @@ def _ensure_released(course):
 def collect(folder, course_dir=None):
     """Put ``FOLDER/<student_id>.ipynb`` into nbgrader's ``submitted/<id>/09_exercises/``.
 
+    FOLDER may also be laid out as nbgrader's ``submitted/`` folder after ``nbgrader collect``
+    (``<student_id>/09_exercises/09_exercises.ipynb``), the course's own one included.
     Returns ``(students, unreadable)``: the ids collected, and ``{id: reason}`` for files
     that are not readable notebooks (they are not collected).
     """
@@ -308,21 +310,26 @@ def collect(folder, course_dir=None):
     folder = Path(folder)
     if not folder.is_dir():
         raise CourseError(f"{folder} is not a folder: give the folder that holds the <student_id>.ipynb files.")
-    files = sorted(folder.glob("*.ipynb"))
+    files = {path.stem: path for path in sorted(folder.glob("*.ipynb"))}
+    if not files:  # nbgrader's layout
+        files = {path.parent.parent.name: path for path in
+                 sorted(folder.glob(f"*/{EXERCISE_ASSIGNMENT}/{EXERCISE_ASSIGNMENT}.ipynb"))}
     if not files:
-        raise CourseError(f"No submissions in {folder}: expected files named <student_id>.ipynb.")
+        raise CourseError(f"No submissions in {folder}: expected files named <student_id>.ipynb "
+                          f"(or nbgrader's <student_id>/{EXERCISE_ASSIGNMENT}/{EXERCISE_ASSIGNMENT}.ipynb).")
     course = _course_dir(course_dir)
     students, unreadable = [], {}
-    for path in files:
+    for student, path in files.items():
         try:
             nbformat.validate(nbformat.read(str(path), as_version=4))
         except Exception as err:  # any reason: the file is not a notebook we can grade
-            unreadable[path.stem] = f"could not be read as a notebook ({type(err).__name__}: {str(err)[:200]})"
+            unreadable[student] = f"could not be read as a notebook ({type(err).__name__}: {str(err)[:200]})"
             continue
-        target = _notebook_path(course, "submitted", path.stem)
+        target = _notebook_path(course, "submitted", student)
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, target)
-        students.append(path.stem)
+        if target.resolve() != path.resolve():
+            shutil.copyfile(path, target)
+        students.append(student)
     return students, unreadable
 
 
@@ -1222,7 +1229,8 @@ def build_parser():
     p_rel = sub.add_parser("release", help="write the student version of the exercise notebook (nbgrader)")
     p_rel.add_argument("--course-dir", default=str(GRADING_DIR), help="nbgrader course directory (default: nbgrader/)")
     p_grade = sub.add_parser("grade", help="autograde FOLDER/<student_id>.ipynb: isolated, in parallel, with feedback")
-    p_grade.add_argument("folder", help="a folder of submissions named <student_id>.ipynb")
+    p_grade.add_argument("folder", help="a folder of submissions named <student_id>.ipynb, or nbgrader's "
+                         "submitted/ folder after `nbgrader collect`")
     p_grade.add_argument("--jobs", type=_positive_int, default=os.cpu_count() or 1,
                          help="submissions graded at once (default: the number of cores)")
     p_grade.add_argument("--cell-timeout", type=_positive_int, default=CELL_TIMEOUT,
