@@ -140,6 +140,40 @@ def prefetch(datasets=DATASETS, vgg16=True):
 
 
 # ---------------------------------------------------------------------------
+# setup on Colab, Binder or a fresh JupyterHub user (every notebook's first cell calls it)
+# ---------------------------------------------------------------------------
+
+#: Requirements the notebooks never install for themselves: the notebook server and the tools of
+#: `make course` and grading (Colab and a hub bring their own server).
+SERVER_TOOLS = frozenset({"jupyterlab", "voila", "ipykernel", "nbformat", "nbconvert", "nbclient", "papermill",
+                          "nbgrader"})
+
+
+def _distribution_name(name):
+    return "".join("-" if ch in "_." else ch for ch in name.strip().lower())
+
+
+def missing_requirements(requirements=PROJECT_DIR / "requirements.txt"):
+    """The pinned requirements (``name==version``) the notebooks need whose package is not installed
+    at all. An installed package counts whatever its version: Colab's TensorFlow and PyTorch stay."""
+    from importlib import metadata
+
+    have = {_distribution_name(d.metadata["Name"]) for d in metadata.distributions() if d.metadata["Name"]}
+    lines = (line.split("#")[0].strip() for line in Path(requirements).read_text().splitlines())
+    return [line for line in lines if "==" in line
+            and _distribution_name(line.split("==")[0]) not in have | SERVER_TOOLS]
+
+
+def install_missing(requirements=PROJECT_DIR / "requirements.txt"):
+    """pip-install ``missing_requirements()`` into this Python; returns a sentence saying what it did."""
+    missing = missing_requirements(requirements)
+    if missing:
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", *missing], check=True)
+        return f"Installed what was missing: {', '.join(missing)}."
+    return "Every package the notebooks need was already installed."
+
+
+# ---------------------------------------------------------------------------
 # run: the notebook series (the tests run notebooks through the same function)
 # ---------------------------------------------------------------------------
 

@@ -32,6 +32,8 @@ Settings (environment variables, read when the hub starts):
     CNN_COURSE_HUB_URL           where the hub listens                    (http://:8000)
     CNN_COURSE_DATA              the folder with mnist.npz and fashion_mnist.npz, readable by all
     CNN_COURSE_OFFLINE           1: the notebooks never try a download (VGG16 falls back at once)
+    TORCH_HOME                   torchvision's cache with the VGG16 weights, readable by all
+                                                                          (COURSE_DIR/torch)
 
 Anything else can be added below or given on the command line (``--Spawner.mem_limit=3G``).
 The course's test (tests/test_classroom_jupyterhub.py) runs this file with the dummy
@@ -89,6 +91,7 @@ c.Spawner.environment = {
     "JUPYTER_CONFIG_PATH": NBGRADER_CONFIG_DIR,  # nbgrader's exchange and course id
     "CNN_COURSE_DATA": os.environ.get("CNN_COURSE_DATA", os.path.join(COURSE_DIR, "data")),
     "CNN_COURSE_OFFLINE": os.environ.get("CNN_COURSE_OFFLINE", ""),
+    "TORCH_HOME": os.environ.get("TORCH_HOME", os.path.join(COURSE_DIR, "torch")),  # VGG16 (`make prefetch`)
 }
 # A loaded machine (a class logging in at once) starts servers slowly.
 c.Spawner.start_timeout = 180

@@ -1,0 +1,190 @@
+"""How big a server does a class need? N students run notebook 04 at once on the course's JupyterHub.
+
+Starts the course's hub (``instructors/jupyterhub_config.py``; ``tests/classroom_hub.py`` creates
+the system users, the shared course installation and the hub, as the classroom test does) with N
+students (default 20). Each logs in through the hub's REST API and starts their own server, all at
+once; then each starts a kernel in their server and runs notebook 04 cell by cell over the kernel's
+websocket, as JupyterLab does (``FAST = True`` after the parameters cell, as the tests run it).
+
+Reference in the same run: one student alone, before the class. Measured per student: time from
+the first cell to the first figure, cells done within ``--budget`` seconds, and peak memory of all
+the user's processes (server and kernel; PSS, shared libraries split between users, and RSS).
+Also printed: the servers' start time, the machine's load average and the memory used by other
+jobs, and the sizing these numbers give for 50 students.
+
+    sudo CNN_COURSE_DATA=/path/to/datasets PATH=/path/to/configurable-http-proxy/bin:$PATH \\
+        .venv/bin/python benchmarks/bench_classroom.py [--students 20] [--budget 360]
+"""
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from classroom_hub import Classroom, Kernel, missing_piece, processes_of, stream_text  # noqa: E402
+
+NOTEBOOK = ROOT / "notebooks" / "04_saliency_and_cam.ipynb"
+
+
+def notebook_cells():
+    """The code cells of notebook 04, with ``FAST = True`` after the parameters cell."""
+    cells = []
+    for cell in json.loads(NOTEBOOK.read_text())["cells"]:
+        if cell["cell_type"] == "code":
+            cells.append("".join(cell["source"]))
+            if "parameters" in cell["metadata"].get("tags", []):
+                cells.append("FAST = True")
+    return cells
+
+
+def memory_of(uid):
+    """(PSS, RSS) in MB of every process of ``uid``."""
+    pss = rss = 0
+    for pid in processes_of(uid):
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    pss += int(line.split()[1])
+                elif line.startswith("Rss:"):
+                    rss += int(line.split()[1])
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            pass
+    return pss / 1024, rss / 1024
+
+
+class Sampler(threading.Thread):
+    """Every second: each user's memory (peak kept), the load average, the machine's used memory."""
+
+    def __init__(self, uids):
+        super().__init__(daemon=True)
+        self.uids, self.peak = uids, {name: (0.0, 0.0) for name in uids}
+        self.load, self.stop = [], threading.Event()
+        self.used_before = used_memory_mb()
+        self.used_peak = self.used_before
+
+    def run(self):
+        while not self.stop.is_set():
+            for name, uid in self.uids.items():
+                pss, rss = memory_of(uid)
+                self.peak[name] = (max(self.peak[name][0], pss), max(self.peak[name][1], rss))
+            self.load.append(os.getloadavg()[0])
+            self.used_peak = max(self.used_peak, used_memory_mb())
+            self.stop.wait(1.0)
+
+
+def used_memory_mb():
+    info = {line.split(":")[0]: int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()}
+    return (info["MemTotal"] - info["MemAvailable"]) / 1024
+
+
+def run_student(session, cells, deadline, results):
+    """Run notebook 04 in a kernel of ``session``'s server until done or ``deadline``."""
+    result = {"first_figure": None, "cells": 0, "error": None, "finished": False}
+    results[session.name] = result
+    kernel = Kernel(session, timeout=max(10, deadline - time.monotonic()))
+    start = time.monotonic()
+
+    def on_message(msg_type, content):
+        if result["first_figure"] is None and msg_type in ("display_data", "execute_result") \
+                and "image/png" in content.get("data", {}):
+            result["first_figure"] = time.monotonic() - start
+
+    try:
+        for code in cells:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            messages = kernel.execute(code, timeout=left, on_message=on_message)
+            if any(t == "error" for t, _ in messages):
+                result["error"] = stream_text(messages)[-600:]
+                break
+            result["cells"] += 1
+        else:
+            result["finished"] = True
+            result["seconds"] = time.monotonic() - start
+    except TimeoutError:
+        pass
+    except Exception as err:  # the websocket closed, the server died: report it, go on with the others
+        result["error"] = f"{type(err).__name__}: {err}"
+    finally:
+        try:
+            kernel.close()
+        except Exception:
+            pass
+
+
+def run_class(room, names, cells, budget):
+    sampler = Sampler({n: room.uids[n] for n in names})
+    sampler.start()
+    results, deadline = {}, time.monotonic() + budget
+    threads = [threading.Thread(target=run_student, args=(room.sessions[n], cells, deadline, results))
+               for n in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    sampler.stop.set()
+    sampler.join()
+    return results, sampler
+
+
+def median(values):
+    values = sorted(v for v in values if v is not None)
+    return values[len(values) // 2] if values else None
+
+
+def summary(label, results, sampler, cells):
+    firsts = [r["first_figure"] for r in results.values()]
+    pss = [p for p, _ in sampler.peak.values()]
+    rss = [r for _, r in sampler.peak.values()]
+    done = sum(r["finished"] for r in results.values())
+    errors = [f"{n}: {r['error']}" for n, r in results.items() if r["error"]]
+    got = [f for f in firsts if f is not None]
+    print(f"\n{label}: {len(results)} student(s)")
+    print(f"  time to first figure: median {median(firsts) or float('nan'):.1f} s, slowest "
+          f"{max(got) if got else float('nan'):.1f} s ({len(got)}/{len(results)} saw one)")
+    print(f"  notebook finished within the budget: {done}/{len(results)}; cells done: median "
+          f"{median([r['cells'] for r in results.values()])}/{len(cells)}")
+    print(f"  peak memory per user (server + kernel): PSS median {median(pss):.0f} MB, max {max(pss):.0f} MB; "
+          f"RSS median {median(rss):.0f} MB")
+    print(f"  machine: load average (1 min) median {median(sampler.load) or 0:.1f}, max "
+          f"{max(sampler.load or [0]):.1f}; memory used {sampler.used_before / 1024:.1f} GB before, "
+          f"{sampler.used_peak / 1024:.1f} GB at the peak")
+    for e in errors[:3]:
+        print("  error:", e.replace("\n", " ")[:300])
+    return {"first_figure": median(firsts), "pss": median(pss), "pss_max": max(pss), "done": done}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--students", type=int, default=20)
+    parser.add_argument("--budget", type=float, default=360, help="seconds the class may run notebook 04")
+    parser.add_argument("--reference-budget", type=float, default=150, help="seconds for the student alone")
+    args = parser.parse_args()
+    reason = missing_piece()
+    if reason:
+        sys.exit(f"cannot start a hub here: {reason}")
+    names = [f"cnnload-{i:02d}" for i in range(args.students + 1)]
+    cells = notebook_cells()
+    print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} before the hub starts")
+    t0 = time.monotonic()
+    with Classroom([], names) as room:
+        start_seconds = time.monotonic() - t0
+        print(f"hub up and {len(names)} servers started at once in {start_seconds:.0f} s")
+        alone, sampler = run_class(room, names[:1], cells, args.reference_budget)
+        ref = summary("Reference, one student alone", alone, sampler, cells)
+        together, sampler = run_class(room, names[1:], cells, args.budget)
+        res = summary(f"The class, {args.students} students at once", together, sampler, cells)
+    if ref["first_figure"] and res["first_figure"]:
+        print(f"\ntime to first figure, class / alone: {res['first_figure'] / ref['first_figure']:.1f}")
+    per_user_gb = res["pss_max"] / 1024
+    print(f"sizing for 50 students all running notebook 04: memory {50 * per_user_gb:.0f} GB "
+          f"(50 x {per_user_gb:.2f} GB peak per user) plus the system; cores: see README")
+
+
+if __name__ == "__main__":
+    main()
