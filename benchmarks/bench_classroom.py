@@ -6,11 +6,13 @@ students (default 20). Each logs in through the hub's REST API and starts their 
 once; then each starts a kernel in their server and runs notebook 04 cell by cell over the kernel's
 websocket, as JupyterLab does (``FAST = True`` after the parameters cell, as the tests run it).
 
-Reference in the same run: one student alone, before the class. Measured per student: time from
-the first cell to the first figure, cells done within ``--budget`` seconds, and peak memory of all
-the user's processes (server and kernel; PSS, shared libraries split between users, and RSS).
-Also printed: the servers' start time, the machine's load average and the memory used by other
-jobs, and the sizing these numbers give for 50 students.
+Measured per student: time from the kernel's start (opening the notebook) to the first figure and
+to the end, cells done within ``--budget`` seconds, and peak memory of all the user's processes
+(server and kernel; PSS, shared libraries split between users, and RSS). Reference in the same
+run: one student alone, before the class. Also printed: the servers' start time, the machine's
+load average and the memory used by other jobs, and the memory 50 students need. A guard ends the
+class's kernels when the machine runs short of memory (``--min-available-gb``; a student needs
+about 1.4 GB).
 
     sudo CNN_COURSE_DATA=/path/to/datasets PATH=/path/to/configurable-http-proxy/bin:$PATH \\
         .venv/bin/python benchmarks/bench_classroom.py [--students 20] [--budget 360]
@@ -18,6 +20,7 @@ jobs, and the sizing these numbers give for 50 students.
 import argparse
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -57,14 +60,16 @@ def memory_of(uid):
 
 
 class Sampler(threading.Thread):
-    """Every second: each user's memory (peak kept), the load average, the machine's used memory."""
+    """Every second: each user's memory (peak kept), the load average, the machine's used memory.
+    The guard: below ``min_available_mb`` of available memory it ends the class's kernels, so that
+    the measurement never pushes the machine (shared with other work) out of memory."""
 
-    def __init__(self, uids):
+    def __init__(self, uids, min_available_mb):
         super().__init__(daemon=True)
         self.uids, self.peak = uids, {name: (0.0, 0.0) for name in uids}
         self.load, self.stop = [], threading.Event()
-        self.used_before = used_memory_mb()
-        self.used_peak = self.used_before
+        self.used_before = meminfo_mb()[0]
+        self.used_peak, self.min_available_mb, self.guard_tripped = self.used_before, min_available_mb, False
 
     def run(self):
         while not self.stop.is_set():
@@ -72,21 +77,31 @@ class Sampler(threading.Thread):
                 pss, rss = memory_of(uid)
                 self.peak[name] = (max(self.peak[name][0], pss), max(self.peak[name][1], rss))
             self.load.append(os.getloadavg()[0])
-            self.used_peak = max(self.used_peak, used_memory_mb())
+            used, available = meminfo_mb()
+            self.used_peak = max(self.used_peak, used)
+            if available < self.min_available_mb:
+                self.guard_tripped = True
+                for uid in self.uids.values():
+                    for pid in processes_of(uid):
+                        try:
+                            if b"ipykernel" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                                os.kill(pid, signal.SIGKILL)
+                        except (FileNotFoundError, ProcessLookupError):
+                            pass
             self.stop.wait(1.0)
 
 
-def used_memory_mb():
+def meminfo_mb():
+    """(used, available) memory of the machine in MB."""
     info = {line.split(":")[0]: int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()}
-    return (info["MemTotal"] - info["MemAvailable"]) / 1024
+    return (info["MemTotal"] - info["MemAvailable"]) / 1024, info["MemAvailable"] / 1024
 
 
-def run_student(session, cells, deadline, results):
-    """Run notebook 04 in a kernel of ``session``'s server until done or ``deadline``."""
+def run_student(session, cells, deadline, results, stopped):
+    """Run notebook 04 in a kernel of ``session``'s server until done, ``deadline`` or ``stopped()``."""
     result = {"first_figure": None, "cells": 0, "error": None, "finished": False}
     results[session.name] = result
-    kernel = Kernel(session, timeout=max(10, deadline - time.monotonic()))
-    start = time.monotonic()
+    kernel, start = None, time.monotonic()
 
     def on_message(msg_type, content):
         if result["first_figure"] is None and msg_type in ("display_data", "execute_result") \
@@ -94,9 +109,10 @@ def run_student(session, cells, deadline, results):
             result["first_figure"] = time.monotonic() - start
 
     try:
+        kernel = Kernel(session, timeout=max(10, deadline - time.monotonic()))
         for code in cells:
             left = deadline - time.monotonic()
-            if left <= 0:
+            if left <= 0 or stopped():
                 break
             messages = kernel.execute(code, timeout=left, on_message=on_message)
             if any(t == "error" for t, _ in messages):
@@ -112,16 +128,18 @@ def run_student(session, cells, deadline, results):
         result["error"] = f"{type(err).__name__}: {err}"
     finally:
         try:
-            kernel.close()
-        except Exception:
+            if kernel is not None:
+                kernel.close()
+        except Exception:  # the kernel or the server is gone already
             pass
 
 
-def run_class(room, names, cells, budget):
-    sampler = Sampler({n: room.uids[n] for n in names})
+def run_class(room, names, cells, budget, min_available_mb):
+    sampler = Sampler({n: room.uids[n] for n in names}, min_available_mb)
     sampler.start()
     results, deadline = {}, time.monotonic() + budget
-    threads = [threading.Thread(target=run_student, args=(room.sessions[n], cells, deadline, results))
+    threads = [threading.Thread(target=run_student, args=(room.sessions[n], cells, deadline, results,
+                                                          lambda: sampler.guard_tripped))
                for n in names]
     for t in threads:
         t.start()
@@ -147,8 +165,12 @@ def summary(label, results, sampler, cells):
     print(f"\n{label}: {len(results)} student(s)")
     print(f"  time to first figure: median {median(firsts) or float('nan'):.1f} s, slowest "
           f"{max(got) if got else float('nan'):.1f} s ({len(got)}/{len(results)} saw one)")
-    print(f"  notebook finished within the budget: {done}/{len(results)}; cells done: median "
+    print(f"  notebook finished within the budget: {done}/{len(results)} (median "
+          f"{median([r.get('seconds') for r in results.values()]) or float('nan'):.0f} s); cells done: median "
           f"{median([r['cells'] for r in results.values()])}/{len(cells)}")
+    if sampler.guard_tripped:
+        print(f"  STOPPED by the memory guard: the machine had under {sampler.min_available_mb / 1024:.1f} GB "
+              "available; the class's kernels were ended")
     print(f"  peak memory per user (server + kernel): PSS median {median(pss):.0f} MB, max {max(pss):.0f} MB; "
           f"RSS median {median(rss):.0f} MB")
     print(f"  machine: load average (1 min) median {median(sampler.load) or 0:.1f}, max "
@@ -164,6 +186,8 @@ def main():
     parser.add_argument("--students", type=int, default=20)
     parser.add_argument("--budget", type=float, default=360, help="seconds the class may run notebook 04")
     parser.add_argument("--reference-budget", type=float, default=150, help="seconds for the student alone")
+    parser.add_argument("--min-available-gb", type=float, default=2.5,
+                        help="end the kernels when the machine has less memory available (default 2.5)")
     args = parser.parse_args()
     reason = missing_piece()
     if reason:
@@ -175,9 +199,10 @@ def main():
     with Classroom([], names) as room:
         start_seconds = time.monotonic() - t0
         print(f"hub up and {len(names)} servers started at once in {start_seconds:.0f} s")
-        alone, sampler = run_class(room, names[:1], cells, args.reference_budget)
+        guard = args.min_available_gb * 1024
+        alone, sampler = run_class(room, names[:1], cells, args.reference_budget, guard)
         ref = summary("Reference, one student alone", alone, sampler, cells)
-        together, sampler = run_class(room, names[1:], cells, args.budget)
+        together, sampler = run_class(room, names[1:], cells, args.budget, guard)
         res = summary(f"The class, {args.students} students at once", together, sampler, cells)
     if ref["first_figure"] and res["first_figure"]:
         print(f"\ntime to first figure, class / alone: {res['first_figure'] / ref['first_figure']:.1f}")

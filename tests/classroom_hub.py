@@ -114,6 +114,8 @@ class Kernel:
         messages, deadline = [], time.monotonic() + timeout
         while time.monotonic() < deadline:
             msg = json.loads(self.ws.recv())
+            if msg["msg_type"] == "status" and msg["content"]["execution_state"] in ("dead", "restarting"):
+                raise RuntimeError(f"{self.session.name}'s kernel died")
             if msg.get("parent_header", {}).get("msg_id") != msg_id:
                 continue
             if msg["msg_type"] == "status":
