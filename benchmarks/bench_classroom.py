@@ -183,7 +183,9 @@ def summary(label, results, sampler, cells):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--students", type=int, default=20)
+    parser.add_argument("--students", type=int, default=20, help="students logged in, each with their server")
+    parser.add_argument("--running", type=int, default=None,
+                        help="how many of them run notebook 04 at once (default: all)")
     parser.add_argument("--budget", type=float, default=360, help="seconds the class may run notebook 04")
     parser.add_argument("--reference-budget", type=float, default=150, help="seconds for the student alone")
     parser.add_argument("--min-available-gb", type=float, default=2.5,
@@ -198,12 +200,17 @@ def main():
     t0 = time.monotonic()
     with Classroom([], names) as room:
         start_seconds = time.monotonic() - t0
-        print(f"hub up and {len(names)} servers started at once in {start_seconds:.0f} s")
+        idle = [memory_of(uid)[0] for uid in room.uids.values()]
+        print(f"hub up and {len(names)} servers started at once in {start_seconds:.0f} s; "
+              f"a logged-in user's idle server: PSS median {median(idle):.0f} MB; "
+              f"memory used {meminfo_mb()[0] / 1024:.1f} GB, load average {os.getloadavg()[0]:.1f}")
         guard = args.min_available_gb * 1024
         alone, sampler = run_class(room, names[:1], cells, args.reference_budget, guard)
         ref = summary("Reference, one student alone", alone, sampler, cells)
-        together, sampler = run_class(room, names[1:], cells, args.budget, guard)
-        res = summary(f"The class, {args.students} students at once", together, sampler, cells)
+        running = names[1:1 + (args.running or args.students)]
+        together, sampler = run_class(room, running, cells, args.budget, guard)
+        res = summary(f"The class: {len(running)} of {args.students} logged-in students run it at once",
+                      together, sampler, cells)
     if ref["first_figure"] and res["first_figure"]:
         print(f"\ntime to first figure, class / alone: {res['first_figure'] / ref['first_figure']:.1f}")
     per_user_gb = res["pss_max"] / 1024
