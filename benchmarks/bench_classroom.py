@@ -44,6 +44,18 @@ def notebook_cells():
     return cells
 
 
+def cpu_seconds_of(uid):
+    """CPU time (user + system) used so far by the running processes of ``uid``."""
+    ticks = 0
+    for pid in processes_of(uid):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            pass
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def memory_of(uid):
     """(PSS, RSS) in MB of every process of ``uid``."""
     pss = rss = 0
@@ -67,6 +79,8 @@ class Sampler(threading.Thread):
     def __init__(self, uids, min_available_mb):
         super().__init__(daemon=True)
         self.uids, self.peak = uids, {name: (0.0, 0.0) for name in uids}
+        self.cpu_start = {name: cpu_seconds_of(uid) for name, uid in uids.items()}
+        self.cpu = {name: 0.0 for name in uids}  # CPU seconds used since the start (peak over samples)
         self.load, self.stop = [], threading.Event()
         self.used_before = meminfo_mb()[0]
         self.used_peak, self.min_available_mb, self.guard_tripped = self.used_before, min_available_mb, False
@@ -76,6 +90,7 @@ class Sampler(threading.Thread):
             for name, uid in self.uids.items():
                 pss, rss = memory_of(uid)
                 self.peak[name] = (max(self.peak[name][0], pss), max(self.peak[name][1], rss))
+                self.cpu[name] = max(self.cpu[name], cpu_seconds_of(uid) - self.cpu_start[name])
             self.load.append(os.getloadavg()[0])
             used, available = meminfo_mb()
             self.used_peak = max(self.used_peak, used)
@@ -173,12 +188,14 @@ def summary(label, results, sampler, cells):
               "available; the class's kernels were ended")
     print(f"  peak memory per user (server + kernel): PSS median {median(pss):.0f} MB, max {max(pss):.0f} MB; "
           f"RSS median {median(rss):.0f} MB")
+    print(f"  CPU time per student (server + kernel): median {median(list(sampler.cpu.values())):.0f} s")
     print(f"  machine: load average (1 min) median {median(sampler.load) or 0:.1f}, max "
           f"{max(sampler.load or [0]):.1f}; memory used {sampler.used_before / 1024:.1f} GB before, "
           f"{sampler.used_peak / 1024:.1f} GB at the peak")
     for e in errors[:3]:
         print("  error:", e.replace("\n", " ")[:300])
-    return {"first_figure": median(firsts), "pss": median(pss), "pss_max": max(pss), "done": done}
+    return {"first_figure": median(firsts), "pss": median(pss), "pss_max": max(pss), "done": done,
+            "cpu": median(list(sampler.cpu.values()))}
 
 
 def main():
@@ -215,7 +232,11 @@ def main():
         print(f"\ntime to first figure, class / alone: {res['first_figure'] / ref['first_figure']:.1f}")
     per_user_gb = res["pss_max"] / 1024
     print(f"sizing for 50 students all running notebook 04: memory {50 * per_user_gb:.0f} GB "
-          f"(50 x {per_user_gb:.2f} GB peak per user) plus the system; cores: see README")
+          f"(50 x {per_user_gb:.2f} GB peak per user) plus the system")
+    if ref["done"]:
+        for minutes in (2, 5):
+            print(f"  cores to run it for all 50 within {minutes} min: 50 x {ref['cpu']:.0f} CPU s "
+                  f"/ {60 * minutes} s = {50 * ref['cpu'] / (60 * minutes):.0f}")
 
 
 if __name__ == "__main__":
