@@ -156,6 +156,40 @@ def prefetch(datasets=DATASETS, vgg16=True):
 
 
 # ---------------------------------------------------------------------------
+# setup on Colab, Binder or a fresh JupyterHub user (every notebook's first cell calls it)
+# ---------------------------------------------------------------------------
+
+#: Requirements the notebooks never install for themselves: the notebook server and the tools of
+#: `make course` and grading (Colab and a hub bring their own server).
+SERVER_TOOLS = frozenset({"jupyterlab", "voila", "ipykernel", "nbformat", "nbconvert", "nbclient", "papermill",
+                          "nbgrader"})
+
+
+def _distribution_name(name):
+    return "".join("-" if ch in "_." else ch for ch in name.strip().lower())
+
+
+def missing_requirements(requirements=PROJECT_DIR / "requirements.txt"):
+    """The pinned requirements (``name==version``) the notebooks need whose package is not installed
+    at all. An installed package counts whatever its version: Colab's TensorFlow and PyTorch stay."""
+    from importlib import metadata
+
+    have = {_distribution_name(d.metadata["Name"]) for d in metadata.distributions() if d.metadata["Name"]}
+    lines = (line.split("#")[0].strip() for line in Path(requirements).read_text().splitlines())
+    return [line for line in lines if "==" in line
+            and _distribution_name(line.split("==")[0]) not in have | SERVER_TOOLS]
+
+
+def install_missing(requirements=PROJECT_DIR / "requirements.txt"):
+    """pip-install ``missing_requirements()`` into this Python; returns a sentence saying what it did."""
+    missing = missing_requirements(requirements)
+    if missing:
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", *missing], check=True)
+        return f"Installed what was missing: {', '.join(missing)}."
+    return "Every package the notebooks need was already installed."
+
+
+# ---------------------------------------------------------------------------
 # run: the notebook series (the tests run notebooks through the same function)
 # ---------------------------------------------------------------------------
 
@@ -337,19 +371,26 @@ def _ensure_released(course):
 
 
 def _submission_files(folder):
-    """The ``<student_id>.ipynb`` files of a submissions folder; CourseError when there are none."""
+    """``{student_id: path}`` of a submissions folder (``<student_id>.ipynb``, or nbgrader's
+    ``<student_id>/09_exercises/09_exercises.ipynb``); CourseError when there are none."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CourseError(f"{folder} is not a folder: give the folder that holds the <student_id>.ipynb files.")
-    files = sorted(folder.glob("*.ipynb"))
+    files = {path.stem: path for path in sorted(folder.glob("*.ipynb"))}
+    if not files:  # nbgrader's layout
+        files = {path.parent.parent.name: path for path in
+                 sorted(folder.glob(f"*/{EXERCISE_ASSIGNMENT}/{EXERCISE_ASSIGNMENT}.ipynb"))}
     if not files:
-        raise CourseError(f"No submissions in {folder}: expected files named <student_id>.ipynb.")
+        raise CourseError(f"No submissions in {folder}: expected files named <student_id>.ipynb "
+                          f"(or nbgrader's <student_id>/{EXERCISE_ASSIGNMENT}/{EXERCISE_ASSIGNMENT}.ipynb).")
     return files
 
 
 def collect(folder, course_dir=None):
     """Put ``FOLDER/<student_id>.ipynb`` into nbgrader's ``submitted/<id>/09_exercises/``.
 
+    FOLDER may also be laid out as nbgrader's ``submitted/`` folder after ``nbgrader collect``
+    (``<student_id>/09_exercises/09_exercises.ipynb``), the course's own one included.
     Returns ``(students, unreadable)``: the ids collected, and ``{id: reason}`` for files
     that are not readable notebooks (they are not collected).
     """
@@ -358,16 +399,17 @@ def collect(folder, course_dir=None):
     files = _submission_files(folder)
     course = _course_dir(course_dir)
     students, unreadable = [], {}
-    for path in files:
+    for student, path in files.items():
         try:
             nbformat.validate(nbformat.read(str(path), as_version=4))
         except Exception as err:  # any reason: the file is not a notebook we can grade
-            unreadable[path.stem] = f"could not be read as a notebook ({type(err).__name__}: {str(err)[:200]})"
+            unreadable[student] = f"could not be read as a notebook ({type(err).__name__}: {str(err)[:200]})"
             continue
-        target = _notebook_path(course, "submitted", path.stem)
+        target = _notebook_path(course, "submitted", student)
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, target)
-        students.append(path.stem)
+        if target.resolve() != path.resolve():
+            shutil.copyfile(path, target)
+        students.append(student)
     return students, unreadable
 
 
@@ -1315,7 +1357,8 @@ def build_parser():
     p_rel = sub.add_parser("release", help="write the student version of the exercise notebook (nbgrader)")
     p_rel.add_argument("--course-dir", default=str(GRADING_DIR), help="nbgrader course directory (default: nbgrader/)")
     p_grade = sub.add_parser("grade", help="autograde FOLDER/<student_id>.ipynb: isolated, in parallel, with feedback")
-    p_grade.add_argument("folder", help="a folder of submissions named <student_id>.ipynb")
+    p_grade.add_argument("folder", help="a folder of submissions named <student_id>.ipynb, or nbgrader's "
+                         "submitted/ folder after `nbgrader collect`")
     p_grade.add_argument("--jobs", type=_positive_int, default=os.cpu_count() or 1,
                          help="submissions graded at once (default: the number of cores)")
     p_grade.add_argument("--cell-timeout", type=_positive_int, default=CELL_TIMEOUT,
