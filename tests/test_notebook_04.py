@@ -37,7 +37,7 @@ def _check(nb, min_accuracy):
     assert values["ig_inked_rho"][-1] < fully["Integrated Gradients"]
     # two seeds: the same answers almost everywhere, shared mistakes a subset of each model's, and the maps of the
     # same image closer across seeds than one model's maps of two different images
-    assert values["seed_agreement"] > 0.95
+    assert values["seed_agreement"] > 0.9
     assert values["seed_shared_mistakes"] <= min(values["seed_mistakes"])
     for rho in values["seed_map_rho"].values():
         assert rho["seeds"] > rho["other_image"]
