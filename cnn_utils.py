@@ -377,10 +377,15 @@ def train_model(model, x_train, y_train, epochs=4, batch_size=128, validation_da
     )
 
 
-def model_path(name):
-    """Path of a shipped model, e.g. ``model_path("mnist")``."""
+def model_path(name, seed=None):
+    """Path of a shipped model, e.g. ``model_path("mnist")``; ``seed=1`` names the same
+    CNN trained with another seed (``saved_models/mnist_cnn_seed1.keras``)."""
     _check_dataset_name(name)
-    return MODELS_DIR / f"{name}_cnn.keras"
+    if seed is None or seed == DEFAULT_SEED:
+        return MODELS_DIR / f"{name}_cnn.keras"
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be None or an integer, got {seed!r}.")
+    return MODELS_DIR / f"{name}_cnn_seed{seed}.keras"
 
 
 def load_model(name="mnist"):
@@ -419,9 +424,9 @@ def load_model(name="mnist"):
         ) from None
 
 
-def model_info(name="mnist"):
+def model_info(name="mnist", seed=None):
     """The metadata recorded beside a shipped model (test accuracy, epochs, seed, ...)."""
-    path = model_path(name).with_suffix(".json")
+    path = model_path(name, seed).with_suffix(".json")
     return json.loads(path.read_text())
 
 
@@ -1009,6 +1014,42 @@ def get_filter_weights(model, layer_name):
     kernel = np.asarray(weights[0], dtype=np.float32)
     bias = np.asarray(weights[1], dtype=np.float32) if len(weights) > 1 else np.zeros(kernel.shape[-1], np.float32)
     return kernel, bias
+
+
+def match_filters(kernel_a, kernel_b):
+    """For each filter of ``kernel_a``, the filter of ``kernel_b`` whose weights correlate best.
+
+    Kernels are (kh, kw, in_channels, out_channels), as ``get_filter_weights`` returns
+    them, with the same (kh, kw, in_channels). Each filter is flattened and compared
+    with every filter of the other kernel by Pearson correlation (so scale and offset
+    do not count, the sign does: a filter and its negative detect opposite patterns).
+    Returns ``(index, correlation)``: for filter ``i`` of ``kernel_a``, the best
+    filter ``index[i]`` of ``kernel_b`` and their correlation, both (out_channels_a,).
+    Two networks need not order their filters alike, so filters are compared by
+    best match, never by position.
+    """
+    shapes = []
+    for name, k in (("kernel_a", kernel_a), ("kernel_b", kernel_b)):
+        k = np.asarray(k, dtype=np.float64)
+        if k.ndim != 4:
+            raise ValueError(f"{name} must be a conv kernel (kh, kw, in_channels, out_channels) as "
+                             f"get_filter_weights returns it; got shape {k.shape}.")
+        shapes.append(k)
+    a, b = shapes
+    if a.shape[:3] != b.shape[:3]:
+        raise ValueError(f"kernel_a and kernel_b must have the same (kh, kw, in_channels) to be compared; "
+                         f"got {a.shape[:3]} and {b.shape[:3]}.")
+    a = a.reshape(-1, a.shape[-1]).T                      # (filters, weights)
+    b = b.reshape(-1, b.shape[-1]).T
+    a = a - a.mean(axis=1, keepdims=True)
+    b = b - b.mean(axis=1, keepdims=True)
+    norm_a, norm_b = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    if np.any(norm_a == 0) or np.any(norm_b == 0):
+        raise ValueError("a filter with all weights equal has no correlation with anything; "
+                         "leave constant filters out before matching.")
+    corr = (a / norm_a[:, None]) @ (b / norm_b[:, None]).T     # (filters_a, filters_b)
+    index = corr.argmax(axis=1)
+    return index, corr[np.arange(len(corr)), index]
 
 
 def top_activating_images(model, layer_name, images, index=None, k=5, batch_size=256):
@@ -3094,6 +3135,22 @@ def _as_points(x, name):
 TSNE_METHODS = ("opentsne", "sklearn")
 
 
+def _check_pca_components(pca_components, x):
+    if pca_components is not None and (isinstance(pca_components, bool)
+                                       or not isinstance(pca_components, (int, np.integer))
+                                       or not 2 <= pca_components <= min(x.shape)):
+        raise ValueError(f"pca_components must be None or an integer from 2 to min(N, D) = {min(x.shape)}, "
+                         f"got {pca_components!r}.")
+
+
+def _pca_reduce(x, pca_components, seed):
+    if not pca_components:
+        return x
+    from sklearn.decomposition import PCA
+
+    return PCA(n_components=pca_components, random_state=seed).fit_transform(x)
+
+
 def tsne_embedding(features, perplexity=30.0, method="opentsne", n_iter=750, seed=DEFAULT_SEED,
                    n_jobs=2, pca_components=None):
     """2-D t-SNE of ``features`` (N, D); returns a float64 array (N, 2).
@@ -3119,11 +3176,7 @@ def tsne_embedding(features, perplexity=30.0, method="opentsne", n_iter=750, see
     seed = _check_seed(seed)
     if isinstance(n_jobs, bool) or not isinstance(n_jobs, (int, np.integer)) or n_jobs == 0 or n_jobs < -1:
         raise ValueError(f"n_jobs must be a positive number of threads, or -1 for all cores; got {n_jobs!r}.")
-    if pca_components is not None and (isinstance(pca_components, bool)
-                                       or not isinstance(pca_components, (int, np.integer))
-                                       or not 2 <= pca_components <= min(x.shape)):
-        raise ValueError(f"pca_components must be None or an integer from 2 to min(N, D) = {min(x.shape)}, "
-                         f"got {pca_components!r}.")
+    _check_pca_components(pca_components, x)
     n_distinct = len(np.unique(x, axis=0))
     if n_distinct < 3 * perplexity + 1:
         raise ValueError(
@@ -3132,10 +3185,7 @@ def tsne_embedding(features, perplexity=30.0, method="opentsne", n_iter=750, see
             "points (duplicates have zero distance and break the perplexity calibration). Remove "
             "duplicates (np.unique(features, axis=0)) or lower perplexity."
         )
-    if pca_components:
-        from sklearn.decomposition import PCA
-
-        x = PCA(n_components=pca_components, random_state=seed).fit_transform(x)
+    x = _pca_reduce(x, pca_components, seed)
     if method == "opentsne":
         from openTSNE import TSNE
 
@@ -3151,6 +3201,64 @@ def tsne_embedding(features, perplexity=30.0, method="opentsne", n_iter=750, see
     if not np.all(np.isfinite(emb)):
         raise FloatingPointError(f"t-SNE ({method}) produced NaN coordinates; check features for "
                                  "near-duplicate rows or a constant column, or lower perplexity.")
+    return emb
+
+
+def _umap_class():
+    """umap-learn's ``UMAP``, imported without its ``parametric_umap`` module.
+
+    ``import umap`` also imports ``umap.parametric_umap``, which imports TensorFlow and
+    then torchvision: the crash ``FrameworkOrderError`` guards against. The course uses
+    plain UMAP only, so that module is kept out while the package loads (``umap.ParametricUMAP``
+    is then umap-learn's own placeholder, which raises ImportError when used).
+    """
+    import warnings
+
+    if "umap" not in sys.modules:
+        blocked = "umap.parametric_umap" not in sys.modules
+        if blocked:
+            sys.modules["umap.parametric_umap"] = None        # makes `from .parametric_umap import` fail
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ImportWarning)
+                import umap  # noqa: F401
+        finally:
+            if blocked and sys.modules.get("umap.parametric_umap", 0) is None:
+                del sys.modules["umap.parametric_umap"]
+    from umap.umap_ import UMAP
+
+    return UMAP
+
+
+def umap_embedding(features, n_neighbors=15, min_dist=0.1, seed=DEFAULT_SEED, pca_components=None):
+    """2-D UMAP of ``features`` (N, D) (McInnes et al. 2018, ``umap-learn``); returns float64 (N, 2).
+
+    Like t-SNE it keeps each point's nearest neighbours (``n_neighbors`` of them
+    build the neighbour graph); ``min_dist`` sets how tightly points may pack on the
+    map. Spectral initialisation, Euclidean distance, a fixed ``seed`` (which makes
+    umap-learn run on one thread). The first call in a Python process compiles
+    umap-learn's numba code, which takes seconds. ``pca_components`` first reduces D
+    with PCA, as in ``tsne_embedding``.
+    """
+    x = _as_points(features, "features")
+    if isinstance(n_neighbors, bool) or not isinstance(n_neighbors, (int, np.integer)) \
+            or not 2 <= n_neighbors < len(x):
+        raise ValueError(f"n_neighbors must be an integer from 2 to N - 1 = {len(x) - 1}, got {n_neighbors!r}.")
+    if not _is_number(min_dist) or not 0 <= min_dist <= 1:
+        raise ValueError(f"min_dist must be a number from 0 to 1, got {min_dist!r}.")
+    seed = _check_seed(seed)
+    _check_pca_components(pca_components, x)
+    x = _pca_reduce(x, pca_components, seed)
+    import warnings
+
+    with warnings.catch_warnings():   # "n_jobs overridden to 1 by setting random_state": that is the point
+        warnings.filterwarnings("ignore", message=".*n_jobs value.*overridden.*", category=UserWarning)
+        emb = _umap_class()(n_components=2, n_neighbors=int(n_neighbors), min_dist=float(min_dist), init="spectral",
+                   random_state=seed).fit_transform(x)
+    emb = np.asarray(emb, dtype=np.float64)
+    if not np.all(np.isfinite(emb)):
+        raise FloatingPointError("UMAP produced NaN coordinates; check features for duplicate rows or a "
+                                 "constant column.")
     return emb
 
 

@@ -42,8 +42,9 @@ def train_and_save(dataset="mnist", epochs=None, seed=DEFAULT_SEED, out_dir=None
     Fitted on 90 % of the training images; the other 10 % (``train_val_split(...,
     seed)``) stay unseen as a validation set. Without ``replace`` the model goes to
     ``out_dir`` (default ``build/models/``) and nothing shipped is touched. With
-    ``replace`` it replaces ``saved_models/<dataset>_cnn.keras`` only when its test
-    accuracy is at least the shipped one's; otherwise it stays in ``build/models/``
+    ``replace`` it replaces ``saved_models/<dataset>_cnn.keras`` (for a seed other than
+    the default, ``<dataset>_cnn_seed<seed>.keras``) only when its test accuracy is at
+    least the shipped one's; otherwise it stays in ``build/models/``
     and ``info["replaced"]`` is False. Outside ``saved_models/`` nothing is overwritten:
     when ``mnist_cnn.keras`` exists, the model goes to ``mnist_cnn_2.keras`` (``_3`` ...).
     Returns the metadata dict written beside it (``info["path"]``: where the model went).
@@ -75,13 +76,14 @@ def train_and_save(dataset="mnist", epochs=None, seed=DEFAULT_SEED, out_dir=None
         "validation": f"train_val_split(x_train, y_train, val_fraction=0.1, seed={seed})",
         "train_seconds": round(train_seconds, 1),
         "keras_version": cnn_utils._keras().__version__,
-        "command": f"python -m course train --dataset {dataset} --replace",
+        "command": f"python -m course train --dataset {dataset}"
+                   + (f" --seed {seed}" if seed != DEFAULT_SEED else "") + " --replace",
         "history": {k: [round(float(v), 5) for v in vals] for k, vals in history.history.items()},
     }
-    shipped = cnn_utils.model_path(dataset)
+    shipped = cnn_utils.model_path(dataset, seed)   # another seed ships beside the course model
     info["replaced"] = False
     if replace:
-        old = _shipped_accuracy(dataset)
+        old = _shipped_accuracy(dataset, seed)
         if old is None or info["test_accuracy"] >= old:
             out = shipped.parent
             info["replaced"] = True
@@ -110,8 +112,8 @@ def _free_path(path):
     return candidate
 
 
-def _shipped_accuracy(dataset):
-    meta = cnn_utils.model_path(dataset).with_suffix(".json")
+def _shipped_accuracy(dataset, seed=DEFAULT_SEED):
+    meta = cnn_utils.model_path(dataset, seed).with_suffix(".json")
     try:
         return float(json.loads(meta.read_text())["test_accuracy"])
     except (OSError, ValueError, KeyError, TypeError):
@@ -1386,7 +1388,7 @@ def main(argv=None):
                   f"epochs ({info['train_seconds']:.0f} s); saved to {info['path']}")
             if args.replace and not info["replaced"]:
                 print(f"The shipped model ({info['kept_shipped_accuracy']:.2%}) is more accurate and was "
-                      f"kept in {cnn_utils.model_path(args.dataset)}.")
+                      f"kept in {cnn_utils.model_path(args.dataset, args.seed)}.")
         elif args.command == "release":
             released = release(args.course_dir)
             print(f"Student version (no solutions, no hidden tests): {STUDENT_NOTEBOOK}\n"

@@ -132,3 +132,24 @@ def test_plots_draw(mnist_model):
     assert fig.axes[0].get_ylabel().startswith("channels all zero")
     import matplotlib.pyplot as plt
     plt.close("all")
+
+
+def test_match_filters_by_hand():
+    # kernel b holds a's filters in another order, one of them scaled and shifted, one negated
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(3, 3, 1, 4))
+    b = np.stack([a[..., 2], 3 * a[..., 0] + 1, -a[..., 3], a[..., 1]], axis=-1)
+    index, corr = cnn_utils.match_filters(a, b)
+    # filter 0 of a is b's filter 1 (correlation ignores scale and offset), 1 -> 3, 2 -> 0
+    np.testing.assert_array_equal(index[:3], [1, 3, 0])
+    np.testing.assert_allclose(corr[:3], 1.0, atol=1e-12)
+    # a's filter 3 only has its negative in b: its best match is something else, below 1
+    assert index[3] != 2 and corr[3] < 1.0
+    # the value is the Pearson correlation of the flattened weights
+    assert corr[3] == pytest.approx(np.corrcoef(a[..., 3].ravel(), b[..., index[3]].ravel())[0, 1])
+    with pytest.raises(ValueError, match="in_channels"):
+        cnn_utils.match_filters(a, rng.normal(size=(3, 3, 2, 4)))
+    with pytest.raises(ValueError, match="get_filter_weights"):
+        cnn_utils.match_filters(a[..., 0], a)
+    with pytest.raises(ValueError, match="constant"):
+        cnn_utils.match_filters(np.ones((3, 3, 1, 2)), a)

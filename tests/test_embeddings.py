@@ -67,6 +67,46 @@ def test_tsne_of_a_curled_sheet_is_trustworthy(method):
     assert cu.trustworthiness(x, emb, n_neighbors=10) > 0.95
 
 
+def test_umap_of_a_curled_sheet_is_trustworthy():
+    from sklearn.datasets import make_swiss_roll
+
+    x, _ = make_swiss_roll(400, noise=0.0, random_state=0)
+    x = np.concatenate([x, np.zeros((400, 7))], axis=1)
+    emb = cu.umap_embedding(x, n_neighbors=15, seed=0)
+    assert emb.shape == (400, 2) and emb.dtype == np.float64
+    assert cu.trustworthiness(x, emb, n_neighbors=10) > 0.95
+    # a fixed seed gives the same map; with PCA first it still keeps the neighbourhoods
+    np.testing.assert_array_equal(emb, cu.umap_embedding(x, n_neighbors=15, seed=0))
+    emb_pca = cu.umap_embedding(x, n_neighbors=15, seed=0, pca_components=3)
+    assert cu.trustworthiness(x, emb_pca, n_neighbors=10) > 0.95
+
+
+def test_umap_bad_input():
+    with pytest.raises(ValueError, match="n_neighbors"):
+        cu.umap_embedding(np.zeros((10, 3)), n_neighbors=10)
+    with pytest.raises(ValueError, match="min_dist"):
+        cu.umap_embedding(np.random.default_rng(0).normal(size=(30, 3)), min_dist=2)
+    with pytest.raises(ValueError, match="pca_components"):
+        cu.umap_embedding(np.random.default_rng(0).normal(size=(30, 3)), pca_components=5)
+    with pytest.raises(ValueError, match=r"\(N, D\)"):
+        cu.umap_embedding(np.zeros(20))
+
+
+def test_umap_loads_without_tensorflow_or_torchvision():
+    # `import umap` alone imports TensorFlow, then torchvision (the crash FrameworkOrderError guards against);
+    # umap_embedding keeps that module out
+    import subprocess
+    import sys
+
+    code = ("import sys, cnn_utils; cnn_utils._umap_class(); import umap; "
+            "print(sorted(m for m in ('tensorflow', 'torchvision') if m in sys.modules), "
+            "'umap.parametric_umap' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=str(__import__("pathlib").Path(cu.__file__).parent))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[-2] == "[] False"
+
+
 def test_tsne_bad_input():
     with pytest.raises(ValueError, match="method"):
         cu.tsne_embedding(np.zeros((50, 3)), method="umap")

@@ -109,3 +109,18 @@ def test_train_cli_writes_model_and_accuracy(tmp_path, monkeypatch):
     assert info["path"] == str(tmp_path / "mnist_cnn.keras") and info["replaced"] is False
     assert 0.5 < info["test_accuracy"] <= 1.0
     assert cnn_utils.load_model(tmp_path / "mnist_cnn.keras").count_params() > 0
+
+
+def test_model_path_of_another_seed():
+    assert cnn_utils.model_path("mnist", seed=cnn_utils.DEFAULT_SEED) == cnn_utils.model_path("mnist")
+    assert cnn_utils.model_path("mnist", seed=1).name == "mnist_cnn_seed1.keras"
+    with pytest.raises(TypeError, match="seed"):
+        cnn_utils.model_path("mnist", seed="1")
+    for name in cnn_utils.DATASETS:   # the second-seed models the notebooks compare with are shipped
+        assert cnn_utils.model_path(name, seed=1).is_file()
+        info = cnn_utils.model_info(name, seed=1)
+        assert info["seed"] == 1
+        model = cnn_utils.load_model(cnn_utils.model_path(name, seed=1))
+        _, (x_test, y_test) = cnn_utils.load_dataset(name)
+        acc = (model.predict(x_test, batch_size=1000, verbose=0).argmax(1) == y_test).mean()
+        assert acc == pytest.approx(info["test_accuracy"], abs=2e-4)

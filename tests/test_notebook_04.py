@@ -39,6 +39,14 @@ def _check(nb, min_accuracy):
     assert fully["Grad-CAM"] < 0.5 and fully["saliency"] < reference - 0.15, (fully, reference)
     # |IG|'s correlation over the inked pixels alone is lower than with the tied zeros
     assert values["ig_inked_rho"][-1] < fully["Integrated Gradients"]
+    # two seeds: the same answers almost everywhere, shared mistakes a subset of each model's, and the maps of the
+    # same image closer across seeds than one model's maps of two different images
+    assert values["seed_agreement"] > 0.9
+    assert values["seed_shared_mistakes"] <= min(values["seed_mistakes"])
+    for rho in values["seed_map_rho"].values():
+        assert rho["seeds"] > rho["other_image"]
+    assert values["seed_map_rho"]["Grad-CAM"]["seeds"] > 0.5
+    assert values["seed_filter_corr"] > values["seed_filter_corr_untrained"]
     assert count_images(nb) >= 12
     # no retracing, Keras input-structure or TensorFlow start-up messages shown to students
     streams = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", [])

@@ -72,6 +72,15 @@ def _check_03(nb):
     assert reg["L2"]["norm"] < reg["none"]["norm"]      # L2 shrinks the image
     assert reg["TV"]["tv"] < reg["none"]["tv"]          # TV smooths it
     assert reg["all"]["score"] < reg["none"]["score"]   # both cost score
+    # conv1 of the other dataset's model matches better than untrained filters; the shared start shows in
+    # filters at the same position
+    m = v["conv1_match_other"]
+    assert m["median"] > m["untrained_median"] and m["above_09"] > m["untrained_above_09"]
+    assert m["same_position_median"] > m["untrained_median"]
+    # receptive fields by hand: 3; pool 3 + 1 = 4; 4 + 2 * 2 = 8; 8 + 1 * 2 = 10; 10 + 2 * 4 = 18; conv4 18 + 2 * 4
+    rf = v["receptive_fields"]
+    assert [rf[n]["size"] for n in ("conv1", "pool1", "conv2", "pool2", "conv3", "conv4")] == [3, 4, 8, 10, 18, 26]
+    assert [rf[n]["cells"] for n in ("conv1", "conv2", "conv3", "conv4")] == [26, 11, 3, 1]
     assert count_images(nb) >= 10
 
 

@@ -92,6 +92,11 @@ def _check_06(nb):
     assert v["trust_feat_tsne"] > 0.9 and v["trust_pix_tsne"] > 0.9
     assert v["trust_feat_tsne"] > v["trust_feat_pca"]
     assert v["map_mixing_tsne"] < v["map_mixing_pca"]
+    # UMAP of the same points: as trustworthy as the notebook says, and its caveats table covers all three maps
+    assert v["umap_points"] == 1000 and v["trust_feat_umap"] > max(0.9, v["trust_feat_pca"])
+    assert v["map_mixing_umap"] < v["map_mixing_pca"]
+    assert set(v["class_layout_rho"]) == {"PCA", "t-SNE", "UMAP"}
+    assert all(-1 <= r <= 1 for r in v["class_layout_rho"].values())
     # the network's features group classes better than raw pixels, in 128-D and on the maps
     assert v["knn_disagreement_features"] < v["knn_disagreement_pixels"]
     assert v["map_mixing_tsne"] < v["map_mixing_pixels_tsne"]
