@@ -5295,7 +5295,12 @@ def plot_embedding(embeddings, labels, class_names=None, images=None, n_thumbnai
 # --- PyTorch / VGG16 figures (notebook 07) ---
 
 def plot_top_predictions(images, predictions, titles=None, title="Top-5 predictions"):
-    """Each photo (uint8 H x W x 3) beside a bar chart of its (class, probability) list."""
+    """Each photo (uint8 H x W x 3) beside a bar chart of its (class, probability) list.
+
+    The axis runs from 0 to 100 % unless every probability is below 20 %: then it is scaled
+    to the largest one (and says so), so near-uniform predictions stay visible. Labels are
+    ``format_probability`` with 3 decimals when every probability is below 1 %.
+    """
     import matplotlib.pyplot as plt
 
     n = len(images)
@@ -5309,6 +5314,9 @@ def plot_top_predictions(images, predictions, titles=None, title="Top-5 predicti
                              f"top_k_predictions returns; got {preds!r}"[:200] + ".")
     fig, axes = plt.subplots(n, 2, figsize=(9, 2.4 * n), squeeze=False,
                              gridspec_kw={"width_ratios": [1, 2.2]})
+    largest = max(float(p) for preds in predictions for _, p in preds)
+    xmax = 100.0 if largest >= 0.2 else 150 * largest or 1.0
+    decimals = 1 if largest >= 0.01 else 3
     for i, (img, preds) in enumerate(zip(images, predictions)):
         axes[i, 0].imshow(img)
         axes[i, 0].axis("off")
@@ -5318,10 +5326,11 @@ def plot_top_predictions(images, predictions, titles=None, title="Top-5 predicti
         probs = [100 * p for _, p in preds][::-1]
         axes[i, 1].barh(range(len(names)), probs, color="tab:blue")
         axes[i, 1].set_yticks(range(len(names)), names, fontsize=8)
-        axes[i, 1].set_xlim(0, 100)
-        axes[i, 1].set_xlabel("probability (%)")
-        for y, p in enumerate(probs):
-            axes[i, 1].text(min(p + 1, 88), y, f"{p:.1f}", va="center", fontsize=7)
+        axes[i, 1].set_xlim(0, xmax)
+        axes[i, 1].set_xlabel("probability (%)" if xmax == 100 else "probability (%; axis scaled to the largest)")
+        for y, (_, p) in enumerate(preds[::-1]):
+            axes[i, 1].text(min(100 * p + 0.01 * xmax, 0.88 * xmax), y, format_probability(p, decimals),
+                            va="center", fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     return fig
@@ -5453,7 +5462,7 @@ def plot_reconstructions(original, results, scores=None, title="What each depth 
     if scores is not None and len(scores) != len(results):
         raise ValueError(f"scores needs one (SSIM, PSNR) pair per result: {len(results)}, got {len(scores)}.")
     n = len(results) + 1
-    fig, axes = plt.subplots(1, n, figsize=(2.2 * n, 2.7))
+    fig, axes = plt.subplots(1, n, figsize=(2.2 * n, 2.9), layout="constrained")  # room for the suptitle
     axes[0].imshow(original)
     axes[0].set_title("original", fontsize=9)
     for i, res in enumerate(results):
@@ -5465,7 +5474,6 @@ def plot_reconstructions(original, results, scores=None, title="What each depth 
     for ax in axes:
         ax.axis("off")
     fig.suptitle(title)
-    fig.tight_layout()
     return fig
 
 

@@ -644,3 +644,35 @@ def test_receptive_fields_take_vggs_layer_names_as_the_attribution_functions_do(
     by_module = cnn_utils.receptive_fields(net, "features.4", (32, 32))
     np.testing.assert_array_equal(by_alias.y.centres, by_module.y.centres)
     assert by_alias.y.size == 8          # 3, +1 (pool), +2 * 2 (conv after a stride-2 pool)
+
+
+# --- figures of notebook 07 --------------------------------------------------
+
+def test_top_predictions_axis_is_scaled_to_near_uniform_probabilities():
+    import matplotlib.pyplot as plt
+
+    img = np.zeros((8, 8, 3), np.uint8)
+    flat = [("ibex", 0.00118), ("sidewinder", 0.00112), ("megalith", 0.00105)]
+    fig = cnn_utils.plot_top_predictions([img], [flat])
+    ax = fig.axes[1]
+    assert ax.get_xlim()[1] == pytest.approx(150 * 0.00118)   # 0.118 % fills two thirds, not 0.1 % of the axis
+    assert "scaled" in ax.get_xlabel()
+    assert [t.get_text() for t in ax.texts] == ["0.105 %", "0.112 %", "0.118 %"]   # format_probability, with %
+    plt.close(fig)
+    fig = cnn_utils.plot_top_predictions([img], [[("tabby", 0.62), ("tiger cat", 0.3)]])
+    assert fig.axes[1].get_xlim() == (0, 100) and [t.get_text() for t in fig.axes[1].texts] == ["30.0 %", "62.0 %"]
+    plt.close(fig)
+
+
+def test_reconstructions_suptitle_clears_the_two_line_panel_titles():
+    import matplotlib.pyplot as plt
+
+    img = np.zeros((16, 16, 3), np.uint8)
+    results = [{"image": img, "layer_name": f"relu{i}_2"} for i in range(1, 4)]
+    fig = cnn_utils.plot_reconstructions(img, results, [(0.5, 20.0)] * 3, title="What each depth keeps")
+    renderer = fig.canvas.get_renderer()
+    fig.draw(renderer)
+    top_of_titles = max(ax.title.get_window_extent(renderer).y1 for ax in fig.axes)
+    suptitle = next(t for t in fig.texts if t.get_text() == "What each depth keeps")
+    assert suptitle.get_window_extent(renderer).y0 >= top_of_titles
+    plt.close(fig)
