@@ -1566,7 +1566,8 @@ def normalize_maps(maps):
 
     A constant map (including all zeros) becomes all zeros rather than NaN.
     """
-    m = np.asarray(maps, dtype=np.float32)
+    m = _converted(maps, "maps", "an array of numbers (N, H, W[, C])",
+                   lambda v: np.asarray(v, dtype=np.float32))
     if m.ndim < 2:
         raise ValueError(f"maps must be a batch (N, H, W[, C]); got shape {m.shape}.")
     if not np.all(np.isfinite(m)):
@@ -3940,6 +3941,9 @@ def total_variation_norm(x, beta=2, eps=1e-8):
     """
     _check_tensor(x, "x")
     _check_positive(beta, "beta")
+    if not _is_number(eps) or eps < 0 or (eps == 0 and beta < 2):
+        raise ValueError(f"eps must be a small number >= 0 (> 0 when beta < 2, where the gradient of an "
+                         f"equal neighbour pair is infinite at 0); got {eps!r}.")
     if x.ndim not in (3, 4):
         raise ValueError(f"Expected (N, C, H, W) or (C, H, W), got shape {tuple(x.shape)}.")
     d_rows = x[..., 1:, :-1] - x[..., :-1, :-1]

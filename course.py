@@ -312,6 +312,7 @@ STUDENT_NOTEBOOK = NOTEBOOKS_DIR / f"{EXERCISE_ASSIGNMENT}.ipynb"
 CELL_TIMEOUT = 120
 NOTEBOOK_TIMEOUT = 900
 MEMORY_LIMIT_MB = 6144
+MIN_MEMORY_MB = 2048
 #: The course files a submission must not change (checked by hash after grading).
 PROTECTED_PATHS = ("cnn_utils.py", "course.py", "nbgrader_config.py", "saved_models", "data", "instructors")
 STATUSES = ("graded", "failed", "flagged")
@@ -1326,6 +1327,18 @@ def _positive_int(text):
     return value
 
 
+def _memory_mb(text):
+    """``--memory`` in MB: a graded notebook loads TensorFlow and a model, which needs about 2 GB."""
+    import argparse
+
+    value = _positive_int(text)
+    if value < MIN_MEMORY_MB:
+        raise argparse.ArgumentTypeError(
+            f"is in MB and a graded notebook needs at least {MIN_MEMORY_MB} MB (TensorFlow and the model); "
+            f"got {value} (for 6 GB write 6144)")
+    return value
+
+
 def _seed(text):
     import argparse
 
@@ -1367,7 +1380,7 @@ def build_parser():
                          help=f"seconds per cell before it is interrupted (default {CELL_TIMEOUT})")
     p_grade.add_argument("--notebook-timeout", type=_positive_int, default=NOTEBOOK_TIMEOUT,
                          help=f"seconds per notebook before grading it stops (default {NOTEBOOK_TIMEOUT})")
-    p_grade.add_argument("--memory", type=_positive_int, default=MEMORY_LIMIT_MB,
+    p_grade.add_argument("--memory", type=_memory_mb, default=MEMORY_LIMIT_MB,
                          help=f"address-space limit per notebook in MB (default {MEMORY_LIMIT_MB})")
     p_grade.add_argument("--course-dir", default=str(GRADING_DIR), help="nbgrader course directory (default: nbgrader/)")
     return parser

@@ -431,6 +431,8 @@ def test_baselines_are_on_the_models_scale():
 
 
 SECOND_CAMPAIGN = {
+    "normalize_maps text": (lambda: cnn_utils.normalize_maps("abc"), TypeError,
+                            r"maps must be an array of numbers \(N, H, W\[, C\]\), got str"),
     "set_seed -1": (lambda: cnn_utils.set_seed(-1), ValueError, r"seed must be an integer from 0 to 2\*\*32 - 1"),
     "set_seed text": (lambda: cnn_utils.set_seed("a"), ValueError, "seed must be an integer"),
     "build_mnist_cnn (28, 28)": (lambda: cnn_utils.build_mnist_cnn((28, 28)), ValueError,

@@ -174,3 +174,11 @@ def test_grade_checks_the_folder_before_starting_nbgrader(tmp_path, monkeypatch)
         course.grade(tmp_path / "missing", course_dir=tmp_path / "nbgrader")
     with pytest.raises(course.CourseError, match="No submissions"):
         course.grade(tmp_path, course_dir=tmp_path / "nbgrader")
+
+
+@pytest.mark.parametrize("memory", ["6", "2047"])
+def test_grade_memory_below_what_a_notebook_needs_is_refused(memory, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        course.main(["grade", "anywhere", f"--memory={memory}"])
+    assert exit_info.value.code == 2
+    assert "at least 2048 MB" in capsys.readouterr().err

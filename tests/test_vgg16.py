@@ -676,3 +676,10 @@ def test_reconstructions_suptitle_clears_the_two_line_panel_titles():
     suptitle = next(t for t in fig.texts if t.get_text() == "What each depth keeps")
     assert suptitle.get_window_extent(renderer).y0 >= top_of_titles
     plt.close(fig)
+
+
+@pytest.mark.parametrize("eps,beta", [(-1e-8, 2), (0.0, 1), ("1e-8", 2)])
+def test_tv_eps_must_be_a_small_non_negative_number(eps, beta):
+    with pytest.raises(ValueError, match="eps must be a small number >= 0"):
+        cnn_utils.total_variation_norm(columns_only_image(), beta=beta, eps=eps)
+    assert float(cnn_utils.total_variation_norm(columns_only_image(), beta=2, eps=0.0)) == pytest.approx(10.0)
