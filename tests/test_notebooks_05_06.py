@@ -103,6 +103,8 @@ def _check_06(nb):
     assert 0 < v["n_outliers"] < v["n_outliers_pixels"]
     assert v["n_outliers_neighbour_vote"] > v["n_outliers"] / 2
     assert v["n_outliers_misclassified"] <= v["n_mistakes"]
+    assert 0 <= v["n_outliers_one_foreign_class"] <= v["n_outliers"]
+    assert 0.9 < v["neighbours_same_prediction"] <= 1   # what the text claims of feature-space neighbours
     assert all(math.isfinite(x) for x in v["map_mixing_pca_per_class"])
     assert count_images(nb) == 4
     return v
