@@ -315,6 +315,8 @@ MEMORY_LIMIT_MB = 6144
 MIN_MEMORY_MB = 2048
 #: The course files a submission must not change (checked by hash after grading).
 PROTECTED_PATHS = ("cnn_utils.py", "course.py", "nbgrader_config.py", "saved_models", "data", "instructors")
+#: What a graded notebook may see of the course: mounted read-only by bubblewrap, or copied.
+RUNTIME_FILES = ("cnn_utils.py", "course.py", "saved_models")
 STATUSES = ("graded", "failed", "flagged")
 
 
@@ -709,7 +711,7 @@ def sandbox_command(command, workdir="/tmp/work"):
     import site
 
     ro += [p for p in site.getsitepackages() if Path(p).exists()]
-    ro += [str(PROJECT_DIR / name) for name in ("cnn_utils.py", "course.py", "saved_models", "data")]
+    ro += [str(PROJECT_DIR / name) for name in (*RUNTIME_FILES, "data")]
     data = os.environ.get("CNN_COURSE_DATA")
     if data:
         ro.append(str(Path(data).resolve()))
@@ -1099,9 +1101,9 @@ def private_course_copy(dest):
     (``cnn_utils.py``, ``course.py``, ``saved_models/``, the datasets), so that a submission
     that edits the helpers changes only its own copy. Returns ``(course_dir, data_dir)``."""
     dest.mkdir(parents=True)
-    for name in ("cnn_utils.py", "course.py"):
-        shutil.copy2(PROJECT_DIR / name, dest / name)
-    shutil.copytree(PROJECT_DIR / "saved_models", dest / "saved_models")
+    for name in RUNTIME_FILES:
+        source = PROJECT_DIR / name
+        (shutil.copytree if source.is_dir() else shutil.copy2)(source, dest / name)
     data = dest / "data"
     data.mkdir()
     sources = [Path(os.environ[DATA_ENV_VAR])] if os.environ.get(DATA_ENV_VAR) else []
