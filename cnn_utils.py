@@ -5840,6 +5840,23 @@ def _widget_app(rows, controls, refresh_body, css_class=None):
     return box
 
 
+def _colorbar_note_html(cmap):
+    """What the explorer's colour scale means: attribution maps (jet) or feature maps (viridis)."""
+    low, what, high = (("0 = least", "importance", "1 = most") if cmap == "jet" else
+                       ("0 = off", "activation", "1 = largest shown"))
+    return ("<div style='display:flex;justify-content:space-between;font-size:11px'>"
+            f"<span>{low}</span><span>{what}</span><span>{high}</span></div>")
+
+
+def _colorbar_css(cmap, width):
+    """The colour scale as an HTML strip (a CSS gradient: no image, no script)."""
+    import matplotlib
+
+    stops = ", ".join(matplotlib.colors.to_hex(matplotlib.colormaps[cmap](t)) for t in np.linspace(0, 1, 9))
+    return (f"<div style='width:{width};height:10px;background:linear-gradient(to right, {stops})'></div>"
+            + _colorbar_note_html(cmap))
+
+
 def explorer(model, images, labels=None, class_names=None, *, scale=None, top_k=10, samples=None,
              layers=None):
     """An interactive explorer for a live demo: pick an image, a method, a class, a layer.
@@ -5930,10 +5947,11 @@ def explorer(model, images, labels=None, class_names=None, *, scale=None, top_k=
     w_overlay = widgets.Image(format="png", layout=widgets.Layout(width=size))
     w_heat.add_class("explorer-heatmap")
     w_image.add_class("explorer-image")
-    bar = np.repeat(jet(np.linspace(0, 1, 256))[None, :, :3], 10, axis=0)
-    w_colorbar = widgets.Image(value=_png(bar), format="png", layout=widgets.Layout(width=size, height="10px"))
-    colorbar_note = widgets.HTML("<div style='display:flex;justify-content:space-between;font-size:11px'>"
-                                 "<span>0 = least</span><span>importance</span><span>1 = most</span></div>")
+    # the colour scale under the heatmap: jet for attribution maps, viridis for feature maps
+    bars = {name: _png(np.repeat(matplotlib.colormaps[name](np.linspace(0, 1, 256))[None, :, :3], 10, axis=0))
+            for name in ("jet", "viridis")}
+    w_colorbar = widgets.Image(value=bars["jet"], format="png", layout=widgets.Layout(width=size, height="10px"))
+    colorbar_note = widgets.HTML()
     probs_html = widgets.HTML()
     heat_title = widgets.HTML()
 
@@ -6001,7 +6019,9 @@ def explorer(model, images, labels=None, class_names=None, *, scale=None, top_k=
             overlay = gray
             shown = f"the {n_shown} strongest of {n_maps}" if n_shown < n_maps else f"{n_maps}"
             heat_title.value = f"<b>{shown} feature maps of {c_layer.value}{weights_note}</b>"
+            w_colorbar.value, colorbar_note.value = bars["viridis"], _colorbar_note_html("viridis")
         else:
+            w_colorbar.value, colorbar_note.value = bars["jet"], _colorbar_note_html("jet")
             w_heat.value = _png(jet(heat)[..., :3], scale)
             overlay = overlay_heatmap(image, heat, alpha=c_alpha.value)
             heat_title.value = f"<b>{method} for class {class_names[target]}{weights_note}</b>"
@@ -6024,7 +6044,8 @@ def explorer(model, images, labels=None, class_names=None, *, scale=None, top_k=
 
     box = _widget_app(rows, controls, draw, css_class="cnn-explorer")
     box.images = {"image": w_image, "heatmap": w_heat, "overlay": w_overlay}
-    box.texts = {"caption": caption, "heatmap_title": heat_title, "probabilities": probs_html}
+    box.texts = {"caption": caption, "heatmap_title": heat_title, "probabilities": probs_html,
+                 "colorbar_note": colorbar_note}
     box.probabilities, box.model_outputs = probs_all, source
     box.cache = cache  # (image, method, class, layer) -> heatmap; benchmarks clear it
     box.samples = samples
@@ -6079,7 +6100,8 @@ def explorer_snapshot(app, views=None):
                 f"<div style='margin:6px 0'>{t['caption'].value} — {app.status.value}</div>"
                 "<div style='display:flex;gap:12px;align-items:flex-start'>"
                 f"<div><b>input image</b><br>{img('image')}</div>"
-                f"<div>{t['heatmap_title'].value}<br>{img('heatmap')}</div>"
+                f"<div>{t['heatmap_title'].value}<br>{img('heatmap')}"
+                f"{_colorbar_css('viridis' if app.controls['method'].value == ACTIVATIONS_METHOD else 'jet', app.images['heatmap'].layout.width)}</div>"
                 f"<div><b>overlay</b><br>{img('overlay')}</div><div>{t['probabilities'].value}</div></div>")
     finally:
         for k, v in saved.items():

@@ -138,7 +138,7 @@ def test_bad_input(mnist_model):
 @pytest.mark.notebook
 @pytest.mark.parametrize("dataset", ["mnist", "fashion_mnist"])
 def test_notebook_09_runs_for_both_datasets(dataset, tmp_path):
-    from conftest import notebook_text, run_notebook
+    from conftest import notebook_text, notebook_values, run_notebook
 
     nb = run_notebook("10_live_explorer.ipynb", tmp_path, DATASET=dataset)
     assert f"{dataset}: shipped model, 500 test images" in notebook_text(nb)
@@ -153,9 +153,24 @@ def test_notebook_09_runs_for_both_datasets(dataset, tmp_path):
     snapshots = [out["data"]["text/html"] for cell in nb.cells for out in cell.get("outputs", [])
                  if "cnn-explorer-snapshot" in out.get("data", {}).get("text/html", "")]
     assert len(snapshots) == 1
-    n_views = len(cnn_utils.explorer_methods()) + 1
+    # every method, the runner-up class, the first and last conv layer's feature maps, the first mistake
+    n_views = len(cnn_utils.explorer_methods()) + 4
     assert snapshots[0].count("data:image/png;base64,") == 3 * n_views
     assert "✘ wrong" in snapshots[0] and "Score-CAM for class" in snapshots[0]
+    assert "feature maps of conv1" in snapshots[0] and "feature maps of conv3" in snapshots[0]
+    # each heatmap has its colour scale: jet for the methods, viridis for the feature maps
+    assert snapshots[0].count("<span>importance</span>") == n_views - 2
+    assert snapshots[0].count("1 = largest shown") == 2
+    values = notebook_values(nb)
+    # the view after the methods explains the runner-up class; the mistake is explained for its prediction
+    rows = snapshots[0].split("<hr>")
+    assert len(rows) == n_views
+    assert f"Grad-CAM for class {cnn_utils.CLASS_NAMES[dataset][values['runner_up']]}<" in rows[n_views - 4]
+    predicted = re.search(r"predicted <b>(.*?)</b>", rows[-1]).group(1)
+    assert f"Grad-CAM for class {predicted}<" in rows[-1]
+    # what the "things to try" say about conv1 and conv3 on image 0 is measured
+    assert set(values["fires"]) == {"conv1", "conv3"} and all(0 < f <= 1 for f in values["fires"].values())
+    assert 0 < values["channels_on"]["conv3"] <= 64
 
 
 def _small_model(head):
