@@ -32,6 +32,7 @@ Settings (environment variables, read when the hub starts):
     CNN_COURSE_HUB_URL           where the hub listens                    (http://:8000)
     CNN_COURSE_DATA              the folder with mnist.npz and fashion_mnist.npz, readable by all
     CNN_COURSE_OFFLINE           1: the notebooks never try a download (VGG16 falls back at once)
+    CNN_COURSE_MEMORY_BUDGET_MB  activations one attribution call may hold, per student (256)
     TORCH_HOME                   torchvision's cache with the VGG16 weights, readable by all
                                                                           (COURSE_DIR/torch)
 
@@ -92,7 +93,13 @@ c.Spawner.environment = {
     "CNN_COURSE_DATA": os.environ.get("CNN_COURSE_DATA", os.path.join(COURSE_DIR, "data")),
     "CNN_COURSE_OFFLINE": os.environ.get("CNN_COURSE_OFFLINE", ""),
     "TORCH_HOME": os.environ.get("TORCH_HOME", os.path.join(COURSE_DIR, "torch")),  # VGG16 (`make prefetch`)
+    # A class shares one server: each attribution call holds at most 256 MiB of activations
+    # (1024 on a laptop), the difference between 20 students at once fitting 24 GB or not.
+    "CNN_COURSE_MEMORY_BUDGET_MB": os.environ.get("CNN_COURSE_MEMORY_BUDGET_MB", "256"),
 }
+# Kernels idle for 30 minutes are shut down (their memory returned); the notebook stays open.
+c.Spawner.args = ["--MappingKernelManager.cull_idle_timeout=1800",
+                  "--MappingKernelManager.cull_interval=300"]
 # A loaded machine (a class logging in at once) starts servers slowly.
 c.Spawner.start_timeout = 180
 c.Spawner.http_timeout = 180

@@ -659,6 +659,19 @@ def test_memory_budget_splits_every_method(mnist_model, digits, monkeypatch):
         assert calls and max(calls) == 1, (m, calls)
 
 
+@pytest.mark.parametrize("value, mib", [("", 1024), ("256", 256), (" 64 ", 64)])
+def test_memory_budget_from_the_environment(monkeypatch, value, mib):
+    monkeypatch.setenv(cu.MEMORY_BUDGET_ENV_VAR, value)
+    assert cu._memory_budget_from_env() == mib << 20
+
+
+@pytest.mark.parametrize("value", ["abc", "1.5", "8", "-256"])
+def test_bad_memory_budget_warns_and_keeps_the_default(monkeypatch, value):
+    monkeypatch.setenv(cu.MEMORY_BUDGET_ENV_VAR, value)
+    with pytest.warns(UserWarning, match="CNN_COURSE_MEMORY_BUDGET_MB"):
+        assert cu._memory_budget_from_env() == 1024 << 20
+
+
 CHUNK_CASES = [("saliency_map", {}), ("smoothgrad", dict(samples=3, seed=0)),
                ("integrated_gradients", dict(steps=4)), ("grad_cam", {}), ("grad_cam_plus_plus", {}),
                ("score_cam", {}), ("occlusion", dict(window=7, stride=7))]

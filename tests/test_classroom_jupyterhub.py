@@ -88,13 +88,15 @@ def round_(classroom):
             s[name].api("PUT", path, json={"type": "notebook", "format": "json", "content": answered})
         assignments(s[name], "submit")
 
+    budget = check(s[next(iter(STUDENTS))], [python, "-c", "import cnn_utils; print(cnn_utils.ATTRIBUTION_MEMORY_BUDGET >> 20)"],
+                   classroom.home(next(iter(STUDENTS))))
     collected = check(teacher, [python, "-m", "nbgrader", "collect", ASSIGNMENT], clone)
     graded = check(teacher, [python, "-m", "course", "grade", "nbgrader/submitted", "--jobs", "2"], clone)
     scores_csv = teacher.api("GET", "api/contents/cnn-course/nbgrader/reports/scores.csv",
                              params={"content": 1, "type": "file", "format": "text"}).json()["content"]
     return {"listed": listed, "fetched": fetched, "collected": collected, "graded": graded,
             "scores": {row["student_id"]: row for row in csv.DictReader(io.StringIO(scores_csv))},
-            "exchange": classroom.base / "exchange"}
+            "exchange": classroom.base / "exchange", "student_budget_mib": budget.split()[-1]}
 
 
 def _autograded_points(nb):
@@ -127,6 +129,11 @@ def test_scores_come_out_as_a_fair_instructor_would_give(round_):
         assert row["status"] == "graded", (name, row, round_["graded"])
         expected = full if kind == "correct" else 0.0
         assert float(row["autograded_total"]) == pytest.approx(expected), (name, row, round_["graded"])
+
+
+def test_students_kernels_hold_the_class_memory_budget(round_):
+    """The hub's config gives every student's kernel the smaller attribution budget (README sizing)."""
+    assert round_["student_budget_mib"] == "256"
 
 
 def test_grade_reads_nbgrader_collected_layout(tmp_path):

@@ -26,6 +26,8 @@ def test_mnist_facts(mnist):
     assert y_test[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
     assert np.bincount(y_train).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
     assert x_train.mean() * 255 == pytest.approx(33.32, abs=0.01)
+    (_, _), (raw_test, _) = cnn_utils._raw_dataset("mnist")
+    np.testing.assert_array_equal(x_test[..., 0], raw_test.astype(np.float32) / 255.0)   # pixel / 255 exactly
 
 
 def test_fashion_mnist_facts(fashion):
