@@ -5,6 +5,7 @@ import re
 
 import pytest
 
+import cnn_utils
 from conftest import count_images, notebook_text, notebook_values, run_notebook, stored_notebook
 
 NB02 = "02_layer_activations.ipynb"
@@ -35,6 +36,15 @@ def test_notebook_stored_clean_with_parameters_cell(name):
         assert line in source
 
 
+@pytest.mark.parametrize("name", ["00_why_interpret.ipynb", "01_train_mnist_cnn.ipynb", NB02, NB03])
+def test_notebook_calls_only_existing_helpers(name):
+    """A branch the tests do not execute (01 with TRAIN_NEW_MODEL in full mode) must not name a missing helper."""
+    nb, _, _ = stored_notebook(name)
+    code = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+    names = set(re.findall(r"\bcnn_utils\.([A-Za-z_]\w*)", code)) - {"py"}   # "cnn_utils.py" is the file
+    assert names and not sorted(n for n in names if not hasattr(cnn_utils, n))
+
+
 def _check_02(nb):
     _common(nb)
     v = notebook_values(nb)
@@ -51,6 +61,10 @@ def _check_02(nb):
     assert zero["conv3"] > zero["conv1"] and zero["pool1"] == zero["conv1"]
     assert v["active_share"]["conv2"] < v["active_share"]["conv1"]
     assert 0 < v["conv2_filter_active_on"] <= 10 and v["conv1_filter_active_on"] >= 8
+    # each conv1 map of the example is counted once: on the bright pixels, beside them, or zero everywhere
+    assert v["conv1_maps_on_strokes"] + v["conv1_maps_beside"] + v["conv1_maps_silent"] == 32
+    assert v["conv1_maps_silent"] == v["example_zero_channels"]["conv1"]
+    assert 0 <= v["conv1_filter_follows_ink"] <= 10
     assert min(v["conv2_filter_mean"]) < 0.5 * max(v["conv2_filter_mean"])
     assert count_images(nb) >= 10
 
@@ -64,7 +78,10 @@ def _check_03(nb):
     assert v["classes_recognised"] >= 8
     assert len(v["class_scores"]) == len(v["best_real_class_scores"]) == 10
     fv = v["feature_visualization"]
-    assert fv["conv3"]["end"] > fv["conv3"]["start"]
+    assert fv["conv3"]["end"] > fv["conv3"]["start"] and fv["conv2"]["end"] > fv["conv2"]["start"]
+    # the "(off)" filters were run again with 4 times the steps: no more switch on than were off
+    for layer, (n_off, n_woken) in v["off_woken_by_longer_ascent"].items():
+        assert n_off == fv[layer]["off"] and 0 <= n_woken <= n_off
     assert v["dead_filters"]["conv3"] > v["dead_filters"]["conv2"]
     for layer, ex in v["dataset_examples"].items():
         assert len(set(ex["filters"])) == 8 and 0 <= ex["synthetic_beats_best_real"] <= 8
