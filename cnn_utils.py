@@ -3739,8 +3739,8 @@ def load_vgg16(pretrained=True, device=None, seed=DEFAULT_SEED, timeout=10.0):
             print(
                 "NOTE: Could not load the VGG16 ImageNet weights: " + problem + ".\n"
                 "The model therefore has RANDOM weights. Every cell still runs, but its "
-                "predictions are meaningless and its filters are noise; the feature inversions "
-                "show what an untrained network keeps.\n"
+                "predictions are meaningless and its filters are noise: every map, image and "
+                "inversion made with it shows an untrained network.\n"
                 "To use the real weights: on a machine with internet, run `make prefetch` (or "
                 "`python -m course prefetch`) in the course folder, which saves them (528 MB) "
                 f"to {path}; then restart the kernel.",

@@ -50,7 +50,8 @@ def test_photos_and_predictions(executed):
 def test_reference_code_equals_the_fast_functions(executed):
     _, values, _ = executed
     assert values["reference_saliency_max_diff"] < 1e-4
-    assert values["reference_grad_cam_rho"] >= 0.99
+    assert values["reference_grad_cam_max_diff"] < 1e-4
+    assert values["reference_occlusion_max_diff"] < 1e-3
 
 
 @pytest.mark.notebook
@@ -69,8 +70,9 @@ def test_every_method_side_by_side(executed):
 def test_non_top_classes_and_two_objects(executed):
     _, values, _ = executed
     assert len(set(values["rank_targets"])) == 4
-    for rho in values["rho_with_top_class"].values():
+    for method, rho in values["rho_with_top_class"].items():
         assert rho[0] == pytest.approx(1.0) and all(-1 <= r <= 1 for r in rho)
+        assert values["rho_rank_mean"][method] == pytest.approx(np.mean(rho[1:]))   # what the text compares
     assert values["cat_class"] in (281, 282, 283, 284, 285) and values["coffee_class"] in (967, 968, 504)
     for name in METHODS:
         left = values["left_share"][name]
@@ -84,6 +86,7 @@ def test_occlusion_sanity_check_feature_visualization_and_explorer(executed):
     assert set(values["occlusion_rho"]) == set(METHODS) - {"Occlusion"}
     assert (values["occlusion_window"], values["occlusion_stride"]) == (16, 8)  # 32-px photos in FAST mode
     assert values["occlusion_windows"] == ((32 - 16) // 8 + 1) ** 2
+    assert values["occlusion_blocky"] is True   # 8-px blocks: the text says the map is constant on them
     assert set(values["sanity"]) == {"fc8", "classifier", "classifier + conv5"}
     assert set(values["sanity"]["fc8"]) == {"Saliency", "Grad-CAM", "Grad-CAM++"}
     for row in values["sanity"].values():
@@ -105,3 +108,44 @@ def test_occlusion_sanity_check_feature_visualization_and_explorer(executed):
     assert snapshot[0].count("RANDOM weights") >= 2
     # predictions, side by side, ranks, two objects, channels of conv3_3 and of conv4_3, classes
     assert count_images(nb) == 7
+
+
+@pytest.fixture(scope="module")
+def executed_with_cached_weights(tmp_path_factory):
+    """The notebook's ImageNet-weights branches, exercised offline: torchvision's cache holds a
+    file that loads as the ImageNet weights (torchvision's random initialisation, in float16)."""
+    import torch
+    import torchvision
+
+    import cnn_utils
+
+    tmp = tmp_path_factory.mktemp("nb08_cached")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TORCH_HOME", str(tmp / "torch"))
+    mp.setenv("CNN_COURSE_OFFLINE", "1")
+    path = cnn_utils.vgg16_weights_path()
+    try:
+        path.parent.mkdir(parents=True)
+        torch.manual_seed(0)
+        torch.save({k: v.half() for k, v in torchvision.models.vgg16(weights=None).state_dict().items()}, path)
+        nb = run_notebook("08_vgg16_photos.ipynb", tmp)
+    finally:
+        mp.undo()
+        path.unlink(missing_ok=True)   # 277 MB
+    return nb, notebook_values(nb), notebook_text(nb)
+
+
+@pytest.mark.notebook
+def test_the_imagenet_weights_branches_run(executed_with_cached_weights):
+    nb, values, text = executed_with_cached_weights
+    assert values["weights"] == "ImageNet"
+    assert not [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    markdown = "\n".join(o["data"]["text/markdown"] for c in nb.cells for o in c.get("outputs", [])
+                         if "text/markdown" in o.get("data", {}))
+    assert "With the ImageNet weights the top classes are" in markdown
+    assert "of the 9 classes ranked 2nd to 10th are animals" in markdown
+    assert "random weights" not in markdown.lower() and "RANDOM WEIGHTS" not in text
+    assert values["animals_ranked_2_to_10"] in range(10)
+    snapshot = [o["data"]["text/html"] for c in nb.cells for o in c.get("outputs", [])
+                if "cnn-explorer-snapshot" in o.get("data", {}).get("text/html", "")]
+    assert len(snapshot) == 1 and "RANDOM" not in snapshot[0]
