@@ -12,7 +12,7 @@ to the end, cells done within ``--budget`` seconds, and peak memory of all the u
 run: one student alone, before the class. Also printed: the servers' start time, the machine's
 load average and the memory used by other jobs, and the memory 50 students need. A guard ends the
 class's kernels when the machine runs short of memory (``--min-available-gb``; a student needs
-about 1.4 GB).
+about 1.2 GB with the hub's 256 MiB attribution budget).
 
     sudo CNN_COURSE_DATA=/path/to/datasets PATH=/path/to/configurable-http-proxy/bin:$PATH \\
         .venv/bin/python benchmarks/bench_classroom.py [--students 20] [--budget 360]
