@@ -31,6 +31,9 @@ def _check(nb, min_accuracy):
     assert set(values["cam_class_similarity"]) == {"conv2", "conv3"}
     assert all(rho < 0.3 for rho in values["cam_class_similarity"].values())
     assert all(n > 1000 for n in values["cam_class_pairs"].values())
+    # the finer conv2 map lies less on pixels without ink than the conv3 map (first 200 test images:
+    # 67 % against 76 % on MNIST, 31 % against 45 % on Fashion-MNIST)
+    assert values["cam_background_by_layer"]["conv2"] < values["cam_background_by_layer"]["conv3"]
     # sanity check: Grad-CAM of a fully randomised model is unrelated to the trained one,
     # the vanilla gradient changes clearly more than two SmoothGrad runs differ
     reference = values["sanity_reference"]
