@@ -135,6 +135,11 @@ class DataError(RuntimeError):
     """A dataset could not be found, read or validated."""
 
 
+def _is_int(value):
+    """True for an integer (Python or NumPy), not a bool: the test behind every count and index argument."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def _is_number(value):
     """True for a finite real number (not a bool, not a string)."""
     return (not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
@@ -283,7 +288,7 @@ def _check_seed(seed, name="seed", allow_none=False):
     """A random seed: an integer from 0 to 2**32 - 1 (or None where ``allow_none``)."""
     if seed is None and allow_none:
         return None
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2 ** 32:
+    if not _is_int(seed) or not 0 <= seed < 2 ** 32:
         raise ValueError(f"{name} must be {'None or ' if allow_none else ''}an integer from 0 to 2**32 - 1, "
                          f"got {seed!r}.")
     return int(seed)
@@ -310,11 +315,11 @@ def build_mnist_cnn(input_shape=(28, 28, 1), num_classes=10, seed=DEFAULT_SEED):
     from keras import layers
 
     shape = tuple(input_shape) if isinstance(input_shape, (tuple, list)) else ()
-    if (len(shape) != 3 or any(isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1 for d in shape)
+    if (len(shape) != 3 or any(not _is_int(d) or d < 1 for d in shape)
             or min(shape[:2]) < 18):
         raise ValueError(f"input_shape must be (height, width, channels) with height and width of at least 18 "
                          f"pixels (three 3x3 convolutions and two poolings), e.g. (28, 28, 1); got {input_shape!r}.")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
+    if not _is_int(num_classes) or num_classes < 2:
         raise ValueError(f"num_classes must be an integer of at least 2 (a softmax over one class is always 1), "
                          f"got {num_classes!r}.")
     set_seed(seed)
@@ -344,7 +349,7 @@ def train_model(model, x_train, y_train, epochs=4, batch_size=128, validation_da
     """
     keras = _keras()
     for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        if not _is_int(value) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     if not _is_number(learning_rate) or learning_rate <= 0:
         raise ValueError(f"learning_rate must be a positive number, got {learning_rate!r}.")
@@ -385,7 +390,7 @@ def model_path(name, seed=None):
     _check_dataset_name(name)
     if seed is None or seed == DEFAULT_SEED:
         return MODELS_DIR / f"{name}_cnn.keras"
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+    if not _is_int(seed):
         raise TypeError(f"seed must be None or an integer, got {seed!r}.")
     return MODELS_DIR / f"{name}_cnn_seed{seed}.keras"
 
@@ -596,7 +601,7 @@ def most_confident_mistakes(probs, labels, k=16):
     """
     probs = _as_probs(probs)
     labels = _as_labels(labels, len(probs), probs.shape[1])
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+    if not _is_int(k) or k < 0:
         raise ValueError(f"k must be an integer >= 0, got {k!r}.")
     pred = probs.argmax(axis=1)
     wrong = np.flatnonzero(pred != labels)
@@ -881,7 +886,7 @@ def activation_model(model, layer_names):
 
 
 def _check_batch_size(batch_size):
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+    if not _is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     return int(batch_size)
 
@@ -1071,7 +1076,7 @@ def top_activating_images(model, layer_name, images, index=None, k=5, batch_size
                          f"convolutional layer or the class scores ({LOGITS_LAYER!r}).")
     response = acts.mean(axis=(1, 2)) if acts.ndim == 4 else acts          # (N, units)
     idx = _check_unit_indices(index, response.shape[1], layer_name, acts.ndim)
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= len(response):
+    if not _is_int(k) or not 1 <= k <= len(response):
         raise ValueError(f"k must be an integer from 1 to the number of images ({len(response)}); got {k!r}.")
     order = np.argsort(-response[:, idx], axis=0, kind="stable")[:k].T     # (filters, k)
     return order, np.take_along_axis(response[:, idx].T, order, axis=1)
@@ -1301,19 +1306,19 @@ def activation_maximization(model, layer_name, index, steps=100, lr=0.1, l2=0.0,
         raise ValueError(f"spatial must be 'mean' or 'center', got {spatial!r}.")
     rank, n_units = _layer_units(model, layer_name)
     idx = _check_unit_indices(index, n_units, layer_name, rank)
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+    if not _is_int(steps) or steps < 1:
         raise ValueError(f"steps must be an integer of at least 1, got {steps!r}.")
     steps = int(steps)
     if init_mean is None:
         span = model_input_range(model) or DEFAULT_INPUT_RANGE
         init_mean = 0.5 * (span[0] + span[1])
-    if isinstance(jitter, bool) or not isinstance(jitter, (int, np.integer)) or jitter < 0:
+    if not _is_int(jitter) or jitter < 0:
         raise ValueError(f"jitter must be a whole number of pixels >= 0, got {jitter!r}.")
     for name, value in (("lr", lr), ("l2", l2), ("tv", tv), ("init_std", init_std), ("init_mean", init_mean)):
         if not _is_number(value) or (value < 0 and name != "init_mean"):
             raise ValueError(f"{name} must be a finite number{'' if name == 'init_mean' else ' >= 0'}, "
                              f"got {value!r}.")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+    if seed is not None and (not _is_int(seed) or seed < 0):
         raise ValueError(f"seed must be None or an integer >= 0, got {seed!r}.")
     shape = _model_input_shape(model)
     if image_shape is not None:
@@ -1374,7 +1379,7 @@ def deprocess_image(x, crop=0, contrast=0.15):
     a = a - a.mean(axis=axes, keepdims=True)
     a = a / (a.std(axis=axes, keepdims=True) + 1e-5)
     a = np.clip(a * contrast + 0.5, 0.0, 1.0)
-    if isinstance(crop, bool) or not isinstance(crop, (int, np.integer)) or crop < 0:
+    if not _is_int(crop) or crop < 0:
         raise ValueError(f"crop must be an integer >= 0 (pixels per border), got {crop!r}.")
     if not _is_number(contrast) or contrast <= 0:
         raise ValueError(f"contrast must be a positive number, got {contrast!r}.")
@@ -1561,7 +1566,7 @@ def occlusion_windows(input_hw, window, stride):
     win = (window, window) if np.isscalar(window) else tuple(window)
     st = (stride, stride) if np.isscalar(stride) else tuple(stride)
     for name, value, limit in (("window", win, (H, W)), ("stride", st, (H, W))):
-        if len(value) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1
+        if len(value) != 2 or any(not _is_int(v) or v < 1
                                   for v in value):
             raise ValueError(f"{name} must be a positive int or a pair (height, width) of positive ints; "
                              f"got {value!r}.")
@@ -2572,7 +2577,7 @@ def smoothgrad(model, images, class_index=None, *, layer=None, score="logits", n
     """
     _no_layer(layer, "smoothgrad")
     _check_flags(normalize=normalize)
-    if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 1:
+    if not _is_int(samples) or samples < 1:
         raise ValueError(f"samples must be a positive integer, got {samples!r}.")
     if not _is_number(noise) or noise < 0:
         raise ValueError(f"noise must be a non-negative number (a fraction of each image's range), got {noise!r}.")
@@ -2612,7 +2617,7 @@ def integrated_gradients(model, images, class_index=None, *, layer=None, score="
     """
     _no_layer(layer, "integrated_gradients")
     _check_flags(return_gap=return_gap)
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+    if not _is_int(steps) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}.")
     e = _Explained(model, images, class_index, score)
     x = e.x
@@ -2735,8 +2740,7 @@ def score_cam(model, images, class_index=None, *, layer=None, score="logits", no
     e = _Explained(model, images, class_index, score)
     name = e.engine.resolve_layer(layer, e.x)
     x, cls = e.x, e.cls
-    if max_masks is not None and (isinstance(max_masks, bool) or not isinstance(max_masks, (int, np.integer))
-                                  or max_masks < 1):
+    if max_masks is not None and (not _is_int(max_masks) or max_masks < 1):
         raise ValueError(f"max_masks must be a positive int (the number of channels to mask) or None "
                          f"(every channel); got {max_masks!r}.")
     maps = np.empty(x.shape[:3], np.float32)
@@ -3124,7 +3128,7 @@ def format_probability(p, decimals=1):
     p = float(p)
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"p must be a probability in [0, 1], got {p!r}.")
-    if isinstance(decimals, bool) or not isinstance(decimals, (int, np.integer)) or decimals < 0:
+    if not _is_int(decimals) or decimals < 0:
         raise ValueError(f"decimals must be a non-negative integer, got {decimals!r}.")
     for d in range(int(decimals), 17):
         text = f"{100 * p:.{d}f}"
@@ -3162,9 +3166,7 @@ TSNE_METHODS = ("opentsne", "sklearn")
 
 
 def _check_pca_components(pca_components, x):
-    if pca_components is not None and (isinstance(pca_components, bool)
-                                       or not isinstance(pca_components, (int, np.integer))
-                                       or not 2 <= pca_components <= min(x.shape)):
+    if pca_components is not None and (not _is_int(pca_components) or not 2 <= pca_components <= min(x.shape)):
         raise ValueError(f"pca_components must be None or an integer from 2 to min(N, D) = {min(x.shape)}, "
                          f"got {pca_components!r}.")
 
@@ -3191,7 +3193,7 @@ def tsne_embedding(features, perplexity=30.0, method="opentsne", n_iter=750, see
     x = _as_points(features, "features")
     if method not in TSNE_METHODS:
         raise ValueError(f"Unknown t-SNE method {method!r}; choose one of {', '.join(TSNE_METHODS)}.")
-    if not _is_number(perplexity) or isinstance(n_iter, bool) or not isinstance(n_iter, (int, np.integer)):
+    if not _is_number(perplexity) or not _is_int(n_iter):
         raise TypeError(f"perplexity must be a number and n_iter an integer; got {perplexity!r}, {n_iter!r}.")
     if not 1 <= perplexity < len(x):
         raise ValueError(f"perplexity must be at least 1 and below the number of points ({len(x)}), "
@@ -3200,7 +3202,7 @@ def tsne_embedding(features, perplexity=30.0, method="opentsne", n_iter=750, see
         raise ValueError(f"n_iter counts the 250 early-exaggeration iterations too; it must exceed 250, "
                          f"got {n_iter}.")
     seed = _check_seed(seed)
-    if isinstance(n_jobs, bool) or not isinstance(n_jobs, (int, np.integer)) or n_jobs == 0 or n_jobs < -1:
+    if not _is_int(n_jobs) or n_jobs == 0 or n_jobs < -1:
         raise ValueError(f"n_jobs must be a positive number of threads, or -1 for all cores; got {n_jobs!r}.")
     _check_pca_components(pca_components, x)
     n_distinct = len(np.unique(x, axis=0))
@@ -3267,8 +3269,7 @@ def umap_embedding(features, n_neighbors=15, min_dist=0.1, seed=DEFAULT_SEED, pc
     with PCA, as in ``tsne_embedding``.
     """
     x = _as_points(features, "features")
-    if isinstance(n_neighbors, bool) or not isinstance(n_neighbors, (int, np.integer)) \
-            or not 2 <= n_neighbors < len(x):
+    if not _is_int(n_neighbors) or not 2 <= n_neighbors < len(x):
         raise ValueError(f"n_neighbors must be an integer from 2 to N - 1 = {len(x) - 1}, got {n_neighbors!r}.")
     if not _is_number(min_dist) or not 0 <= min_dist <= 1:
         raise ValueError(f"min_dist must be a number from 0 to 1, got {min_dist!r}.")
@@ -3302,7 +3303,7 @@ def trustworthiness(features, embedding, n_neighbors=10, chunk_size=500):
     x = _as_points(features, "features")
     e = _as_points(embedding, "embedding")
     for name, value in (("n_neighbors", n_neighbors), ("chunk_size", chunk_size)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        if not _is_int(value) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     n, k = len(x), int(n_neighbors)
     if len(e) != n:
@@ -3339,7 +3340,7 @@ def knn_label_disagreement(features, labels, n_neighbors=10):
     if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer) or (len(y) and y.min() < 0):
         raise ValueError(f"labels must be non-negative integers of shape ({len(x)},); "
                          f"got shape {y.shape}, dtype {y.dtype}.")
-    if isinstance(n_neighbors, bool) or not isinstance(n_neighbors, (int, np.integer)):
+    if not _is_int(n_neighbors):
         raise ValueError(f"n_neighbors must be an integer, got {n_neighbors!r}.")
     _, y = np.unique(y, return_inverse=True)   # labels 0..K-1 (e.g. 3, 7, 1000000000 -> 0, 1, 2)
     classes = np.unique(np.asarray(labels))
@@ -3372,7 +3373,7 @@ def _photo_size(size):
     if size is None:
         return None
     pair = (size, size) if np.isscalar(size) else tuple(size)
-    if (len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) for v in pair)
+    if (len(pair) != 2 or any(not _is_int(v) for v in pair)
             or min(pair) < 1):
         raise ValueError(f"size must be a positive int, a pair (height, width) or None; got {size!r}.")
     return int(pair[0]), int(pair[1])
@@ -3781,7 +3782,7 @@ def _check_layer_index(model, layer_index):
         raise TypeError("The model must have a `features` attribute (an nn.Sequential of layers), "
                         f"as torchvision's VGG16 has; got {type(model).__name__}.")
     n = len(features)
-    if isinstance(layer_index, bool) or not isinstance(layer_index, (int, np.integer)):
+    if not _is_int(layer_index):
         raise TypeError(f"layer_index must be an integer from 0 to {n - 1}, got {layer_index!r}.")
     if not 0 <= layer_index < n:
         listing = ", ".join(f"{i} {name}" for i, name in enumerate(vgg_layer_names(model)))
@@ -4008,7 +4009,7 @@ def top_k_predictions(model, image, k=5):
     x = _as_model_input(image).to(device)
     with torch.no_grad():
         probs = torch.softmax(_normalized_forward(model)(x), dim=1)[0].cpu()
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= len(probs):
+    if not _is_int(k) or not 1 <= k <= len(probs):
         raise ValueError(f"k must be an integer from 1 to the number of classes ({len(probs)}), got {k!r}.")
     values, indices = probs.topk(int(k))
     names = getattr(model, "class_names", None) or imagenet_class_names()
@@ -4056,8 +4057,7 @@ def gradient_saliency(model, image, class_index=None):
     if class_index is not None:
         with torch.no_grad():
             n_classes = int(forward(x.to(next(model.parameters()).device)).shape[1])
-        if isinstance(class_index, bool) or not isinstance(class_index, (int, np.integer)) \
-                or not 0 <= class_index < n_classes:
+        if not _is_int(class_index) or not 0 <= class_index < n_classes:
             raise ValueError(f"class_index must be an int from 0 to {n_classes - 1}, got {class_index!r}.")
     image_hwc = x.permute(0, 2, 3, 1).cpu().numpy()
     _, cls = class_scores(net, image_hwc, class_index)
@@ -4114,7 +4114,7 @@ def feature_inversion(model, image, layer_index, iterations=200, lr=0.1, optimiz
         raise TypeError(f"model must be a PyTorch model (torchvision's VGG16), got {type(model).__name__}.")
     layer_index = _check_layer_index(model, layer_index)
     for name, value in (("iterations", iterations), ("n_snapshots", n_snapshots), ("seed", seed)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < (0 if name == "seed" else 1):
+        if not _is_int(value) or value < (0 if name == "seed" else 1):
             raise ValueError(f"{name} must be an integer of at least {0 if name == 'seed' else 1}, got {value!r}.")
     for name, value in (("lr", lr), ("alpha", alpha), ("tv_beta", tv_beta)):
         _check_positive(value, name)
@@ -4355,7 +4355,7 @@ def top_activating_crops(model, photos, layer, channel, k=4, *, per_photo=1):
     if not photos:
         raise ValueError("photos must be a non-empty dict {name: photo (H, W, 3) in [0, 1]}.")
     for name, value in (("k", k), ("per_photo", per_photo)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        if not _is_int(value) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     names = list(photos)
     batch = [_photo_batch(photos[n], f"photos[{n!r}]")[0] for n in names]
@@ -4367,7 +4367,7 @@ def top_activating_crops(model, photos, layer, channel, k=4, *, per_photo=1):
     n_channels = maps.shape[1]
     channels = list(channel) if isinstance(channel, (list, tuple)) else [channel]
     for ch in channels:
-        if isinstance(ch, bool) or not isinstance(ch, (int, np.integer)) or not 0 <= ch < n_channels:
+        if not _is_int(ch) or not 0 <= ch < n_channels:
             raise ValueError(f"channel must be an int from 0 to {n_channels - 1} ({layer} has {n_channels} "
                              f"channels), or a list of such ints; got {ch!r}.")
     size, stride, offset = vgg_receptive_field(model, layer)
@@ -4468,10 +4468,10 @@ def vgg_feature_visualization(model, layer, units, *, size=128, steps=128, lr=0.
 
     torch, _ = _torch()
     units = [units] if isinstance(units, (int, np.integer)) else list(units)
-    if not units or any(isinstance(u, bool) or not isinstance(u, (int, np.integer)) for u in units):
+    if not units or any(not _is_int(u) for u in units):
         raise TypeError(f"units must be an int or a non-empty list of ints (channels or classes); got {units!r}.")
     for name, value, least in (("steps", steps, 1), ("size", size, 32), ("jitter", jitter, 0), ("pad", pad, 0)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+        if not _is_int(value) or value < least:
             raise ValueError(f"{name} must be an integer, {name} >= {least}"
                              f"{' (VGG16 pools five times)' if name == 'size' else ''}; got {value!r}.")
     if not _is_number(lr) or lr < 0:
@@ -4676,8 +4676,7 @@ def plot_kernels(kernel, in_channel=0, annotate=True, ncols=8, size=1.25, title=
     k = np.asarray(kernel)
     if k.ndim != 4:
         raise ValueError(f"kernel must be (kh, kw, in_channels, out_channels); got shape {k.shape}.")
-    if isinstance(in_channel, bool) or not isinstance(in_channel, (int, np.integer)) \
-            or not 0 <= in_channel < k.shape[2]:
+    if not _is_int(in_channel) or not 0 <= in_channel < k.shape[2]:
         raise ValueError(f"in_channel must be an integer from 0 to {k.shape[2] - 1}, got {in_channel!r}.")
     if bias is not None and np.shape(bias) != (k.shape[-1],):
         raise ValueError(f"bias must have one value per filter, shape ({k.shape[-1]},); got {np.shape(bias)}.")
@@ -4873,7 +4872,7 @@ def plot_image_grid(images, titles=None, ncols=10, cmap="gray", title=None, size
         raise ValueError(f"titles has {len(titles)} entries for {n} images.")
     _check_titles(title_colors, n, "title_colors")
     colormap(cmap)
-    if isinstance(ncols, bool) or not isinstance(ncols, (int, np.integer)) or ncols < 1:
+    if not _is_int(ncols) or ncols < 1:
         raise ValueError(f"ncols must be a positive integer, got {ncols!r}.")
     ncols = min(ncols, n)
     nrows = int(np.ceil(n / ncols))
@@ -5221,7 +5220,7 @@ def plot_histograms(samples, xlabel, title, bins=30, range=None, log=False):
         if a.size == 0 or not np.all(np.isfinite(a)):
             raise ValueError(f"samples[{k!r}] must be a non-empty array of finite numbers; got {a.size} values"
                              f"{'' if a.size == 0 else ' with NaN or infinite ones'}.")
-    if isinstance(bins, bool) or not isinstance(bins, (int, np.integer)) or bins < 1:
+    if not _is_int(bins) or bins < 1:
         raise ValueError(f"bins must be a positive integer, got {bins!r}.")
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     if range is None:
@@ -5242,7 +5241,7 @@ def plot_histograms(samples, xlabel, title, bins=30, range=None, log=False):
 def spread_out_indices(points, n, seed=DEFAULT_SEED):
     """``n`` indices of ``points`` (N, 2) far apart from each other (greedy farthest-point)."""
     pts = _as_points(points, "points")
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+    if not _is_int(n) or n < 0:
         raise ValueError(f"n must be an integer >= 0, got {n!r}.")
     n = min(int(n), len(pts))
     if n <= 0:
@@ -5406,7 +5405,7 @@ def plot_strongest_channels(maps, channels=None, n=16, ncols=8, layer_name="laye
         raise ValueError(f"Feature maps of shape {maps.shape} look like (H, W, C), the Keras layout; this "
                          "function takes PyTorch's (C, H, W): pass np.moveaxis(maps, -1, 0).")
     channels = _strongest_channels(maps, n) if channels is None else list(np.atleast_1d(channels))
-    if not channels or any(isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not 0 <= c < len(maps)
+    if not channels or any(not _is_int(c) or not 0 <= c < len(maps)
                            for c in channels):
         raise ValueError(f"channels must be indices from 0 to {len(maps) - 1}; got {channels}.")
     return plot_all_channels(
@@ -5650,7 +5649,7 @@ def plot_raw_and_deprocessed(images, labels, title=None, size=1.8, crop=0):
     if raw.ndim != 4 or raw.shape[-1] != 1 or len(labels) != len(raw):
         raise ValueError(f"images must be (K, H, W, 1) with one label each; got {raw.shape} "
                          f"and {len(labels)} labels.")
-    if isinstance(crop, bool) or not isinstance(crop, (int, np.integer)) or crop < 0 \
+    if not _is_int(crop) or crop < 0 \
             or 2 * crop >= min(raw.shape[1:3]):
         raise ValueError(f"crop must be an integer >= 0 that leaves part of the {raw.shape[1]}x{raw.shape[2]} "
                          f"images; got {crop!r}.")
@@ -5919,7 +5918,7 @@ def explorer(model, images, labels=None, class_names=None, *, scale=None, top_k=
     if len(class_names) != n_classes:
         raise ValueError(f"class_names has {len(class_names)} names; the model has {n_classes} classes.")
     for name, value in (("top_k", top_k), ("scale", 1 if scale is None else scale)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        if not _is_int(value) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     top_k = min(int(top_k), n_classes)
     pred_all = probs_all.argmax(axis=1)
