@@ -351,7 +351,7 @@ def test_faster_score_cam_masks_the_channels_that_vary_most(ref_model):
     kept = {}
     handle = net[7].register_forward_hook(lambda m, i, out: kept.update(a=out.detach().numpy()))
     with torch.no_grad():
-        net(torch.from_numpy(x).permute(0, 3, 1, 2))
+        net(nchw(x))
     handle.remove()
     spread = kept["a"].reshape(len(x), kept["a"].shape[1], -1).var(axis=2)      # (N, channels)
     _, full = cu.score_cam(net, x, return_weights=True)
@@ -439,7 +439,7 @@ X12 = np.random.default_rng(5).random((2, 12, 12, 3)).astype(np.float32)
 
 def test_a_module_ending_in_softmax_is_explained_on_its_logits():
     net = small_module(softmax=True)
-    t = torch.from_numpy(X12).permute(0, 3, 1, 2)
+    t = nchw(X12)
     with torch.no_grad():
         logits, probs = net[:-1](t).numpy(), net(t).numpy()
     np.testing.assert_allclose(cu.class_scores(net, X12, 1)[0], logits[:, 1], rtol=1e-5)
@@ -471,7 +471,7 @@ def test_a_declared_input_range_holds_for_probabilities_and_the_explorer():
     u8 = np.round(X12 * 255).astype(np.uint8)
     pm1 = u8.astype(np.float32) / 255 * 2 - 1
     with torch.no_grad():
-        expected = torch.softmax(net(torch.from_numpy(pm1).permute(0, 3, 1, 2)), 1).numpy()
+        expected = torch.softmax(net(nchw(pm1)), 1).numpy()
     np.testing.assert_allclose(cu.class_probabilities(net, u8)[0], expected, rtol=1e-5)
     np.testing.assert_allclose(cu.explorer(net, pm1).probabilities, expected, rtol=1e-5)
     with pytest.raises(ValueError, match=r"outside the model's input range \[-1, 1\]"):
@@ -481,6 +481,6 @@ def test_a_declared_input_range_holds_for_probabilities_and_the_explorer():
 def test_a_one_output_module_gets_two_class_probabilities():
     net = small_module(out=1)
     with torch.no_grad():
-        z = net(torch.from_numpy(X12).permute(0, 3, 1, 2)).numpy()[:, 0]
+        z = net(nchw(X12)).numpy()[:, 0]
     p = 1 / (1 + np.exp(-z))
     np.testing.assert_allclose(cu.class_probabilities(net, X12)[0], np.stack([1 - p, p], 1), rtol=1e-5)

@@ -405,7 +405,7 @@ def test_models_with_two_outputs_are_refused_everywhere(as_dict, call):
 
 
 def test_randomize_weights_reaches_nested_layers_and_unnamed_inputs():
-    from test_own_models import nested_sequential
+    from model_zoo import nested_sequential
 
     nested = nested_sequential()
     clone = cnn_utils.randomize_weights(nested, ["bc2"], seed=1)

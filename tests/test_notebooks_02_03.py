@@ -39,8 +39,7 @@ def test_notebook_stored_clean_with_parameters_cell(name):
 @pytest.mark.parametrize("name", ["00_why_interpret.ipynb", "01_train_mnist_cnn.ipynb", NB02, NB03])
 def test_notebook_calls_only_existing_helpers(name):
     """A branch the tests do not execute (01 with TRAIN_NEW_MODEL in full mode) must not name a missing helper."""
-    nb, _, _ = stored_notebook(name)
-    code = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+    _, _, code = stored_notebook(name)
     names = set(re.findall(r"\bcnn_utils\.([A-Za-z_]\w*)", code)) - {"py"}   # "cnn_utils.py" is the file
     assert names and not sorted(n for n in names if not hasattr(cnn_utils, n))
 
