@@ -53,7 +53,7 @@ def train_and_save(dataset="mnist", epochs=None, seed=DEFAULT_SEED, out_dir=None
         raise CourseError(f"Unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)}.")
     if epochs is None:
         epochs = DEFAULT_EPOCHS[dataset]
-    if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 1:
+    if not cnn_utils._is_int(epochs) or epochs < 1:
         raise CourseError(f"epochs must be a whole number of at least 1, got {epochs!r}.")
     if replace and out_dir is not None:
         raise CourseError("Give either replace=True (saved_models/) or out_dir, not both.")
@@ -448,7 +448,7 @@ def course_file_hashes(root=PROJECT_DIR):
     import hashlib
 
     hashes = {}
-    data_dir = os.environ.get("CNN_COURSE_DATA")
+    data_dir = os.environ.get(DATA_ENV_VAR)
     roots = [(root / p, p) for p in PROTECTED_PATHS]
     if data_dir:
         roots.append((Path(data_dir), "$CNN_COURSE_DATA"))
@@ -458,6 +458,12 @@ def course_file_hashes(root=PROJECT_DIR):
             name = label if f == path else f"{label}/{f.relative_to(path)}"
             hashes[name] = hashlib.sha256(f.read_bytes()).hexdigest()
     return hashes
+
+
+def changed_course_files(before):
+    """The course files added, changed or removed since ``before = course_file_hashes()``, sorted."""
+    after = course_file_hashes()
+    return sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
 
 
 def grading_scores(course_dir=None):
@@ -626,8 +632,7 @@ def grade(folder, jobs=None, course_dir=None, cell_timeout=CELL_TIMEOUT, noteboo
     for student in students:
         if not _notebook_path(course, "feedback", student).with_suffix(".html").is_file():
             reports[student].setdefault("flags", []).append("no feedback page could be generated")
-    changed = sorted(k for k, v in course_file_hashes().items() if before.get(k) != v)
-    changed += sorted(set(before) - set(course_file_hashes()))
+    changed = changed_course_files(before)
     if changed:
         raise CourseError(f"Course files changed while grading: {', '.join(changed)}. Restore them "
                           "(git checkout) and grade again; run grading with bubblewrap installed.")
@@ -1087,8 +1092,7 @@ def run_sandboxed(nb, cell_timeout=CELL_TIMEOUT, notebook_timeout=NOTEBOOK_TIMEO
                 if path.is_dir() and not path.is_symlink():
                     path.chmod(0o755)
             shutil.rmtree(workdir, ignore_errors=True)
-            after = course_file_hashes()
-            changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+            changed = changed_course_files(before)
             if changed:
                 result["status"] = "failed"
                 result["reason"] = (f"the course files changed while this submission ran ({', '.join(changed)}); "
@@ -1106,11 +1110,10 @@ def private_course_copy(dest):
         (shutil.copytree if source.is_dir() else shutil.copy2)(source, dest / name)
     data = dest / "data"
     data.mkdir()
-    sources = [Path(os.environ[DATA_ENV_VAR])] if os.environ.get(DATA_ENV_VAR) else []
-    for src in [*sources, PROJECT_DIR / "data"]:
-        for f in sorted(src.glob("*.npz")) if src.is_dir() else []:
-            if not (data / f.name).exists():
-                shutil.copy2(f, data / f.name)
+    for name in DATASETS:                       # the file load_dataset would read, where it would find it
+        found = next((p for p in cnn_utils.dataset_search_paths(name) if p.is_file()), None)
+        if found is not None:
+            shutil.copy2(found, data / found.name)
     for path in [dest, *dest.rglob("*")]:
         path.chmod(0o555 if path.is_dir() else 0o444)
     return dest, str(data)
