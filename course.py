@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+import cnnlib.data
+import cnnlib.vgg16
 import cnn_utils
 from cnn_utils import BUILD_DIR, DATA_ENV_VAR, DATASETS, DEFAULT_SEED, NOTEBOOKS_DIR, PROJECT_DIR
 
@@ -136,17 +138,17 @@ def prefetch(datasets=DATASETS, vgg16=True):
     for name in datasets:
         found = next((p for p in cnn_utils.dataset_search_paths(name) if p.is_file()), None)
         if found:
-            cnn_utils._read_npz(found)
+            cnnlib.data._read_npz(found)
             print(f"{name}: already in {found}")
             continue
-        (x_train, y_train), (x_test, y_test) = cnn_utils._download_dataset(name)
+        (x_train, y_train), (x_test, y_test) = cnnlib.data._download_dataset(name)
         target = cnn_utils.DATA_DIR / f"{name}.npz"
         np.savez_compressed(target, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
         print(f"{name}: saved to {target}")
     if vgg16:
         code = (  # the same weights enum and torchvision cache as load_vgg16; one line on failure
             f"import sys; sys.path.insert(0, {str(PROJECT_DIR)!r}); import cnn_utils\n"
-            "try:\n    cnn_utils._download_vgg16_state_dict(timeout=60)\n"
+            "import cnnlib.vgg16\ntry:\n    cnnlib.vgg16._download_vgg16_state_dict(timeout=60)\n"
             "except Exception as err:\n"
             "    sys.exit(f'VGG16 weights: {type(err).__name__}: {str(err)[:300]}')\n"
             "print('VGG16 ImageNet weights (VGG16_Weights.IMAGENET1K_V1): cached in', "
@@ -314,9 +316,9 @@ NOTEBOOK_TIMEOUT = 900
 MEMORY_LIMIT_MB = 6144
 MIN_MEMORY_MB = 2048
 #: The course files a submission must not change (checked by hash after grading).
-PROTECTED_PATHS = ("cnn_utils.py", "course.py", "nbgrader_config.py", "saved_models", "data", "instructors")
+PROTECTED_PATHS = ("cnn_utils.py", "cnnlib", "course.py", "nbgrader_config.py", "saved_models", "data", "instructors")
 #: What a graded notebook may see of the course: mounted read-only by bubblewrap, or copied.
-RUNTIME_FILES = ("cnn_utils.py", "course.py", "saved_models")
+RUNTIME_FILES = ("cnn_utils.py", "cnnlib", "course.py", "saved_models")
 STATUSES = ("graded", "failed", "flagged")
 
 
@@ -755,6 +757,7 @@ def _course_guard_install(token, course_dir):
     get_ipython().run_line_magic("matplotlib", "inline")
     mods = [builtins, numpy, numpy.testing, numpy.linalg, tensorflow, keras, keras.losses, keras.layers,
             matplotlib.pyplot, matplotlib.figure, cnn_utils]
+    mods += [m for n, m in sorted(sys.modules.items()) if n.startswith("cnnlib.") and m is not None]
     per_request = {"input", "raw_input", "getpass"}  # ipykernel rebinds these for every request
     snap_mods = {m.__name__: (m, {k: v for k, v in vars(m).items() if not k.startswith("_") and k not in per_request})
                  for m in mods}
@@ -1102,7 +1105,7 @@ def run_sandboxed(nb, cell_timeout=CELL_TIMEOUT, notebook_timeout=NOTEBOOK_TIMEO
 
 def private_course_copy(dest):
     """Without bubblewrap: a private, read-only copy of what a graded notebook imports
-    (``cnn_utils.py``, ``course.py``, ``saved_models/``, the datasets), so that a submission
+    (``cnn_utils.py``, ``cnnlib/``, ``course.py``, ``saved_models/``, the datasets), so that a submission
     that edits the helpers changes only its own copy. Returns ``(course_dir, data_dir)``."""
     dest.mkdir(parents=True)
     for name in RUNTIME_FILES:

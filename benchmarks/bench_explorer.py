@@ -13,6 +13,7 @@ VGG16's Score-CAM (512 forward passes per update), ``--photos-only`` the MNIST C
 
     CNN_COURSE_DATA=/path/to/datasets .venv/bin/python benchmarks/bench_explorer.py
 """
+import cnnlib.frameworks
 import sys
 import time
 from pathlib import Path
@@ -48,7 +49,7 @@ def bench(app, model, x, layer, goals, repeats, skip=()):
         assert "error" not in app.last, app.status.value
         xi = x[:1]
         if name == cnn_utils.ACTIVATIONS_METHOD:
-            if cnn_utils._is_torch_module(model):
+            if cnnlib.frameworks._is_torch_module(model):
                 bare = median_ms(lambda: cnn_utils.vgg_layer_activations(model, xi, layer), repeats)
             else:
                 bare = median_ms(lambda: cnn_utils.get_activations(model, xi, [layer]), repeats)

@@ -11,6 +11,10 @@ comparison with tf-keras-vis.
 import numpy as np
 import pytest
 
+import cnnlib.attribution
+import cnnlib.geometry
+import cnnlib.keras_engine
+import cnnlib.keras_layers
 import cnn_utils as cu
 from model_zoo import (CAM_LAYER, batchnorm_residual, conv_stack, functional_softmax_output, nested_sequential,
                        variable_size)
@@ -465,7 +469,7 @@ def _upsample_like_us(cam_lowres, model, layer, size=(28, 28)):
 def _corner_aligned(model, layer, input_hw, map_hw=None):
     """tf-keras-vis's placement (scipy.ndimage.zoom): first and last cells on the corner pixels."""
     map_hw = map_hw or tuple(model.get_layer(layer).output.shape[1:3])
-    return tuple(cu._linear_interpolation_matrix(np.arange(m) * (s - 1) / (m - 1), s)
+    return tuple(cnnlib.geometry._linear_interpolation_matrix(np.arange(m) * (s - 1) / (m - 1), s)
                  for m, s in zip(map_hw, input_hw))
 
 
@@ -534,7 +538,7 @@ def test_supported_model_shapes(shape, method):
     assert maps.shape == (x.shape if method == "integrated_gradients" else x.shape[:3])
     assert np.all(np.isfinite(maps))
     if method in ("grad_cam", "grad_cam_plus_plus", "score_cam"):
-        assert cu._resolve_layer(cu._flat_model(model), None).name == default_layer
+        assert cnnlib.keras_layers._resolve_layer(cnnlib.keras_layers._flat_model(model), None).name == default_layer
         np.testing.assert_array_equal(maps, getattr(cu, method)(model, x, layer=default_layer))
         assert maps.max() == 1.0
 
@@ -567,7 +571,7 @@ def test_nested_model_layers_reachable_by_name():
     assert cu.last_conv_layer_name(model) == "bc2" and cu.conv_layer_names(model) == ["bc1", "bc2"]
     assert cu.grad_cam(model, x, layer="bc1").shape == (2, 8, 8)
     # the flat graph computes what the nested model computes
-    np.testing.assert_allclose(cu._flat_model(model).predict(x, verbose=0), model.predict(x, verbose=0),
+    np.testing.assert_allclose(cnnlib.keras_layers._flat_model(model).predict(x, verbose=0), model.predict(x, verbose=0),
                                rtol=1e-6)
 
 
@@ -651,7 +655,7 @@ def test_memory_budget_splits_every_method(mnist_model, digits, monkeypatch):
             return original(self, xb, *args)
         return call
     for name in ("grad", "layer_grad", "forward", "features"):
-        monkeypatch.setattr(cu._KerasEngine, name, counted(getattr(cu._KerasEngine, name)))
+        monkeypatch.setattr(cnnlib.keras_engine._KerasEngine, name, counted(getattr(cnnlib.keras_engine._KerasEngine, name)))
     monkeypatch.setattr(cu, "ATTRIBUTION_MEMORY_BUDGET", 1)        # one input per call
     for m, kw in CHUNK_CASES:
         calls.clear()
@@ -662,14 +666,14 @@ def test_memory_budget_splits_every_method(mnist_model, digits, monkeypatch):
 @pytest.mark.parametrize("value, mib", [("", 1024), ("256", 256), (" 64 ", 64)])
 def test_memory_budget_from_the_environment(monkeypatch, value, mib):
     monkeypatch.setenv(cu.MEMORY_BUDGET_ENV_VAR, value)
-    assert cu._memory_budget_from_env() == mib << 20
+    assert cnnlib.attribution._memory_budget_from_env() == mib << 20
 
 
 @pytest.mark.parametrize("value", ["abc", "1.5", "8", "-256"])
 def test_bad_memory_budget_warns_and_keeps_the_default(monkeypatch, value):
     monkeypatch.setenv(cu.MEMORY_BUDGET_ENV_VAR, value)
     with pytest.warns(UserWarning, match="CNN_COURSE_MEMORY_BUDGET_MB"):
-        assert cu._memory_budget_from_env() == 1024 << 20
+        assert cnnlib.attribution._memory_budget_from_env() == 1024 << 20
 
 
 CHUNK_CASES = [("saliency_map", {}), ("smoothgrad", dict(samples=3, seed=0)),

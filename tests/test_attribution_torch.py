@@ -6,6 +6,8 @@
 * captum and pytorch-grad-cam, on the same torch model, as independent references.
 * The course's VGG16: forward takes [0, 1] RGB, VGG's layer names, the default layer.
 """
+import cnnlib.geometry
+import cnnlib.torch_engine
 import numpy as np
 import pytest
 
@@ -107,7 +109,7 @@ def test_keras_and_torch_paths_agree(twins, images, name, class_index):
 @pytest.mark.parametrize("name", CAMS)
 def test_default_layer_is_the_last_convs_relu(twins, images, name):
     net, kmodel = twins
-    assert cu._TorchEngine(net, "logits").resolve_layer(None, images) == "features.4"   # the ReLU
+    assert cnnlib.torch_engine._TorchEngine(net, "logits").resolve_layer(None, images) == "features.4"   # the ReLU
     np.testing.assert_array_equal(run(name, net, images), run(name, net, images, layer="features.4"))
     # on the conv itself (before its ReLU) the map differs: the hook sees the conv's own output
     raw_conv = cu.grad_cam(net, images, layer="features.3", normalize=False, return_weights=True)[1]
@@ -314,7 +316,7 @@ def test_pytorch_grad_cam_scorecam(ref_model, monkeypatch):
     assert cu.rank_correlation(ours, maps).min() >= 0.99
 
     def corner_aligned(model, layer, input_hw, map_hw=None):
-        return tuple(cu._linear_interpolation_matrix(np.arange(m) * (s - 1) / (m - 1), s)
+        return tuple(cnnlib.geometry._linear_interpolation_matrix(np.arange(m) * (s - 1) / (m - 1), s)
                      for m, s in zip(map_hw, input_hw))
     monkeypatch.setattr(cu, "cam_upsampling_matrices", corner_aligned)
     _, our_w = cu.score_cam(net, x, weighting="channel_softmax", return_weights=True)
@@ -331,8 +333,8 @@ def test_a_repeated_photo_is_masked_once_and_explained_for_each_class(ref_model,
     net, x = ref_model
     batch, classes = np.stack([x[0], x[1], x[0], x[0]]), [1, 2, 4, 1]
     passes = []
-    forward = cu._TorchEngine.forward
-    monkeypatch.setattr(cu._TorchEngine, "forward", lambda self, xb: passes.append(len(xb)) or forward(self, xb))
+    forward = cnnlib.torch_engine._TorchEngine.forward
+    monkeypatch.setattr(cnnlib.torch_engine._TorchEngine, "forward", lambda self, xb: passes.append(len(xb)) or forward(self, xb))
     for f, kwargs in [(cu.score_cam, {}), (cu.occlusion, dict(window=8, stride=8))]:
         passes.clear()
         together = f(net, batch, classes, normalize=False, **kwargs)
@@ -389,7 +391,7 @@ def test_vgg16_forward_takes_images_in_0_1(vgg):
 
 def test_vgg16_layer_names(vgg):
     x = np.random.default_rng(0).random((1, 64, 64, 3)).astype(np.float32)
-    engine = cu._TorchEngine(vgg, "logits")
+    engine = cnnlib.torch_engine._TorchEngine(vgg, "logits")
     assert engine.resolve_layer(None, x) == "features.29"          # relu5_3
     assert engine.resolve_layer("conv5_3", x) == "features.28"
     assert engine.resolve_layer("pool5", x) == "features.30"

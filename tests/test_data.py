@@ -6,6 +6,7 @@ import sys
 import numpy as np
 import pytest
 
+import cnnlib.data
 import cnn_utils
 from conftest import ROOT
 
@@ -26,7 +27,7 @@ def test_mnist_facts(mnist):
     assert y_test[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
     assert np.bincount(y_train).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
     assert x_train.mean() * 255 == pytest.approx(33.32, abs=0.01)
-    (_, _), (raw_test, _) = cnn_utils._raw_dataset("mnist")
+    (_, _), (raw_test, _) = cnnlib.data._raw_dataset("mnist")
     np.testing.assert_array_equal(x_test[..., 0], raw_test.astype(np.float32) / 255.0)   # pixel / 255 exactly
 
 
@@ -78,7 +79,7 @@ def test_wrong_layout(monkeypatch, tmp_path):
 
 
 def test_wrong_shapes(monkeypatch, tmp_path):
-    arrays = {k: np.zeros(s, np.uint8) for k, s in cnn_utils._EXPECTED_SHAPES.items()}
+    arrays = {k: np.zeros(s, np.uint8) for k, s in cnnlib.data._EXPECTED_SHAPES.items()}
     arrays["x_train"] = np.zeros((60000, 32, 32), np.uint8)
     np.savez(tmp_path / "mnist.npz", **arrays)
     _point_data_dir(monkeypatch, tmp_path)
@@ -87,7 +88,7 @@ def test_wrong_shapes(monkeypatch, tmp_path):
 
 
 def test_bad_labels(monkeypatch, tmp_path):
-    arrays = {k: np.zeros(s, np.uint8) for k, s in cnn_utils._EXPECTED_SHAPES.items()}
+    arrays = {k: np.zeros(s, np.uint8) for k, s in cnnlib.data._EXPECTED_SHAPES.items()}
     arrays["y_test"][0] = 12
     np.savez(tmp_path / "mnist.npz", **arrays)
     _point_data_dir(monkeypatch, tmp_path)

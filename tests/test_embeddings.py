@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+import cnnlib.embeddings
 import cnn_utils as cu
 
 
@@ -98,7 +99,7 @@ def test_umap_loads_without_tensorflow_or_torchvision():
     import subprocess
     import sys
 
-    code = ("import sys, cnn_utils; cnn_utils._umap_class(); import umap; "
+    code = ("import sys, cnn_utils, cnnlib.embeddings; cnnlib.embeddings._umap_class(); import umap; "
             "print(sorted(m for m in ('tensorflow', 'torchvision') if m in sys.modules), "
             "'umap.parametric_umap' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,

@@ -6,6 +6,7 @@ import matplotlib
 import numpy as np
 import pytest
 
+import cnnlib.widgets
 import cnn_utils
 from conftest import EXPLORER_METHODS, explorer_reference
 
@@ -31,7 +32,7 @@ def test_starts_with_grad_cam_of_the_predicted_class(app_and_data, mnist_model):
     expected = cnn_utils.grad_cam(mnist_model, x[:1])[0]
     np.testing.assert_allclose(app.last["heatmap"], expected, atol=1e-6)
     jet = matplotlib.colormaps["jet"]
-    assert _shown_heatmap(app) == cnn_utils._png(jet(expected)[..., :3], 8)
+    assert _shown_heatmap(app) == cnnlib.widgets._png(jet(expected)[..., :3], 8)
     assert "✔" in app.status.value
 
 
@@ -61,7 +62,7 @@ def test_image_control_changes_image_and_heatmap(app_and_data):
     assert app.last["index"] == 1
     assert app.images["image"].value != image and _shown_heatmap(app) != heat
     gray = np.repeat(x[1, ..., 0][..., None], 3, axis=-1)
-    assert app.images["image"].value == cnn_utils._png(gray, 8)
+    assert app.images["image"].value == cnnlib.widgets._png(gray, 8)
 
 
 def test_target_class_control(app_and_data, mnist_model):
@@ -90,7 +91,7 @@ def test_layer_activations(app_and_data, mnist_model):
     app.controls["layer"].value = "conv1"
     assert "error" not in app.last, app.status.value
     conv1 = cnn_utils.get_activations(mnist_model, x[2:3], ["conv1"])["conv1"][0]
-    np.testing.assert_allclose(app.last["heatmap"], cnn_utils._tile_channels(conv1), atol=1e-6)
+    np.testing.assert_allclose(app.last["heatmap"], cnnlib.widgets._tile_channels(conv1), atol=1e-6)
     shown = _shown_heatmap(app)
     app.controls["layer"].value = "conv3"
     assert _shown_heatmap(app) != shown

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import cnnlib.photos
 import cnn_utils
 
 
@@ -24,7 +25,7 @@ def test_centre_crop_by_hand():
     np.testing.assert_allclose(out[..., 0], [[80 / 255, 120 / 255]] * 2, atol=1e-6)
     stretched = cnn_utils.load_photo(img, size=(2, 6), fit="stretch")
     np.testing.assert_allclose(stretched[..., 1], img / 255.0, atol=1e-6)
-    assert cnn_utils._centre_crop_box(300, 451, 1.0) == (75, 0, 375, 300)
+    assert cnnlib.photos._centre_crop_box(300, 451, 1.0) == (75, 0, 375, 300)
 
 
 def test_scales_and_shapes():

@@ -4,6 +4,7 @@ PyTorch only: this file never imports TensorFlow (conftest imports torch and
 torchvision first; see the README's known trap).
 """
 
+import cnnlib.vgg16
 import numpy as np
 import pytest
 
@@ -295,7 +296,7 @@ def test_load_vgg16_offline_fallback(monkeypatch, tmp_path, capsys):
     def fail(*args, **kwargs):
         raise OSError("no network (simulated)")
 
-    monkeypatch.setattr(cnn_utils, "_download_vgg16_state_dict", fail)
+    monkeypatch.setattr(cnnlib.vgg16, "_download_vgg16_state_dict", fail)
     model = cnn_utils.load_vgg16(device="cpu")
     out = capsys.readouterr().out
     assert "RANDOM weights" in out and "make prefetch" in out and "python -m course prefetch" in out
@@ -309,7 +310,7 @@ def test_load_vgg16_offline_fallback(monkeypatch, tmp_path, capsys):
 
 def test_load_vgg16_loads_the_weights_torchvision_gives(monkeypatch, random_vgg16, capsys):
     state = {k: torch.full_like(v, 0.25) for k, v in random_vgg16.state_dict().items()}
-    monkeypatch.setattr(cnn_utils, "_download_vgg16_state_dict", lambda *a, **k: state)
+    monkeypatch.setattr(cnnlib.vgg16, "_download_vgg16_state_dict", lambda *a, **k: state)
     model = cnn_utils.load_vgg16(device="cpu")
     assert model.pretrained is True and not model.training
     assert capsys.readouterr().out == ""
@@ -320,7 +321,7 @@ def test_load_vgg16_loads_the_weights_torchvision_gives(monkeypatch, random_vgg1
 def test_load_vgg16_offline_env_var_skips_the_download(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setenv(cnn_utils.OFFLINE_ENV_VAR, "1")
-    monkeypatch.setattr(cnn_utils, "_download_vgg16_state_dict",
+    monkeypatch.setattr(cnnlib.vgg16, "_download_vgg16_state_dict",
                         lambda *a, **k: pytest.fail("no download may be tried"))
     model = cnn_utils.load_vgg16(device="cpu")
     assert model.pretrained is False

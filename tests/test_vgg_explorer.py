@@ -3,6 +3,7 @@ what is shown is exactly ``vgg_feature_maps``' output. Never imports TensorFlow.
 import numpy as np
 import pytest
 
+import cnnlib.widgets
 import cnn_utils
 from conftest import EXPLORER_METHODS, explorer_reference
 
@@ -139,5 +140,5 @@ def test_photo_explorer_layer_activations(photo_app):
     assert "64 strongest of 512" in app.texts["heatmap_title"].value
     maps = cnn_utils.vgg_layer_activations(model, x[:1], "conv5_3")[0]
     keep = np.sort(np.argsort(maps.mean(axis=(1, 2)))[::-1][:64])
-    np.testing.assert_allclose(app.last["heatmap"], cnn_utils._tile_channels(np.transpose(maps[keep], (1, 2, 0))),
+    np.testing.assert_allclose(app.last["heatmap"], cnnlib.widgets._tile_channels(np.transpose(maps[keep], (1, 2, 0))),
                                atol=1e-6)

@@ -3,6 +3,7 @@ receptive fields and top-activating crops, on random weights (the mechanics, not
 import numpy as np
 import pytest
 
+import cnnlib.feature_visualization
 import cnn_utils
 
 torch = pytest.importorskip("torch")
@@ -24,13 +25,13 @@ def test_receptive_fields_by_hand(vgg):
 
 
 def test_fourier_parametrisation_by_hand():
-    scale = cnn_utils._fourier_scale(4, 4)
+    scale = cnnlib.feature_visualization._fourier_scale(4, 4)
     # DC term: 1 / (1/4) * sqrt(16) = 16; frequency (0, 1/4): 1 / 0.25 * 4 = 16; (1/2, 1/2): 4 / sqrt(0.5)
     assert scale.shape == (4, 3)
     np.testing.assert_allclose([scale[0, 0], scale[0, 1], scale[2, 2]], [16, 16, 4 / np.sqrt(0.5)], rtol=1e-6)
     zero = torch.zeros(2, 3, 8, 5, 2)
-    s = torch.as_tensor(cnn_utils._fourier_scale(8, 8)).to(torch.complex64)
-    img = cnn_utils._fourier_image(torch, zero, s, 8, 8, decorrelate=True)
+    s = torch.as_tensor(cnnlib.feature_visualization._fourier_scale(8, 8)).to(torch.complex64)
+    img = cnnlib.feature_visualization._fourier_image(torch, zero, s, 8, 8, decorrelate=True)
     assert img.shape == (2, 3, 8, 8)
     np.testing.assert_allclose(img.numpy(), 0.5)  # sigmoid(0)
 
