@@ -461,6 +461,14 @@ def confidence_groups(probs, labels, high=0.99, low=0.9):
 # -------------------------------------------------------------------------------------------
 # Attribution methods: one signature for Keras models and PyTorch modules
 # -------------------------------------------------------------------------------------------
+#
+#     f(model, images, class_index=None, *, layer=None, score="logits", normalize=True, ...)
+#
+# Each method below shows its steps. ``_Explained`` (cnnlib/attribution.py) checks the
+# arguments, picks the engine for the model and resolves the classes; ``e.chunks()`` splits the
+# batch into memory-bounded calls; the engine gives what the formula above needs: the class
+# scores (``e.engine.forward``), ``dS_c/dx`` (``e.engine.grad``) or a layer's feature maps ``A``
+# (N, h, w, k, channels last) with ``dS_c/dA`` (``e.engine.layer_grad``), as NumPy arrays.
 
 
 def _input_gradients(e, x=None, cls=None, copies=1):
@@ -812,6 +820,15 @@ def explorer_methods(samples=32):
     }
 
 
+def explorer(model, images, labels=None, class_names=None, **options):
+    """The live explorer (ipywidgets) over the course's methods (``explorer_methods``).
+
+    Options (``scale``, ``top_k``, ``samples``, ``layers``) and what it returns:
+    ``cnnlib.widgets.explorer``.
+    """
+    return _widgets.explorer(model, images, labels, class_names, methods=explorer_methods, **options)
+
+
 # -------------------------------------------------------------------------------------------
 # Feature visualization and inversion
 # -------------------------------------------------------------------------------------------
@@ -1114,14 +1131,6 @@ def record(**values):
 
     display({VALUES_MIMETYPE: _jsonable(values), "text/plain": ""}, raw=True)
 
-
-def explorer(model, images, labels=None, class_names=None, **options):
-    """The live explorer (ipywidgets) over the course's methods (``explorer_methods``).
-
-    Options (``scale``, ``top_k``, ``samples``, ``layers``) and what it returns:
-    ``cnnlib.widgets.explorer``.
-    """
-    return _widgets.explorer(model, images, labels, class_names, methods=explorer_methods, **options)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 from .checks import _as_name_list, _check_batch_size, _check_unit_indices, _is_int, _is_number
-from .keras_layers import LOGITS_LAYER, _layer_list, _layer_type, _nested_layers, activation_model, conv_and_pool_layer_names, conv_layer_names, get_layer
+from .keras_layers import (LOGITS_LAYER, _layer_list, _layer_type, _nested_layers,
+    activation_model, conv_and_pool_layer_names, conv_layer_names, get_layer)
 from .models import as_image_batch
 
 

@@ -12,7 +12,8 @@ import numpy as np
 from .frameworks import _torch
 from .checks import _check_seed, _is_int, _is_number
 from .data import DEFAULT_SEED
-from .keras_layers import LOGITS_LAYER, _layer_chain, _layer_type, _model_input_shape, conv_and_pool_layer_names
+from .keras_layers import (LOGITS_LAYER, _layer_chain, _layer_type, _model_input_shape,
+    conv_and_pool_layer_names)
 from .vgg16 import VGG_LOGITS, _StopForward, _vgg_features_and_input, _vgg_layer_module
 
 

@@ -12,7 +12,8 @@ import numpy as np
 
 from .frameworks import _keras, _tf
 from .checks import _check_score
-from .keras_layers import _all_layers, _cached, _check_keras_model, _flat_model, _resolve_layer, _score_output, _single_input, _two_classes, get_layer
+from .keras_layers import (_all_layers, _cached, _check_keras_model, _flat_model, _resolve_layer,
+    _score_output, _single_input, _two_classes, get_layer)
 from .models import as_image_batch
 
 

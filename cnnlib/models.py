@@ -16,7 +16,8 @@ import numpy as np
 from .frameworks import _is_torch_module, _keras
 from .checks import _as_labels, _as_probs, _check_batch_size, _check_seed, _is_int, _is_number
 from .data import DATASETS, DEFAULT_SEED, DataError, PROJECT_DIR, _check_dataset_name
-from .keras_layers import LOGITS_LAYER, _check_keras_model, _keras_output_activation, _model_input_shape, logits_model
+from .keras_layers import (LOGITS_LAYER, _check_keras_model, _keras_output_activation,
+    _model_input_shape, logits_model)
 
 
 MODELS_DIR = PROJECT_DIR / "saved_models"

@@ -8,7 +8,8 @@ import numpy as np
 from .frameworks import _min_max_scaled
 from .checks import _is_int, _is_number
 from .images import deprocess_image
-from .plotting import _display_images, _two_row_figure, colormap, format_probability, plot_all_channels
+from .plotting import (_display_images, _two_row_figure, colormap, format_probability,
+    plot_all_channels)
 
 
 def plot_top_predictions(images, predictions, titles=None, title="Top-5 predictions"):

@@ -11,7 +11,8 @@ import numpy as np
 
 from .frameworks import _is_torch_module, _keras
 from .checks import _as_labels, _check_batch_size, _is_int
-from .keras_layers import _check_keras_model, _keras_output_activation, conv_and_pool_layer_names, get_layer, last_conv_layer_name
+from .keras_layers import (_check_keras_model, _keras_output_activation, conv_and_pool_layer_names,
+    get_layer, last_conv_layer_name)
 from .models import as_image_batch
 from .photos import load_photo
 from .vgg16 import _vgg_alias_names, vgg_layer_activations, vgg_layer_names
