@@ -834,7 +834,7 @@ def explorer(model, images, labels=None, class_names=None, **options):
 # -------------------------------------------------------------------------------------------
 
 
-def _activation_maximization_fn(model, layer_name, spatial):
+def _activation_maximization_fn(model, layer, spatial):
     """A compiled gradient ascent (all steps in one tf.function) for one target layer.
 
     For a layer with a built-in activation (conv + ReLU) the objective is the mean
@@ -842,7 +842,7 @@ def _activation_maximization_fn(model, layer_name, spatial):
     """
     tf = _tf()
     keras = _keras()
-    chain = _layer_chain(model, layer_name)
+    chain = _layer_chain(model, layer)
     layer = chain[-1]
     rank = len(layer.output.shape)
     pre, activation = _pre_activation(layer)
@@ -896,15 +896,15 @@ def _activation_maximization_fn(model, layer_name, spatial):
     return run, pre is not None and getattr(activation, "__name__", "") == "relu"
 
 
-def activation_maximization(model, layer_name, index, steps=100, lr=0.1, l2=0.0, tv=0.0,
+def activation_maximization(model, layer, units, steps=100, lr=0.1, l2=0.0, tv=0.0,
                             jitter=0, seed=None, init_mean=None, init_std=0.1, spatial="mean",
                             image_shape=None):
     """Gradient ascent in input space: the input that most excites a filter or a class.
 
-    The objective is the mean over positions of channel ``index`` of a convolutional
+    The objective is the mean over positions of channel ``units`` of a convolutional
     layer, taken before its ReLU (so that a filter that is off at the start still has a
     gradient), or, for a layer of class scores (``"logits"``, pre-softmax), the score
-    of class ``index``. Layers inside nested models are reached by name (or
+    of class ``units``. Layers inside nested models are reached by name (or
     ``"base/name"``). With ``spatial="center"`` a conv filter's objective is its
     activation at the centre position only (one neuron and its receptive field) instead
     of the mean over all positions. Starting from a small random image
@@ -914,8 +914,8 @@ def activation_maximization(model, layer_name, index, steps=100, lr=0.1, l2=0.0,
 
         objective(roll(x, jitter)) - l2 * sum(x**2) - tv * TV(x)
 
-    (TV: ``total_variation``). ``index`` may be an int, a list of ints (one image per
-    index, optimised together in one batch, much faster than one at a time) or None
+    (TV: ``total_variation``). ``units`` may be an int, a list of ints (one image per
+    unit, optimised together in one batch, much faster than one at a time) or None
     for every filter / class of the layer. ``jitter`` (pixels) shifts the image
     randomly (with wrap-around) before each step, so no single pixel alignment can be
     exploited. ``seed`` makes the start and the jitter repeatable. The image is not
@@ -923,16 +923,17 @@ def activation_maximization(model, layer_name, index, steps=100, lr=0.1, l2=0.0,
     of the image to optimise, required for a model with a variable input size
     (``Input((None, None, 3))``), by default the model's input shape.
 
-    Only the part of the model up to ``layer_name`` runs, and the whole ascent is one
+    Only the part of the model up to ``layer`` runs, and the whole ascent is one
     compiled TensorFlow function, cached per model and layer. Returns a
     ``FeatureVisualization`` (images, objective history, final ReLU activation, dead flags).
-    Errors: unknown layer (lists the layers), index out of range (gives the valid range).
+    Errors: unknown layer (lists the layers), unit out of range (gives the valid range).
+    The same names and result type as ``vgg_feature_visualization`` (PyTorch, VGG16).
     """
     tf = _tf()
     if spatial not in ("mean", "center"):
         raise ValueError(f"spatial must be 'mean' or 'center', got {spatial!r}.")
-    rank, n_units = _layer_units(model, layer_name)
-    idx = _check_unit_indices(index, n_units, layer_name, rank)
+    rank, n_units = _layer_units(model, layer)
+    idx = _check_unit_indices(units, n_units, layer, rank)
     if not _is_int(steps) or steps < 1:
         raise ValueError(f"steps must be an integer of at least 1, got {steps!r}.")
     steps = int(steps)
@@ -969,8 +970,8 @@ def activation_maximization(model, layer_name, index, steps=100, lr=0.1, l2=0.0,
     jitter = int(jitter)
     shifts = rng.integers(-jitter, jitter + 1, size=(steps, 2)).astype(np.int32)
     onehot = np.eye(n_units, dtype=np.float32)[idx]
-    run, has_relu = _cached(model, ("activation_maximization", layer_name, spatial),
-                            lambda: _activation_maximization_fn(model, layer_name, spatial))
+    run, has_relu = _cached(model, ("activation_maximization", layer, spatial),
+                            lambda: _activation_maximization_fn(model, layer, spatial))
     x, hist, start, final, post = run(
         tf.constant(x0), tf.constant(onehot), tf.constant(shifts),
         tf.constant(lr, tf.float32), tf.constant(l2, tf.float32), tf.constant(tv, tf.float32),
@@ -980,7 +981,7 @@ def activation_maximization(model, layer_name, index, steps=100, lr=0.1, l2=0.0,
     params = dict(steps=steps, lr=lr, l2=l2, tv=tv, jitter=jitter, seed=seed,
                   init_mean=init_mean, init_std=init_std, spatial=spatial)
     return FeatureVisualization(x.numpy(), idx, history, start.numpy(), final, post.numpy(),
-                                has_relu, layer_name, params)
+                                has_relu, layer, params)
 
 
 def feature_inversion(model, image, layer_index, iterations=200, lr=0.1, optimizer="adam",

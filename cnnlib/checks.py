@@ -64,11 +64,11 @@ def _check_unit_indices(index, n_units, layer_name, rank):
         return np.arange(n_units)
     idx = np.atleast_1d(np.asarray(index))
     if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer) or idx.dtype == bool or idx.size == 0:
-        raise TypeError(f"index must be an int or a list of ints (or None for all {what}); got {index!r}.")
+        raise TypeError(f"units must be an int or a list of ints (or None for all {what}); got {index!r}.")
     bad = idx[(idx < 0) | (idx >= n_units)]
     if bad.size:
         raise ValueError(
-            f"index {bad.tolist()} out of range: layer {layer_name!r} has {n_units} {what}, "
+            f"units {bad.tolist()} out of range: layer {layer_name!r} has {n_units} {what}, "
             f"valid indices are 0 to {n_units - 1}."
         )
     return idx.astype(np.int64)

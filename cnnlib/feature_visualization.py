@@ -18,40 +18,65 @@ from .vgg16 import VGG_LOGITS, _StopForward, _vgg_features_and_input, _vgg_layer
 
 
 class FeatureVisualization:
-    """What ``activation_maximization`` returns.
+    """What ``activation_maximization`` (Keras) and ``vgg_feature_visualization`` (PyTorch) return.
 
     Attributes
     ----------
-    images : (K, H, W, C) float32, the optimised inputs (raw; see ``deprocess_image``).
-    indices : (K,) the filters / classes, one per image.
-    history : (steps + 1, K) the objective (without regularizers) during the ascent;
-        row t < steps is measured at step t (on the jittered image when jitter > 0),
-        the last row on the final image.
+    images : (K, H, W, C) float32, the optimised inputs (Keras: raw, see ``deprocess_image``;
+        VGG16: in [0, 1]).
+    units : (K,) the channels / classes, one per image (also ``indices``).
+    layer : the target layer (also ``layer_name``).
+    history : (steps + 1, K) the objective (without regularizers) during the ascent (Keras:
+        row t < steps at step t, the last row on the final image; VGG16: (steps, K), one row a step).
     start_objective, objective : (K,) the objective at the start and at the end.
     activation : (K,) the layer's mean output for the target channel / unit of the final
-        image, after the layer's activation function (ReLU), i.e. what the network sees.
+        image, after the layer's activation function (ReLU), i.e. what the network sees
+        (None where it was not measured).
     dead : (K,) bool, True for a ReLU filter whose output is still exactly 0 for the
         optimised image: not even the best input found switches it on, so its image
         shows noise, not a feature. Always False for layers without ReLU (class scores).
-    layer_name, params : the target layer and the settings used.
+    params : the settings used; ``seconds`` the wall-clock time (None if not measured).
+
+    ``fv["images"]``, ``fv["objective"]`` (the history), ``fv["units"]``, ``fv["layer"]``,
+    ``fv["seconds"]`` read the same values (``fv["units"]`` as a list), as the dict ``vgg_feature_visualization`` returned before.
     """
 
     def __init__(self, images, indices, history, start_objective, objective, activation,
-                 has_relu, layer_name, params):
+                 has_relu, layer_name, params, seconds=None):
         self.images = images
         self.indices = indices
         self.history = history
         self.start_objective = start_objective
         self.objective = objective
         self.activation = activation
-        self.dead = (activation <= 0) if has_relu else np.zeros(len(indices), bool)
+        self.dead = ((activation <= 0) if has_relu and activation is not None
+                     else np.zeros(len(indices), bool))
         self.layer_name = layer_name
         self.params = params
+        self.seconds = seconds
+
+    @property
+    def units(self):
+        return self.indices
+
+    @property
+    def layer(self):
+        return self.layer_name
 
     @property
     def image(self):
         """The first (or only) optimised image, (H, W, C)."""
         return self.images[0]
+
+    _KEYS = {"images": "images", "objective": "history", "units": "units", "layer": "layer",
+             "seconds": "seconds"}
+
+    def __getitem__(self, key):
+        if key not in self._KEYS:
+            raise KeyError(f"{key!r}; a FeatureVisualization has {sorted(self._KEYS)} "
+                           "(and the attributes history, objective, activation, dead, params).")
+        value = getattr(self, self._KEYS[key])
+        return value.tolist() if key == "units" else value
 
     def __repr__(self):
         return (f"FeatureVisualization(layer={self.layer_name!r}, {len(self.indices)} images, "
@@ -145,8 +170,10 @@ def vgg_feature_visualization(model, layer, units, *, size=128, steps=128, lr=0.
     colour space (``decorrelate``), squashed to (0, 1) by a sigmoid; every step sees it
     padded, jittered, rescaled and rotated at random. Adam with rate ``lr``.
 
-    Returns a dict: ``images`` float32 (B, size, size, 3) in [0, 1], ``objective`` (steps,
-    B) history, ``units``, ``layer``, ``seconds``.
+    The same argument names (``layer``, ``units``, ``steps``, ``lr``, ``jitter``, ``seed``) and
+    result type as ``activation_maximization`` for Keras models: a ``FeatureVisualization``
+    with ``images`` float32 (B, size, size, 3) in [0, 1], ``history`` (steps, B), ``units``,
+    ``layer``, ``seconds`` (``fv["images"]``, ``fv["objective"]`` etc. as the dict it was).
     """
     import time
 
@@ -231,5 +258,8 @@ def vgg_feature_visualization(model, layer, units, *, size=128, steps=128, lr=0.
         model.train(was_training)
     with torch.no_grad():
         images = _fourier_image(torch, spectrum, scale, h, w, decorrelate)
-    return {"images": images.permute(0, 2, 3, 1).cpu().numpy().astype(np.float32), "objective": history,
-            "units": units, "layer": layer, "seconds": time.perf_counter() - start}
+    params = dict(size=size, steps=steps, lr=lr, decorrelate=decorrelate, jitter=jitter, scales=scales,
+                  angles=angles, pad=pad, seed=seed)
+    return FeatureVisualization(images.permute(0, 2, 3, 1).cpu().numpy().astype(np.float32), np.asarray(units),
+                                history, history[0], history[-1], None, False, layer, params,
+                                seconds=time.perf_counter() - start)

@@ -118,3 +118,24 @@ def test_top_activating_crops(vgg):
         cnn_utils.top_activating_crops(vgg, {}, "relu3_3", 0)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         cnn_utils.vgg_layer_activations(vgg, np.full((8, 8, 3), 2.0), "conv1_1")
+
+
+def test_one_family_with_the_keras_activation_maximization(vgg, mnist_model):
+    """Both frameworks' feature visualizations take (model, layer, units, steps=, lr=, jitter=, seed=)
+    and return a FeatureVisualization (the dict keys of the earlier VGG16 result still read)."""
+    import inspect
+
+    keras_args = list(inspect.signature(cnn_utils.activation_maximization).parameters)
+    torch_args = list(inspect.signature(cnn_utils.vgg_feature_visualization).parameters)
+    assert keras_args[:3] == torch_args[:3] == ["model", "layer", "units"]
+    assert {"steps", "lr", "jitter", "seed"} <= set(keras_args) & set(torch_args)
+    r_torch = cnn_utils.vgg_feature_visualization(vgg, "conv1_2", [3, 1], size=32, steps=2, progress=False)
+    r_keras = cnn_utils.activation_maximization(mnist_model, "conv1", [3, 1], steps=2, seed=0)
+    for r, layer in ((r_torch, "conv1_2"), (r_keras, "conv1")):
+        assert isinstance(r, cnn_utils.FeatureVisualization)
+        assert r.layer == layer and r.units.tolist() == [3, 1] and len(r.images) == 2
+        assert r.objective.shape == r.start_objective.shape == (2,)
+    assert r_torch["images"] is r_torch.images and r_torch["objective"] is r_torch.history
+    assert r_torch.history.shape == (2, 2) and r_torch["seconds"] > 0
+    with pytest.raises(KeyError, match="images"):
+        r_torch["image_list"]
