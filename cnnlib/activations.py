@@ -1,14 +1,16 @@
-"""Activations and filters of a Keras model: feature maps, sparsity, dead channels, filter weights.
+"""Activations and filters: feature maps (Keras models and PyTorch modules), sparsity, dead
+channels, filter weights.
 """
 from __future__ import annotations
 
-
 import numpy as np
 
+from .frameworks import _is_torch_module, _torch
 from .checks import _as_name_list, _check_batch_size, _check_unit_indices, _is_int, _is_number
 from .keras_layers import (LOGITS_LAYER, _layer_list, _layer_type, _nested_layers,
     activation_model, conv_and_pool_layer_names, conv_layer_names, get_layer)
 from .models import as_image_batch
+from .torch_engine import _TorchEngine
 
 
 def get_activations(model, images, layer_names=None, batch_size=256, input_range="model"):
@@ -22,8 +24,14 @@ def get_activations(model, images, layer_names=None, batch_size=256, input_range
     Unknown layer names raise ``ValueError`` listing the model's layers; a wrong
     image shape raises ``ValueError`` naming the expected shape; ``input_range`` as in
     ``as_image_batch``. Models with a variable input size take any image size.
+
+    A PyTorch module works the same way: names from ``model.named_modules()`` (VGG16's
+    ``conv5_3``-style names too), ``None`` for every ``Conv2d`` and pooling module, maps
+    returned channels last (N, h, w, C) as for Keras.
     """
     batch_size = _check_batch_size(batch_size)
+    if _is_torch_module(model):
+        return _torch_activations(model, images, layer_names, batch_size)
     x = as_image_batch(images, model, input_range=input_range)
     if layer_names is None:
         layer_names = conv_and_pool_layer_names(model)
@@ -189,3 +197,24 @@ def top_activating_images(model, layer_name, images, index=None, k=5, batch_size
         raise ValueError(f"k must be an integer from 1 to the number of images ({len(response)}); got {k!r}.")
     order = np.argsort(-response[:, idx], axis=0, kind="stable")[:k].T     # (filters, k)
     return order, np.take_along_axis(response[:, idx].T, order, axis=1)
+
+
+def _torch_activations(model, images, layer_names, batch_size):
+    """``get_activations`` for a PyTorch module: one hooked forward pass per layer and batch."""
+    torch, _ = _torch()
+    engine = _TorchEngine(model, "logits")
+    x = engine.images(images)
+    if layer_names is None:
+        kinds = (torch.nn.Conv2d, torch.nn.MaxPool2d, torch.nn.AvgPool2d, torch.nn.AdaptiveAvgPool2d,
+                 torch.nn.AdaptiveMaxPool2d)
+        layer_names = [n for n, m in model.named_modules() if isinstance(m, kinds)]
+        if not layer_names:
+            raise ValueError(f"The module {type(model).__name__} has no Conv2d or pooling layer; name the "
+                             "layers you want with layer_names (names from model.named_modules()).")
+    layer_names = _as_name_list(layer_names)
+    if not layer_names or len(set(layer_names)) != len(layer_names):
+        raise ValueError(f"layer_names must name each layer once (or be None), got {layer_names}.")
+    resolved = [engine.resolve_layer(name, x) for name in layer_names]
+    return {name: np.concatenate([engine.features(x[i:i + batch_size], layer)[0]
+                                  for i in range(0, len(x), batch_size)]).astype(np.float32)
+            for name, layer in zip(layer_names, resolved)}

@@ -157,8 +157,14 @@ class _TorchEngine:
                              "(N, channels, h, w); CAM methods need a convolutional (or pooling) layer.")
 
     def forward(self, x):
+        """The class scores the engine explains, (N, K) NumPy."""
         with self.torch.no_grad():
             return self._call(self._tensor(x)).cpu().numpy()
+
+    def outputs(self, x):
+        """The model's own output for images ``x`` (N, H, W, C), as it is (a final softmax kept)."""
+        with self.torch.no_grad():
+            return self._call(self._tensor(x), raw=True).float().cpu().numpy()
 
     def channels(self, layer, x):
         return _cached(self.model, ("channels", layer, tuple(x.shape[1:])),

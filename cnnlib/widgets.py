@@ -100,11 +100,8 @@ def class_probabilities(model, images, batch_size=None):
         torch = sys.modules["torch"]
         engine = _TorchEngine(model, "logits")
         x = engine.images(images)
-        outs = []
-        with torch.no_grad():
-            for i in range(0, len(x), batch_size or 8):
-                outs.append(engine._call(engine._tensor(x[i: i + (batch_size or 8)]), raw=True).float().cpu().numpy())
-        scores = np.concatenate(outs)
+        scores = np.concatenate([engine.outputs(x[i: i + (batch_size or 8)])
+                                 for i in range(0, len(x), batch_size or 8)])
         sigmoid_last = isinstance(list(model.modules())[-1], torch.nn.Sigmoid)
     else:
         x = as_image_batch(images, model)
@@ -357,10 +354,7 @@ def explorer(model, images, labels=None, class_names=None, *, methods, scale=Non
             if method == ACTIVATIONS_METHOD:
                 if torch_model and c_layer.value in _vgg_alias_names(model):
                     maps = np.transpose(vgg_layer_activations(model, x, c_layer.value)[0], (1, 2, 0))
-                elif torch_model:  # any other PyTorch module: its feature maps through a hook
-                    engine = _TorchEngine(model, "logits")
-                    maps = engine.features(x, engine.resolve_layer(c_layer.value, x))[0][0]
-                else:
+                else:  # a Keras model or any PyTorch module (VGG16 above: only the layers up to it run)
                     maps = get_activations(model, x, [c_layer.value])[c_layer.value][0]
                 keep = np.sort(np.argsort(maps.mean(axis=(0, 1)))[::-1][:_MAX_TILED_CHANNELS])
                 cache[key] = (_tile_channels(maps[..., keep]), maps.shape[-1], len(keep))

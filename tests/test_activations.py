@@ -153,3 +153,22 @@ def test_match_filters_by_hand():
         cnn_utils.match_filters(a[..., 0], a)
     with pytest.raises(ValueError, match="constant"):
         cnn_utils.match_filters(np.ones((3, 3, 1, 2)), a)
+
+
+def test_get_activations_for_a_torch_module_matches_its_forward_hooks():
+    """One function for both frameworks: a PyTorch module's layer outputs, channels last."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(inplace=True), torch.nn.MaxPool2d(2),
+                              torch.nn.Flatten(), torch.nn.Linear(4 * 5 * 5, 3)).eval()
+    x = np.random.default_rng(0).random((5, 12, 12, 3), dtype=np.float32)
+    got = cnn_utils.get_activations(net, x, batch_size=2)
+    assert list(got) == ["0", "2"]
+    with torch.no_grad():
+        conv = net[0](torch.from_numpy(x).permute(0, 3, 1, 2))
+        pooled = net[2](torch.relu(conv))
+    np.testing.assert_allclose(got["0"], conv.permute(0, 2, 3, 1).numpy(), rtol=1e-5, atol=1e-6)  # before the in-place ReLU
+    np.testing.assert_allclose(got["2"], pooled.permute(0, 2, 3, 1).numpy(), rtol=1e-5, atol=1e-6)
+    assert cnn_utils.get_activations(net, x, "1")["1"].min() >= 0
+    with pytest.raises(ValueError, match="Unknown layer 'conv9'"):
+        cnn_utils.get_activations(net, x, "conv9")
