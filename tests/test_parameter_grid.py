@@ -47,16 +47,22 @@ GRID = [
     ("07_vgg16_feature_inversion.ipynb", {"SEED": 2024, "USER_IMAGE": "{photo}", "PRETRAINED": False}, {}),
     ("08_vgg16_photos.ipynb", {"LAYER": "conv5_3", "SEED": 2024, "USER_IMAGES": ["{photo}", "{gray_photo}"]},
      {"explorer_layer": "conv5_3"}),
-    ("08_vgg16_photos.ipynb", {"LAYER": "relu4_3", "PRETRAINED": False}, {"explorer_layer": "relu4_3"}),
+    ("08_vgg16_photos.ipynb", {"LAYER": "pool5", "PRETRAINED": False, "USER_IMAGES": "{photo}"},
+     {"explorer_layer": "pool5"}),
 ]
 
-#: Values outside the invited range: refused in the first cell after the parameters, saying what to do.
+#: Values outside the invited range: refused before any work (the cell given: 1 sets up, 2 holds the
+#: parameters, 3 papermill's injected ones), by a ValueError that says what to do.
 REFUSED = [
-    ("00_why_interpret.ipynb", {"CUE_CLASS": 10}, "ValueError: CUE_CLASS must be a class index from 0 to 9"),
-    ("00_why_interpret.ipynb", {"CUE_CLASS": -1, "DATASET": "fashion_mnist"},
-     "ValueError: CUE_CLASS must be a class index from 0 to 9 (0: T-shirt/top"),
-    ("01_train_mnist_cnn.ipynb", {"TRAIN_NEW_MODEL": True, "EPOCHS": 0},
-     "ValueError: EPOCHS must be None (the course default) or a whole number from 1 up, got 0"),
+    ("00_why_interpret.ipynb", {"CUE_CLASS": 10}, 4,
+     "ValueError: CUE_CLASS must be a class index from 0 to 9, got 10: set it in the parameters cell"),
+    ("00_why_interpret.ipynb", {"CUE_CLASS": -1, "DATASET": "fashion_mnist"}, 4,
+     "ValueError: CUE_CLASS must be a class index from 0 to 9 (0: T-shirt/top, 1: Trouser"),
+    ("01_train_mnist_cnn.ipynb", {"TRAIN_NEW_MODEL": True, "EPOCHS": 0}, 4,
+     "ValueError: EPOCHS must be None (the course default) or a whole number from 1 up, got 0: set it in the "
+     "parameters cell"),
+    ("08_vgg16_photos.ipynb", {"LAYER": "relu6_1"}, 5,
+     "ValueError: Unknown layer 'relu6_1'; VGG16's layers are: conv1_1, relu1_1"),
 ]
 
 
@@ -108,14 +114,14 @@ def test_an_invited_setting_runs(name, parameters, expected, tmp_path, photos, o
 
 
 @pytest.mark.notebook
-@pytest.mark.parametrize("name, parameters, message", REFUSED, ids=_ids(REFUSED))
-def test_a_value_outside_the_invited_range_is_refused_before_any_work(name, parameters, message, tmp_path):
+@pytest.mark.parametrize("name, parameters, cell, message", REFUSED, ids=_ids(REFUSED))
+def test_a_value_outside_the_invited_range_is_refused_before_any_work(name, parameters, cell, message, tmp_path,
+                                                                     offline_vgg):
     with pytest.raises(course.CourseError) as err:
         run_notebook(name, tmp_path, **parameters)
     text = str(err.value)
-    assert message in text and "set it in the parameters cell" in text, text
-    # cell 1 sets up, 2 holds the parameters, 3 papermill's injected ones: 4 is the first cell of work
-    assert "failed in cell 4 " in text, text
+    assert message in text, text
+    assert f"failed in cell {cell} " in text, text
 
 
 @pytest.mark.notebook
