@@ -38,6 +38,7 @@ def test_notebook_00_shortcut_is_learned_and_caught(tmp_path, dataset):
     # saliency: GradientTape by hand equals cnn_utils, and the mass sits on the cue
     assert v["tape_gap"] < 1e-4
     assert v["saliency_on_cue"] >= 3 * v["cue_area"] and v["saliency_on_cue_clean"] < v["cue_area"], v
+    assert v["saliency_finds_cue"] is True   # the sentence the notebook chose
     # the course map lists this notebook and the first training notebook
     assert {"00", "01", "04"} <= set(v["course_map"])
     assert count_images(nb) >= 3

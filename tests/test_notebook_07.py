@@ -39,6 +39,9 @@ def test_notebook_07_runs_fast_with_random_weights(tmp_path, monkeypatch):
     assert 0 <= ssim[-1] < ssim[0] <= 1
     assert psnr[-1] < psnr[0] and all(math.isfinite(p) for p in psnr)
     assert all(0 <= loss < 0.5 for loss in v["final_feature_loss"].values())
+    # both inversions of section 5 lower the feature loss, and the deep one keeps less of the photo
+    assert v["feature_loss_drop"]["relu2_2"] > 2 and v["feature_loss_drop"]["relu5_3"] > 2
+    assert v["ssim_late"] < v["ssim_early"]
     # predictions, filters, 2 feature-map figures + depth, 2 inversions, 5 depths, SSIM/PSNR, saliency
     assert count_images(nb) == 10
     # PyTorch only: the notebook and cnn_utils' PyTorch code never import TensorFlow

@@ -100,6 +100,7 @@ def _check_06(nb):
     # the network's features group classes better than raw pixels, in 128-D and on the maps
     assert v["knn_disagreement_features"] < v["knn_disagreement_pixels"]
     assert v["map_mixing_tsne"] < v["map_mixing_pixels_tsne"]
+    assert v["features_group_better_than_pixels"] is True and v["pca_fewest_neighbourhoods"] is True   # as the text says
     assert 0 < v["n_outliers"] < v["n_outliers_pixels"]
     assert v["n_outliers_neighbour_vote"] > v["n_outliers"] / 2
     assert v["n_outliers_misclassified"] <= v["n_mistakes"]
