@@ -221,8 +221,8 @@ def replacement_images(images, replacement="black", *, sigma=None, low=0.0):
 def _step_counts(n_pixels, steps):
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"steps must be a positive int (points on the curve after the first); got {steps!r}.")
-    fractions = np.linspace(0.0, 1.0, int(steps) + 1)
-    return fractions, np.round(fractions * n_pixels).astype(np.int64)
+    counts = np.round(np.linspace(0.0, 1.0, int(steps) + 1) * n_pixels).astype(np.int64)
+    return counts / n_pixels, counts
 
 
 def _scores_of(model, batch, cls, score):
@@ -271,13 +271,13 @@ def deletion(model, images, maps, class_index=None, *, score="logits", order="mo
     """Deletion curve (Petsiuk et al., 2018, RISE): remove the pixels in the map's order and
     watch the class score fall.
 
-    For ``s = 0..steps`` the ``round(s / steps * H * W)`` pixels ranked first (``order="most"``:
+    For ``s = 0..steps`` the ``k_s = round(s / steps * H * W)`` pixels ranked first (``order="most"``:
     most relevant first, MoRF; ``"least"``: least relevant first, LeRF) take the
     ``replacement`` value (``"black"``, ``"mean"``, ``"blur"``, a number or an image, see
     ``replacement_images``); ``scores[n, s] = S_c(x_n with those pixels replaced)``. A faithful
     map makes the MoRF curve fall fast (small ``area``) and the LeRF curve stay high.
     Model: Keras or PyTorch; images (N, H, W, C); maps (N, H, W). Returns ``Curve`` with
-    fractions (steps + 1,), scores (N, steps + 1), area (N,).
+    fractions ``k_s / (H * W)`` (steps + 1,), scores (N, steps + 1), area (N,).
     """
     return _perturbation_curve(model, images, maps, class_index, score, order, replacement, steps, seed,
                                sigma, insert=False)
