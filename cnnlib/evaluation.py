@@ -196,7 +196,9 @@ def replacement_images(images, replacement="black", *, sigma=None, low=0.0):
     """What removed pixels become: ``"black"`` (``low``, the bottom of the model's input range,
     0 for the course's models), ``"mean"`` (each image's mean colour), ``"blur"`` (the image
     blurred with a Gaussian of ``sigma`` pixels; default ``max(2, min(H, W) / 45)``, RISE's
-    5 pixels on 224), a number, or an image (H, W, C). (N, H, W, C) -> float32 (N, H, W, C)."""
+    5 pixels on 224), a number, or an image (H, W, C). (N, H, W, C) -> float32 (N, H, W, C).
+    (Quantus' ``perturb_baseline="black"`` is each image's minimum instead, the same on a digit
+    with a black background, not on a photo.)"""
     x = np.asarray(images, dtype=np.float32)
     if isinstance(replacement, str):
         if replacement == "black":

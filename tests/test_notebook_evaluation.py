@@ -34,7 +34,7 @@ def executed(request, tmp_path_factory):
 def test_runs_and_records_every_metric_for_every_method(executed):
     case, nb, v = executed
     params = GRID[case]
-    assert v["dataset"] == params["DATASET"] and v["cues"] == params.get("CUES", ["corner", "stripes"])
+    assert v["dataset"] == params["DATASET"] and v["cues"] == params.get("CUES", ["corner", "left_edge"])
     assert not [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     for key in v["cues"] + ["clean"]:
         table = v["localisation"][key]
