@@ -24,7 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402  (torch before anything that could import TensorFlow)
+import torch  # noqa: E402  (torch and torchvision before anything that could import TensorFlow)
+import torchvision  # noqa: E402,F401
 import numpy as np  # noqa: E402
 
 import cnn_utils  # noqa: E402

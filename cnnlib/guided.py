@@ -70,6 +70,7 @@ def _guided_keras_clone(model):
         if hasattr(model, "input_range"):
             copy.input_range = model.input_range
         _GUIDED_KERAS[key] = (weakref.ref(model), copy)
+        weakref.finalize(model, _GUIDED_KERAS.pop, key, None)      # the clone goes with the model
     copy = _GUIDED_KERAS[key][1]
     copy.set_weights(model.get_weights())
     return copy
