@@ -24,6 +24,8 @@ and none imports ``cnn_utils``):
     geometry       ``receptive_fields``, ``cam_upsampling_matrices`` (a cell at its receptive-field centre)
     attribution    validated, memory-bounded calls (``ATTRIBUTION_MEMORY_BUDGET``), ``class_scores``,
                    ``randomize_weights``, ``rank_correlation``
+    guided         the guided-ReLU model behind ``guided_backprop`` / ``guided_grad_cam``
+    evaluation     is a map right? pointing game, relevance mass / rank, deletion, insertion, ROAD
     feature_visualization  ``FeatureVisualization``, VGG16's ``vgg_feature_visualization``
     embeddings     ``extract_features``, t-SNE, UMAP, trustworthiness
     plotting, plotting_vgg   figures (they only draw)
@@ -95,6 +97,9 @@ from cnnlib.plotting_vgg import (plot_dataset_examples, plot_feature_maps_by_dep
     plot_saliency, plot_strongest_channels, plot_top_predictions, plot_units_with_crops)
 from cnnlib.widgets import ACTIVATIONS_METHOD, class_probabilities, explorer_snapshot, vgg_layer_explorer
 from cnnlib.exercise_checks import (check_array, check_close, check_not_calling, check_visible)
+from cnnlib.guided import guided_relus
+from cnnlib.evaluation import (REPLACEMENTS, Curve, deletion, insertion, linear_imputation, pixel_order,
+    pointing_game, random_maps, relevance_mass, relevance_rank, replacement_images, road, sobel_maps)
 from cnnlib import widgets as _widgets
 
 
@@ -133,6 +138,14 @@ def grad_cam_plus_plus_weights(activations, grads, renormalize_alphas=False):
         alpha = alpha / o.where(total != 0, total, 1.0 + 0.0 * total)
     return o.sum(alpha * o.relu(grads), (1, 2))
 
+
+def hires_cam_map(a, g):
+    """HiResCAM (Draelos & Carin, 2020): ``L = ReLU(sum_k A^k * dS_c/dA^k)``, the gradient kept
+    cell by cell instead of averaged over the map (Grad-CAM's ``w_k``). Equal to Grad-CAM (and to
+    the classic CAM) when the gradient is the same at every cell, as behind global average
+    pooling. (N, h, w, k) x 2 -> (N, h, w)."""
+    o = _ops(a)
+    return o.relu(o.sum(a * g, -1))
 
 def class_activation_map(activations, weights):
     """``L = ReLU(sum_k w_k A^k)``: (N, h, w, k) and (N, k) -> (N, h, w)."""
@@ -650,6 +663,52 @@ def grad_cam_plus_plus(model, images, class_index=None, *, layer=None, score="lo
     def weights_fn(a, g):
         return grad_cam_plus_plus_weights(a, g, renormalize_alphas=renormalize_alphas)
     return _cam(weights_fn, model, images, class_index, layer, score, normalize, return_weights)
+
+
+def hires_cam(model, images, class_index=None, *, layer=None, score="logits", normalize=True):
+    """HiResCAM (Draelos & Carin, 2020): ``hires_cam_map`` of ``layer``'s feature maps and their
+    gradient (``None``: the layer ``grad_cam`` uses), brought to the input grid as in ``grad_cam``.
+    Returns float32 (N, H, W), min-max scaled per image unless ``normalize=False``."""
+    _check_flags(normalize=normalize)
+    e = _Explained(model, images, class_index, score)
+    name = e.engine.resolve_layer(layer, e.x)
+    maps = np.empty(e.x.shape[:3], np.float32)
+    mats = {}
+    for part in e.chunks():
+        _, _, a, g = e.engine.layer_grad(e.x[part], e.cls[part], name)
+        hw = a.shape[1:3]
+        if hw not in mats:
+            mats[hw] = cam_upsampling_matrices(e.engine.model, name, e.x.shape[1:3], map_hw=hw)
+        maps[part] = _upsample(hires_cam_map(a, g), *mats[hw])
+    return normalize_maps(maps) if normalize else maps
+
+
+def guided_backprop(model, images, class_index=None, *, layer=None, score="logits", normalize=True):
+    """Guided Backpropagation (Springenberg et al., 2015): the gradient of the class score
+    ``S_c`` with every ReLU's backward pass replaced by ``R_in = R_out * [x > 0] * [R_out > 0]``
+    (``cnnlib.guided.guided_relus``; the user's model is not changed). Returns float32
+    (N, H, W): ``max_channels |R|`` min-max scaled per image, or with ``normalize=False`` the
+    signed guided gradient (N, H, W, C) (as captum's GuidedBackprop). It fails the randomisation
+    sanity check (Adebayo et al., 2018): the evaluation notebook measures it.
+    """
+    _no_layer(layer, "guided_backprop")
+    _check_flags(normalize=normalize)
+    with guided_relus(model) as guided:
+        e = _Explained(guided, images, class_index, score)
+        e.fix_classes()
+        _, _, g = _input_gradients(e)
+    return normalize_maps(np.abs(g).max(axis=-1)) if normalize else g
+
+
+def guided_grad_cam(model, images, class_index=None, *, layer=None, score="logits", normalize=True):
+    """Guided Grad-CAM (Selvaraju et al., 2017): ``guided_backprop`` (N, H, W, C) times the raw
+    ``grad_cam`` map of ``layer`` on the input grid, pixel by pixel. Returns float32 (N, H, W):
+    ``max_channels |.|`` min-max scaled per image, or (``normalize=False``) the signed product
+    (N, H, W, C), as captum's GuidedGradCam when the layer has the input's size."""
+    _check_flags(normalize=normalize)
+    cam = grad_cam(model, images, class_index, layer=layer, score=score, normalize=False)
+    g = guided_backprop(model, images, class_index, score=score, normalize=False) * cam[..., None]
+    return normalize_maps(np.abs(g).max(axis=-1)) if normalize else g
 
 
 def score_cam(model, images, class_index=None, *, layer=None, score="logits", normalize=True,

@@ -11,7 +11,7 @@ Two families, one convention each:
   the course's attribution API, ``f(model, images, maps, class_index=None, *,
   score="logits", ...)``: a Keras model or a PyTorch module, ``images (N, H, W, C)`` in the
   model's input range, ``maps (N, H, W)``. The class is fixed on the clean image
-  (``None``: its predicted class) and read with ``cnn_utils.class_scores`` in batches of
+  (``None``: its predicted class) and read with ``class_scores`` in batches of
   bounded memory. Each returns a ``Curve(fractions, scores, area)``.
 
 Baselines any method should beat: ``random_maps`` and ``sobel_maps`` (an edge detector,
@@ -21,9 +21,16 @@ Ties: where a map has equal values (an empty Grad-CAM is all zeros), the order a
 drawn at random with ``seed`` (the same for every metric), so that a flat map is judged as
 chance, not as "the top rows first".
 """
+from __future__ import annotations
+
 from typing import NamedTuple
 
 import numpy as np
+
+from .frameworks import _is_torch_module, _min_max_scaled
+from .models import as_image_batch, model_input_range
+from . import attribution
+from .attribution import class_scores
 
 #: Values that replace removed pixels in ``deletion`` / ``insertion``.
 REPLACEMENTS = ("black", "mean", "blur")
@@ -158,37 +165,24 @@ def sobel_maps(images):
     if x.ndim != 3:
         raise ValueError(f"images must be (N, H, W, C) or (N, H, W); got shape {np.shape(images)}.")
     e = np.stack([sobel(i) for i in x])
-    lo = e.min(axis=(1, 2), keepdims=True)
-    span = e.max(axis=(1, 2), keepdims=True) - lo
-    return np.where(span > 0, (e - lo) / np.where(span > 0, span, 1.0), 0.0).astype(np.float32)
+    return _min_max_scaled(e, (1, 2))[0].astype(np.float32)
 
 
 # -- faithfulness ----------------------------------------------------------------------------
 
-def _is_torch(model):
-    import sys
-
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(model, torch.nn.Module)
-
-
 def _model_images(model, images):
-    import cnn_utils
-
-    if _is_torch(model):
-        return cnn_utils.as_image_batch(images, None, input_range=cnn_utils.model_input_range(model))
-    return cnn_utils.as_image_batch(images, model)
+    if _is_torch_module(model):
+        return as_image_batch(images, None, input_range=model_input_range(model))
+    return as_image_batch(images, model)
 
 
 def _inputs(model, images, maps, class_index, score):
     """Validated images (N, H, W, C), maps (N, H, W), classes (N,) and clean scores (N,)."""
-    import cnn_utils
-
     x = _model_images(model, images)
     m = _as_maps(maps)
     if m.shape != x.shape[:3]:
         raise ValueError(f"maps must have shape {x.shape[:3]} (one (H, W) map per image); got {m.shape}.")
-    clean, cls = cnn_utils.class_scores(model, x, class_index, score=score)
+    clean, cls = class_scores(model, x, class_index, score=score)
     return x, m, cls, clean
 
 
@@ -228,26 +222,20 @@ def _step_counts(n_pixels, steps):
 
 
 def _scores_of(model, batch, cls, score):
-    import cnn_utils
-
-    return cnn_utils.class_scores(model, batch, cls, score=score)[0]
+    return class_scores(model, batch, cls, score=score)[0]
 
 
 def _images_per_call(copies, image_bytes):
-    import cnn_utils
-
-    budget = max(1 << 20, cnn_utils.ATTRIBUTION_MEMORY_BUDGET // 4)
+    budget = max(1 << 20, attribution.ATTRIBUTION_MEMORY_BUDGET // 4)
     return max(1, int(budget // max(1, copies * image_bytes)))
 
 
 def _perturbation_curve(model, images, maps, class_index, score, order, replacement, steps, seed,
                         sigma, insert):
-    import cnn_utils
-
     if order not in ("most", "least"):
         raise ValueError(f"order must be 'most' (most relevant pixels first) or 'least'; got {order!r}.")
     x, m, cls, _ = _inputs(model, images, maps, class_index, score)
-    bounds = cnn_utils.model_input_range(model)
+    bounds = model_input_range(model)
     low = 0.0 if bounds is None else bounds[0]
     fill = replacement_images(x, replacement, sigma=sigma, low=low)
     N, H, W, C = x.shape
@@ -390,7 +378,5 @@ def road(model, images, maps, class_index=None, *, score="logits", order="most",
 
 def _clip(model, batch):
     """Imputed images clipped to the model's input range (noise may step outside it)."""
-    import cnn_utils
-
-    r = cnn_utils.model_input_range(model)
+    r = model_input_range(model)
     return batch if r is None else np.clip(batch, r[0], r[1])

@@ -13,20 +13,15 @@ with a guided ReLU in place of every ReLU activation (cached, weights copied at 
 ReLUs called as functions (``F.relu``, ``keras.ops.relu`` inside a custom layer) are not
 guided.
 
-HiResCAM (Draelos & Carin, 2020): ``L = ReLU(sum_k A^k * dS_c/dA^k)``, the gradient kept
-cell by cell instead of averaged over the map as Grad-CAM does (``w_k = mean dS_c/dA^k``).
-The two agree when the gradient is the same at every cell, as on a global-average-pooling
-head (where both equal the classic CAM of Zhou et al., 2016); they differ behind a Flatten
-and Dense head, where every cell has its own weight.
+The methods themselves (``guided_backprop``, ``guided_grad_cam``) are in ``cnn_utils``; this
+module gives them the guided model (``guided_relus``).
 """
-import numpy as np
+from __future__ import annotations
 
+import contextlib
 
-def _is_torch(model):
-    import sys
-
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(model, torch.nn.Module)
+from .frameworks import _is_torch_module
+from .keras_layers import _check_keras_model
 
 
 _GUIDED_KERAS = {}
@@ -94,77 +89,19 @@ def _torch_guided_hooks(model):
             for m in model.modules() if isinstance(m, torch.nn.ReLU)]
 
 
-def _input_gradients(model, images, class_index, score):
-    """(classes, dS_c/dx (N, H, W, C)) through the course's engine (memory-bounded batches)."""
-    import cnn_utils
-
-    e = cnn_utils._Explained(model, images, class_index, score)
-    e.fix_classes()
-    _, cls, g = cnn_utils._input_gradients(e)
-    return cls, g
-
-
-def guided_backprop(model, images, class_index=None, *, layer=None, score="logits", normalize=True):
-    """Guided Backpropagation (Springenberg et al., 2015): the gradient of the class score
-    ``S_c`` (pre-softmax by default) with every ReLU's backward pass replaced by
-    ``R_in = R_out * [x > 0] * [R_out > 0]``. Keras model or PyTorch module, unchanged.
-    Returns float32 (N, H, W): ``max_channels |R|`` min-max scaled per image, or with
-    ``normalize=False`` the signed guided gradient (N, H, W, C) (as captum's GuidedBackprop).
-    """
-    import cnn_utils
-
-    cnn_utils._no_layer(layer, "guided_backprop")
-    cnn_utils._check_flags(normalize=normalize)
-    if _is_torch(model):
+@contextlib.contextmanager
+def guided_relus(model):
+    """The model to differentiate for Guided Backpropagation: a PyTorch module with a guided
+    hook on every ``nn.ReLU`` for the length of the ``with`` block (removed after, even on
+    error), or a Keras model's cached clone with guided ReLUs and the model's current weights.
+    The user's model is not changed."""
+    if _is_torch_module(model):
         hooks = _torch_guided_hooks(model)
         try:
-            _, g = _input_gradients(model, images, class_index, score)
+            yield model
         finally:
             for h in hooks:
                 h.remove()
     else:
-        cnn_utils._check_keras_model(model)
-        _, g = _input_gradients(_guided_keras_clone(model), images, class_index, score)
-    if not normalize:
-        return g
-    return cnn_utils.normalize_maps(np.abs(g).max(axis=-1))
-
-
-def guided_grad_cam(model, images, class_index=None, *, layer=None, score="logits", normalize=True):
-    """Guided Grad-CAM (Selvaraju et al., 2017): the guided backpropagation (N, H, W, C)
-    multiplied pixel by pixel by the raw Grad-CAM map of ``layer`` brought to the input grid
-    (``cnn_utils.grad_cam(..., normalize=False)``). Returns float32 (N, H, W):
-    ``max_channels |.|`` min-max scaled per image, or (``normalize=False``) the signed
-    product (N, H, W, C), as captum's GuidedGradCam when the layer has the input's size.
-    """
-    import cnn_utils
-
-    cnn_utils._check_flags(normalize=normalize)
-    cam = cnn_utils.grad_cam(model, images, class_index, layer=layer, score=score, normalize=False)
-    g = guided_backprop(model, images, class_index, score=score, normalize=False) * cam[..., None]
-    if not normalize:
-        return g
-    return cnn_utils.normalize_maps(np.abs(g).max(axis=-1))
-
-
-def hires_cam(model, images, class_index=None, *, layer=None, score="logits", normalize=True):
-    """HiResCAM (Draelos & Carin, 2020): ``L = ReLU(sum_k A^k * dS_c/dA^k)`` (elementwise
-    product, then the sum over channels) for the feature maps ``A`` of ``layer`` (``None``:
-    the last convolution's output, as ``grad_cam``), brought to the input grid with
-    ``cnn_utils.cam_upsampling_matrices``. Keras model or PyTorch module.
-    Returns float32 (N, H, W), min-max scaled per image unless ``normalize=False``.
-    """
-    import cnn_utils
-
-    cnn_utils._check_flags(normalize=normalize)
-    e = cnn_utils._Explained(model, images, class_index, score)
-    name = e.engine.resolve_layer(layer, e.x)
-    maps = np.empty(e.x.shape[:3], np.float32)
-    mats = {}
-    for part in e.chunks():
-        _, _, a, g = e.engine.layer_grad(e.x[part], e.cls[part], name)
-        hw = a.shape[1:3]
-        if hw not in mats:
-            mats[hw] = cnn_utils.cam_upsampling_matrices(e.engine.model, name, e.x.shape[1:3], map_hw=hw)
-        maps[part] = cnn_utils._upsample(np.maximum((a * g).sum(axis=-1), 0.0), *mats[hw])
-    return cnn_utils.normalize_maps(maps) if normalize else maps
+        _check_keras_model(model)
+        yield _guided_keras_clone(model)

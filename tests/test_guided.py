@@ -1,4 +1,4 @@
-"""cnnlib.guided: Guided Backprop / Guided Grad-CAM against captum, HiResCAM against
+"""cnn_utils.guided_backprop / guided_grad_cam / hires_cam: Guided Backprop / Guided Grad-CAM against captum, HiResCAM against
 pytorch-grad-cam, the same numbers from Keras and PyTorch, and the user's model left unchanged.
 Tolerance: float32 gradients of the same network, 1e-5 relative (1e-6 absolute)."""
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from cnnlib import guided  # noqa: E402
+import cnn_utils  # noqa: E402
 
 
 def small_cnn(seed=0, inplace=False, head="flatten"):
@@ -34,7 +34,7 @@ def test_guided_backprop_equals_captum_and_removes_its_hooks(x, inplace):
     captum = pytest.importorskip("captum.attr")
     model = small_cnn(inplace=inplace)
     y = [1, 3, 5, 7]
-    ours = guided.guided_backprop(model, x, y, normalize=False)
+    ours = cnn_utils.guided_backprop(model, x, y, normalize=False)
     theirs = captum.GuidedBackprop(small_cnn(inplace=inplace)).attribute(nchw(x), target=y)
     np.testing.assert_allclose(ours, theirs.detach().numpy().transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-6)
     assert all(not m._forward_hooks for m in model.modules())
@@ -51,7 +51,7 @@ def test_guided_grad_cam_equals_captum_on_a_full_resolution_layer(x):
     captum = pytest.importorskip("captum.attr")
     model = small_cnn()
     y = [0, 2, 4, 6]
-    ours = guided.guided_grad_cam(model, x, y, layer="1", normalize=False)
+    ours = cnn_utils.guided_grad_cam(model, x, y, layer="1", normalize=False)
     theirs = captum.GuidedGradCam(model, model[1]).attribute(nchw(x), target=y)
     np.testing.assert_allclose(ours, theirs.detach().numpy().transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-6)
 
@@ -63,15 +63,15 @@ def test_hires_cam_equals_pytorch_grad_cam_and_grad_cam_on_a_gap_head(x):
 
     model = small_cnn()
     y = [1, 2, 3, 4]
-    ours = guided.hires_cam(model, x, y, layer="1")
+    ours = cnn_utils.hires_cam(model, x, y, layer="1")
     with pgc.HiResCAM(model=model, target_layers=[model[1]]) as cam:
         theirs = cam(input_tensor=nchw(x), targets=[ClassifierOutputTarget(c) for c in y])
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
     gap = small_cnn(head="gap")
-    np.testing.assert_allclose(guided.hires_cam(gap, x, y, layer="4"), cnn_utils.grad_cam(gap, x, y, layer="4"),
+    np.testing.assert_allclose(cnn_utils.hires_cam(gap, x, y, layer="4"), cnn_utils.grad_cam(gap, x, y, layer="4"),
                                atol=1e-5)
     flat = cnn_utils.grad_cam(model, x, y, layer="4")
-    assert np.abs(guided.hires_cam(model, x, y, layer="4") - flat).max() > 0.05, "differ behind Flatten"
+    assert np.abs(cnn_utils.hires_cam(model, x, y, layer="4") - flat).max() > 0.05, "differ behind Flatten"
 
 
 def keras_twin(model):
@@ -96,19 +96,19 @@ def test_keras_gives_the_same_guided_maps_and_is_left_unchanged(x):
     k = keras_twin(model)
     y = [1, 3, 5, 7]
     before = cnn_utils.saliency_map(k, x, y, normalize=False)
-    ours = guided.guided_backprop(k, x, y, normalize=False)
-    np.testing.assert_allclose(ours, guided.guided_backprop(model, x, y, normalize=False), rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(guided.guided_grad_cam(k, x, y), guided.guided_grad_cam(model, x, y, layer="4"),
+    ours = cnn_utils.guided_backprop(k, x, y, normalize=False)
+    np.testing.assert_allclose(ours, cnn_utils.guided_backprop(model, x, y, normalize=False), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(cnn_utils.guided_grad_cam(k, x, y), cnn_utils.guided_grad_cam(model, x, y, layer="4"),
                                atol=1e-4)
     np.testing.assert_allclose(cnn_utils.saliency_map(k, x, y, normalize=False), before)
     assert k.layers[1].activation.__name__ == "relu"
     k.layers[-1].set_weights([w * 0 for w in k.layers[-1].get_weights()])     # new weights reach the clone
-    assert np.all(guided.guided_backprop(k, x, y, normalize=False) == 0)
+    assert np.all(cnn_utils.guided_backprop(k, x, y, normalize=False) == 0)
 
 
 def test_bad_input():
     model = small_cnn()
     with pytest.raises(ValueError, match="layer"):
-        guided.guided_backprop(model, np.zeros((1, 14, 14, 1), np.float32), layer="1")
+        cnn_utils.guided_backprop(model, np.zeros((1, 14, 14, 1), np.float32), layer="1")
     with pytest.raises(TypeError, match="normalize"):
-        guided.guided_grad_cam(model, np.zeros((1, 14, 14, 1), np.float32), normalize="yes")
+        cnn_utils.guided_grad_cam(model, np.zeros((1, 14, 14, 1), np.float32), normalize="yes")
