@@ -275,12 +275,15 @@ def _check_output(source, out_path):
 
 
 def to_html(ipynb_path):
-    """Render an executed notebook to HTML beside it (widget state included when stored)."""
+    """Render an executed notebook to HTML beside it (widget state included when stored). Cells tagged
+    ``hide-input`` (the cells that only write text) show their output without their code."""
     import nbformat
     from nbconvert import HTMLExporter
+    from traitlets.config import Config
 
     nb = nbformat.read(str(ipynb_path), as_version=4)
-    body, _ = HTMLExporter().from_notebook_node(nb)
+    config = Config({"TagRemovePreprocessor": {"enabled": True, "remove_input_tags": {"hide-input"}}})
+    body, _ = HTMLExporter(config=config).from_notebook_node(nb)
     out = Path(ipynb_path).with_suffix(".html")
     out.write_text(body, encoding="utf-8")
     return out

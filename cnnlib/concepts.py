@@ -42,7 +42,8 @@ def _check_layer(layer):
 
 
 def _flat(a, name):
-    """An (n, ...) array of finite numbers as float64 (n, D)."""
+    """An (n, ...) array of finite numbers as (n, D), float32 kept (scikit-learn's SGD fits float32 as it
+    is, so a CAV from float32 activations equals a fit written by hand on them), else float64."""
     a = np.asarray(a)
     if a.dtype.kind not in "biuf":
         raise TypeError(f"{name} must be an array of numbers (n, ...), got dtype {a.dtype}.")
@@ -50,7 +51,7 @@ def _flat(a, name):
         raise ValueError(f"{name} must be a non-empty batch (n, ...) of activations, got shape {a.shape}.")
     if not np.all(np.isfinite(a)):
         raise ValueError(f"{name} contains NaN or infinite values.")
-    return a.reshape(len(a), -1).astype(np.float64)
+    return a.reshape(len(a), -1).astype(np.float32 if a.dtype == np.float32 else np.float64)
 
 
 def _engine_layer(engine, layer, x):
@@ -153,7 +154,7 @@ def concept_activation_vector(concept_activations, random_activations, *, classi
         raise ValueError(f"alpha (regularisation strength) must be a positive number, got {alpha!r}.")
     if not cu._is_number(test_fraction) or not 0 <= test_fraction < 1:
         raise ValueError(f"test_fraction must be a number in [0, 1), got {test_fraction!r}.")
-    features = np.concatenate([pos, neg])
+    features = np.concatenate([pos, neg])          # float32 when both are
     labels = np.r_[np.ones(len(pos)), np.zeros(len(neg))].astype(np.int64)
     train = test = np.arange(len(labels))
     if test_fraction > 0:
@@ -296,17 +297,26 @@ def tcav(model, images, class_index, cavs, *, n_tests=1, alpha=0.05, score="logi
     rises along each CAV of ``cavs`` (a ``CAVSet`` from ``train_cavs``), the same for the random
     CAVs, and the two-sided t-test of the two score sets with Bonferroni's correction for
     ``n_tests`` hypotheses. Returns a ``TCAVResult``.
+
+    ``cavs`` may also be a dict ``{key: CAVSet}`` (several concepts, layers): then the gradients
+    are computed once per layer and a dict ``{key: TCAVResult}`` is returned.
     """
     cu = _cu()
-    if not isinstance(cavs, CAVSet):
-        raise TypeError(f"cavs must be the CAVSet of train_cavs(model, layer, concept_images, random_sets), "
-                        f"got {type(cavs).__name__}.")
+    sets = cavs if isinstance(cavs, dict) else {None: cavs}
+    if not sets or not all(isinstance(s, CAVSet) for s in sets.values()):
+        raise TypeError(f"cavs must be the CAVSet of train_cavs(model, layer, concept_images, random_sets) or a "
+                        f"dict of them, got {type(cavs).__name__}.")
     if not cu._is_int(class_index):
         raise TypeError(f"class_index must be one class (an int), got {class_index!r}.")
-    _, grads = layer_gradients(model, images, int(class_index), layer=cavs.layer, score=score)
-    scores, random_scores = tcav_scores(grads, cavs.vectors), tcav_scores(grads, cavs.random_vectors)
-    return TCAVResult(cavs.layer, int(class_index), scores, random_scores,
-                      tcav_t_test(scores, random_scores, n_tests=n_tests, alpha=alpha))
+    grads = {}
+    results = {}
+    for key, s in sets.items():
+        if s.layer not in grads:
+            grads[s.layer] = layer_gradients(model, images, int(class_index), layer=s.layer, score=score)[1]
+        scores, random_scores = tcav_scores(grads[s.layer], s.vectors), tcav_scores(grads[s.layer], s.random_vectors)
+        results[key] = TCAVResult(s.layer, int(class_index), scores, random_scores,
+                                  tcav_t_test(scores, random_scores, n_tests=n_tests, alpha=alpha))
+    return results if isinstance(cavs, dict) else results[None]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -348,3 +348,19 @@ def test_tcav_agrees_with_captum(tmp_path):
     else:  # a flipped input moves the p-value a little
         assert ours.test["p_value"] == pytest.approx(p_captum, abs=0.05)
     assert np.ptp(theirs[:n_random]) + np.ptp(theirs[n_random:]) > 0     # not a degenerate comparison
+
+
+def test_tcav_of_several_cav_sets_equals_one_at_a_time():
+    model = torch_model(CONCEPT_HEAD)
+    concept = noise(30, 1)
+    concept[..., 2] += 0.5
+    randoms = C.random_image_sets(noise(100, 2), n_sets=3, set_size=30, seed=0)
+    sets = {"bright 2": C.train_cavs(model, "features", concept, randoms, seed=0),
+            "noise": C.train_cavs(model, "features", randoms[0], randoms[1:], seed=1)}
+    x = noise(10, 5)
+    together = C.tcav(model, x, 0, sets, n_tests=4)
+    for key, s in sets.items():
+        alone = C.tcav(model, x, 0, s, n_tests=4)
+        np.testing.assert_array_equal(together[key].scores, alone.scores)
+        np.testing.assert_array_equal(together[key].random_scores, alone.random_scores)
+        assert together[key].test == alone.test
