@@ -22,7 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-import torch  # noqa: E402  (torch before TensorFlow)
+import torch  # noqa: E402  (torch and torchvision before TensorFlow)
+import torchvision  # noqa: E402,F401
 import numpy as np  # noqa: E402
 
 import cnn_utils as cu  # noqa: E402
