@@ -26,6 +26,8 @@ and none imports ``cnn_utils``):
                    ``randomize_weights``, ``rank_correlation``
     guided         the guided-ReLU model behind ``guided_backprop`` / ``guided_grad_cam``
     evaluation     is a map right? pointing game, relevance mass / rank, deletion, insertion, ROAD
+    concepts       what a layer encodes: CAVs and TCAV (with its t-test), NMF concepts, channel
+                   attribution, ablation and selectivity
     feature_visualization  ``FeatureVisualization``, VGG16's ``vgg_feature_visualization``
     embeddings     ``extract_features``, t-SNE, UMAP, trustworthiness
     plotting, plotting_vgg   figures (they only draw)
@@ -100,6 +102,9 @@ from cnnlib.exercise_checks import (check_array, check_close, check_not_calling,
 from cnnlib.guided import guided_relus
 from cnnlib.evaluation import (REPLACEMENTS, Curve, deletion, insertion, linear_imputation, pixel_order,
     pointing_game, random_maps, relevance_mass, relevance_rank, replacement_images, road, sobel_maps)
+from cnnlib.concepts import (channel_ablation, channel_attribution, class_selectivity,
+    concept_activation_vector, layer_activations, layer_gradients, nmf_concepts, random_image_sets, tcav,
+    tcav_scores, tcav_t_test, train_cavs)
 from cnnlib import widgets as _widgets
 
 

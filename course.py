@@ -279,16 +279,18 @@ def _check_output(source, out_path):
 def to_html(ipynb_path):
     """Render an executed notebook to HTML beside it (widget state included when stored).
 
-    A code cell whose source is collapsed in JupyterLab (cell metadata ``jupyter.source_hidden``:
-    the cells that only build the sentences under a figure) shows its output without its code:
-    the handout reads as text, and the code stays one click away in the notebook.
+    A code cell whose source is collapsed in JupyterLab (cell metadata ``jupyter.source_hidden``,
+    or the tag ``hide-input``: the cells that only build the sentences under a figure) shows its
+    output without its code: the handout reads as text, and the code stays one click away in the
+    notebook.
     """
     import nbformat
     from nbconvert import HTMLExporter
 
     nb = nbformat.read(str(ipynb_path), as_version=4)
     for cell in nb.cells:
-        if cell.get("metadata", {}).get("jupyter", {}).get("source_hidden"):
+        meta = cell.get("metadata", {})
+        if meta.get("jupyter", {}).get("source_hidden") or "hide-input" in meta.get("tags", []):
             cell.metadata["transient"] = {"remove_source": True}   # as nbconvert's TagRemovePreprocessor marks it
     body, _ = HTMLExporter().from_notebook_node(nb)
     out = Path(ipynb_path).with_suffix(".html")

@@ -59,6 +59,5 @@ def test_notebook_11_measures_the_table(tmp_path):
     # LIME ran through the lime package; exact Shapley values are efficient
     assert v["lime_segments"] >= 5 and 0 <= v["lime_r2"] <= 1
     assert v["shapley_gap"] < 1e-2 and len(v["shapley"]) == 9
-    assert 0.5 <= v["cav_accuracy"] <= 1 and len(v["tcav"]) == 10
-    assert set(v["tcav_outside_random"]) <= set(range(10))
+    assert "cav_accuracy" not in v and "tcav" not in v   # TCAV moved to the concepts notebook, done right
     assert count_images(nb) >= 4  # the methods, their agreement, LIME, Shapley values
