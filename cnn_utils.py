@@ -292,7 +292,7 @@ def total_variation(images):
         TV(x) = sum_{i,j,c} (x[i+1, j, c] - x[i, j, c])**2 + (x[i, j+1, c] - x[i, j, c])**2
 
     Squaring (beta = 2 in Mahendran & Vedaldi's notation) punishes large jumps most and has a
-    smooth gradient. The course's other two definitions: the exercise (notebook 09) sums
+    smooth gradient. The course's other two definitions: the exercise (notebook 11) sums
     ABSOLUTE differences, like ``tf.image.total_variation``, which tolerates sharp edges; the
     PyTorch ``total_variation_norm(x, beta)`` (notebook 07) sums each pixel's squared gradient
     magnitude to the power beta/2 (beta = 2: this sum without the differences along the last

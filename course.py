@@ -314,7 +314,7 @@ def to_html(ipynb_path):
 #: nbgrader's course directory (git-ignored; see nbgrader_config.py).
 GRADING_DIR = PROJECT_DIR / "nbgrader"
 #: The assignment, and its one notebook, in nbgrader's layout.
-EXERCISE_ASSIGNMENT = "09_exercises"
+EXERCISE_ASSIGNMENT = "11_exercises"
 #: The nbgrader source with solutions and hidden tests (instructors only) ...
 INSTRUCTORS_DIR = PROJECT_DIR / "instructors"
 EXERCISE_SOURCE = INSTRUCTORS_DIR / f"{EXERCISE_ASSIGNMENT}.ipynb"
@@ -361,10 +361,10 @@ def run_nbgrader(*args, course_dir=None, check=True, timeout=None):
 def release(course_dir=None, student_copy=STUDENT_NOTEBOOK):
     """Generate the student version of the exercise notebook with nbgrader.
 
-    Copies ``instructors/09_exercises.ipynb`` to nbgrader's ``source/``, runs
+    Copies ``instructors/11_exercises.ipynb`` to nbgrader's ``source/``, runs
     ``nbgrader generate_assignment`` (solutions and hidden tests removed; the gradebook
     keeps the tests) and copies the result to ``student_copy`` (default: the notebook
-    students open, ``notebooks/09_exercises.ipynb``; None: leave it). Returns the path
+    students open, ``notebooks/11_exercises.ipynb``; None: leave it). Returns the path
     of nbgrader's release copy.
     """
     course = _course_dir(course_dir)
@@ -389,7 +389,7 @@ def _ensure_released(course):
 
 def _submission_files(folder):
     """``{student_id: path}`` of a submissions folder (``<student_id>.ipynb``, or nbgrader's
-    ``<student_id>/09_exercises/09_exercises.ipynb``); CourseError when there are none."""
+    ``<student_id>/11_exercises/11_exercises.ipynb``); CourseError when there are none."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CourseError(f"{folder} is not a folder: give the folder that holds the <student_id>.ipynb files.")
@@ -404,10 +404,10 @@ def _submission_files(folder):
 
 
 def collect(folder, course_dir=None):
-    """Put ``FOLDER/<student_id>.ipynb`` into nbgrader's ``submitted/<id>/09_exercises/``.
+    """Put ``FOLDER/<student_id>.ipynb`` into nbgrader's ``submitted/<id>/11_exercises/``.
 
     FOLDER may also be laid out as nbgrader's ``submitted/`` folder after ``nbgrader collect``
-    (``<student_id>/09_exercises/09_exercises.ipynb``), the course's own one included.
+    (``<student_id>/11_exercises/11_exercises.ipynb``), the course's own one included.
     Returns ``(students, unreadable)``: the ids collected, and ``{id: reason}`` for files
     that are not readable notebooks (they are not collected).
     """

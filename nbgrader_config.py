@@ -1,12 +1,12 @@
-"""nbgrader configuration for the course's exercise notebook (instructors/09_exercises.ipynb).
+"""nbgrader configuration for the course's exercise notebook (instructors/11_exercises.ipynb).
 
 The course's command line runs nbgrader with this file (see README, "For instructors"):
 
-    python -m course release         # student version -> notebooks/09_exercises.ipynb
+    python -m course release         # student version -> notebooks/11_exercises.ipynb
     python -m course grade FOLDER    # FOLDER/<student_id>.ipynb: autograde, feedback, scores.csv
 
 nbgrader's own commands read it too when run from this folder (`nbgrader autograde
-09_exercises`, `nbgrader formgrader`, ...), and then grade in the same safe way: two of
+11_exercises`, `nbgrader formgrader`, ...), and then grade in the same safe way: two of
 nbgrader's steps are replaced by the course's (in course.py), nothing else changes.
 """
 import os

@@ -141,7 +141,7 @@ def test_bad_input(mnist_model):
 def test_notebook_09_runs_for_both_datasets(dataset, tmp_path):
     from conftest import notebook_text, notebook_values, run_notebook
 
-    nb = run_notebook("10_live_explorer.ipynb", tmp_path, DATASET=dataset)
+    nb = run_notebook("12_live_explorer.ipynb", tmp_path, DATASET=dataset)
     assert f"{dataset}: shipped model, 500 test images" in notebook_text(nb)
     views = [out for cell in nb.cells for out in cell.get("outputs", [])
              if "application/vnd.jupyter.widget-view+json" in out.get("data", {})]

@@ -68,7 +68,7 @@ def _voila(notebook, tmp_path):
 
 @pytest.fixture()
 def voila_url(tmp_path):
-    with _voila(ROOT / "notebooks" / "10_live_explorer.ipynb", tmp_path) as url:
+    with _voila(ROOT / "notebooks" / "12_live_explorer.ipynb", tmp_path) as url:
         yield url
 
 

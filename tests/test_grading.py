@@ -231,7 +231,7 @@ def test_committed_student_version_is_generated_from_the_source(graded):
     fresh = nbformat.read(str(graded["student_copy"]), as_version=4)
     assert [(c.cell_type, c.source, c.metadata) for c in committed.cells] == \
            [(c.cell_type, c.source, c.metadata) for c in fresh.cells], \
-        "notebooks/09_exercises.ipynb is out of date: run `python -m course release`"
+        "notebooks/11_exercises.ipynb is out of date: run `python -m course release`"
 
 
 def test_student_version_has_no_solution_and_no_hidden_test():

@@ -94,7 +94,7 @@ def test_concepts_notebook_other_concepts_and_seed(tmp_path):
 
 
 def test_notebook_11_points_to_the_concepts_notebook():
-    nb = json.loads((ROOT / "notebooks" / "11_what_next.ipynb").read_text())
+    nb = json.loads((ROOT / "notebooks" / "13_what_next.ipynb").read_text())
     text = "\n".join("".join(c["source"]) for c in nb["cells"])
     assert "concepts notebook" in text
     assert "LogisticRegression" not in text and "random_cavs" not in text   # the old five-CAV demonstration is gone

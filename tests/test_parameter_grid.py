@@ -43,8 +43,8 @@ GRID = [
     ("04_saliency_and_cam.ipynb", {"DATASET": "fashion_mnist", "SEED": 2024}, {}),
     ("05_prediction_confidence.ipynb", {"DATASET": "fashion_mnist", "SEED": 2024}, {}),
     ("06_feature_space.ipynb", {"DATASET": "fashion_mnist", "SEED": 2024}, {}),
-    ("10_live_explorer.ipynb", {"DATASET": "fashion_mnist", "SEED": 2024}, {}),
-    ("11_what_next.ipynb", {"SEED": 2024}, {}),
+    ("12_live_explorer.ipynb", {"DATASET": "fashion_mnist", "SEED": 2024}, {}),
+    ("13_what_next.ipynb", {"SEED": 2024}, {}),
     # 07, 08: VGG16 (random weights offline) with the student's photos, another seed and layer
     ("07_vgg16_feature_inversion.ipynb", {"SEED": 2024, "USER_IMAGE": "{photo}", "PRETRAINED": False}, {}),
     ("08_vgg16_photos.ipynb", {"LAYER": "conv5_3", "SEED": 2024, "USER_IMAGES": ["{photo}", "{gray_photo}"]},

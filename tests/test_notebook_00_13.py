@@ -6,7 +6,7 @@ import pytest
 from conftest import ROOT, count_images, notebook_values, run_notebook, stored_notebook
 
 NB00 = "00_why_interpret.ipynb"
-NB11 = "11_what_next.ipynb"
+NB11 = "13_what_next.ipynb"
 
 
 @pytest.mark.parametrize("name", [NB00, NB11])
