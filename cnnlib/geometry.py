@@ -348,6 +348,10 @@ def _torch_receptive_fields(model, layer_name, input_hw):
     found = None
     for event in trace.events:
         if event[0] == "module":
+            g = geo.get(id(event[2]))
+            if isinstance(g, _Unknown) and " in module " not in g.reason:   # name where it happened
+                geo[id(event[2])] = _Unknown(f"{g.reason} in module {event[1]!r} "
+                                             f"({type(modules[event[1]]).__name__})")
             if event[1] == layer_name:
                 found = geo.get(id(event[2]), _Unknown("an output that does not come from the input"))
             continue

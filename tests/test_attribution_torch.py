@@ -6,6 +6,8 @@
 * captum and pytorch-grad-cam, on the same torch model, as independent references.
 * The course's VGG16: forward takes [0, 1] RGB, VGG's layer names, the default layer.
 """
+import hashlib
+
 import cnnlib.geometry
 import cnnlib.torch_engine
 import numpy as np
@@ -253,10 +255,12 @@ def test_captum_smoothgrad_on_the_same_noise(ref_model):
     net, x = ref_model
     _, cls = cu.class_scores(net, x)
     samples, noise = 6, 0.15
-    rng = np.random.default_rng(11)
     sigma = noise * (x.max(axis=(1, 2, 3)) - x.min(axis=(1, 2, 3)))
     noisy = np.repeat(x[:, None], samples, axis=1)
-    noisy += rng.standard_normal(noisy.shape, dtype=np.float32) * sigma[:, None, None, None, None]
+    for i in range(len(x)):   # the documented rule: a generator per image, seeded (seed, hash of its pixels)
+        digest = hashlib.blake2b(np.ascontiguousarray(x[i]).tobytes(), digest_size=16).digest()
+        rng = np.random.default_rng([11] + list(np.frombuffer(digest, dtype=np.uint32)))
+        noisy[i] += rng.standard_normal(noisy.shape[1:], dtype=np.float32) * sigma[i]
     sal = captum.Saliency(net)
     theirs = np.stack([sal.attribute(nchw(noisy[:, s]), target=torch.from_numpy(cls), abs=True).numpy()
                        for s in range(samples)]).mean(0).max(1)
@@ -610,11 +614,13 @@ class Sliced(torch.nn.Module):
 
 
 class Excited(torch.nn.Module):
-    """conv, a squeeze-excite gate (functional), then a strided conv, BN, ReLU."""
+    """conv, a squeeze-excite gate (as torchvision's: a pooling module, two 1x1 convs), then a
+    strided conv, BN, ReLU."""
 
     def __init__(self):
         super().__init__()
         self.c1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.squeeze = torch.nn.AdaptiveAvgPool2d(1)
         self.fc1 = torch.nn.Conv2d(8, 2, 1)
         self.fc2 = torch.nn.Conv2d(2, 8, 1)
         self.c2 = torch.nn.Conv2d(8, 8, 3, stride=2, padding=1)
@@ -624,7 +630,7 @@ class Excited(torch.nn.Module):
 
     def forward(self, x):
         h = torch.relu(self.c1(x))
-        gate = torch.sigmoid(self.fc2(torch.relu(self.fc1(torch.nn.functional.adaptive_avg_pool2d(h, 1)))))
+        gate = torch.sigmoid(self.fc2(torch.relu(self.fc1(self.squeeze(h)))))
         h = self.act(self.bn(self.c2(h * gate)))
         return self.fc(h.mean(dim=(2, 3)))
 
