@@ -1046,7 +1046,7 @@ def feature_inversion(model, image, layer_index, iterations=200, lr=0.1, optimiz
     device = next(model.parameters()).device
     x0 = _as_model_input(image, size=size).to(device)
     trunk = model.features[: layer_index + 1]
-    was_training = model.training
+    was_training = [(m, m.training) for m in model.modules()]   # each submodule's own flag
     requires = [p.requires_grad for p in model.parameters()]
     model.eval()
     for p in model.parameters():
@@ -1090,7 +1090,8 @@ def feature_inversion(model, image, layer_index, iterations=200, lr=0.1, optimiz
     finally:
         for p, r in zip(model.parameters(), requires):
             p.requires_grad_(r)
-        model.train(was_training)
+        for m, flag in was_training:
+            m.training = flag
     if not np.isfinite(losses[-1]):
         raise FloatingPointError(f"The inversion diverged (loss {losses[-1]}); try a smaller lr.")
     return {
