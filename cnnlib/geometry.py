@@ -16,7 +16,7 @@ from .frameworks import _is_torch_module, _keras
 from .checks import _check_hw
 from .keras_layers import _check_keras_model, _flat_model, get_layer
 from .vgg16 import _vgg_alias_names
-from .torch_engine import _PER_POSITION_OPS, _tensors, _trace
+from .torch_engine import _PER_POSITION_OPS, _SQUEEZE_OPS, _tensors, _trace
 
 
 class AxisGeometry(NamedTuple):
@@ -258,6 +258,8 @@ def _torch_op_geometry(name, args, kwargs, out, geo, tensors):
     if not isinstance(out, torch.Tensor) or out.ndim != 4:
         return _GLOBAL                   # flattened, pooled to a vector, ...
     h, w = int(out.shape[2]), int(out.shape[3])
+    if name in _SQUEEZE_OPS and (h, w) == (1, 1):
+        return _GLOBAL                   # x.mean((2, 3), keepdim=True): a channel gate's squeeze
     first = tensors(args, kwargs)[0] if tensors(args, kwargs) else None
     src = geo.get(id(first)) if first is not None else None
     if name in ("conv2d", "max_pool2d", "avg_pool2d", "max_pool2d_with_indices") and isinstance(src, tuple):

@@ -635,7 +635,24 @@ class Excited(torch.nn.Module):
         return self.fc(h.mean(dim=(2, 3)))
 
 
+class MeanGate(torch.nn.Module):
+    """A channel gate written with tensor methods: h * sigmoid(conv(h.mean((2, 3), keepdim=True)))."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.g = torch.nn.Conv2d(4, 4, 1)
+        self.c2 = torch.nn.Conv2d(4, 4, 3, stride=2, padding=1)
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        h = h * torch.sigmoid(self.g(h.mean((2, 3), keepdim=True)))
+        return self.fc(torch.relu(self.c2(h)).mean((2, 3)))
+
+
 @pytest.mark.parametrize("net, layer, cells, first, stride", [
+    (MeanGate, "c2", 8, 0.0, 2),
     (Reordered, "conv", 16, 0.0, 1), (Reordered, "act", 6, 2.5, 2),      # act: its last call
     (Sliced, "c1", 12, 4.0, 1), (Excited, "c2", 8, 0.0, 2), (Excited, "act", 8, 0.0, 2)])
 def test_receptive_fields_follow_the_forward_pass(net, layer, cells, first, stride):
