@@ -527,9 +527,11 @@ def smoothgrad(model, images, class_index=None, *, layer=None, score="logits", n
     ``M(x) = max_channels (1/n) sum_i | d S_c(x + e_i) / d x |``, ``e_i ~ N(0, s^2)``
     with ``s = noise * (max(x) - min(x))`` for each image. The class is fixed on
     the clean image (``None``: its predicted class). ``noise=0`` gives exactly
-    ``saliency_map``. The noisy copies go through the model in batched,
-    memory-bounded calls. Returns float32 (N, H, W) in [0, 1] per image
-    (``normalize=False``: raw).
+    ``saliency_map``. ``seed`` fixes each image's noise: it is drawn from a generator
+    seeded with the seed and a hash of the image's pixels, so an image gets the same
+    noise (and map) wherever it sits in the batch and whatever else the batch holds.
+    The noisy copies go through the model in batched, memory-bounded calls. Returns
+    float32 (N, H, W) in [0, 1] per image (``normalize=False``: raw).
     """
     _no_layer(layer, "smoothgrad")
     _check_flags(normalize=normalize)
@@ -540,7 +542,7 @@ def smoothgrad(model, images, class_index=None, *, layer=None, score="logits", n
     seed = _check_seed(seed, allow_none=True)
     e = _Explained(model, images, class_index, score)
     x, cls = e.x, e.fix_classes()
-    rng = np.random.default_rng(seed)
+    rngs = _image_generators(x, seed)
     sigma = noise * (x.max(axis=(1, 2, 3)) - x.min(axis=(1, 2, 3)))
     out = np.empty(x.shape[:3], dtype=np.float32)
     for part in e.chunks(copies=samples):
@@ -548,12 +550,26 @@ def smoothgrad(model, images, class_index=None, *, layer=None, score="logits", n
         nb = len(xb)
         noisy = np.repeat(xb[:, None], samples, axis=1)
         if noise > 0:
-            noisy += rng.standard_normal(noisy.shape, dtype=np.float32) * sigma[part, None, None, None, None]
+            for i, rng in zip(range(nb), rngs[part]):
+                noisy[i] += rng.standard_normal(noisy.shape[1:], dtype=np.float32) * sigma[part][i]
         noisy = noisy.reshape((nb * samples,) + x.shape[1:])
         _, _, g = _input_gradients(e, noisy, np.repeat(cls[part], samples).astype(np.int32))
         g = np.abs(g).reshape((nb, samples) + x.shape[1:])
         out[part] = g.mean(axis=1).max(axis=-1)
     return normalize_maps(out) if normalize else out
+
+
+def _image_generators(x, seed):
+    """One NumPy generator per image of the batch ``x``: seeded with ``(seed, hash of the
+    image's pixels)``, so that a seed fixes each image's random numbers wherever it sits in
+    the batch; ``seed=None``: fresh randomness."""
+    import hashlib
+
+    if seed is None:
+        return np.array([np.random.default_rng() for _ in x], dtype=object)
+    return np.array([np.random.default_rng([seed] + list(np.frombuffer(
+        hashlib.blake2b(np.ascontiguousarray(xi).tobytes(), digest_size=16).digest(), dtype=np.uint32)))
+        for xi in x], dtype=object)
 
 
 def integrated_gradients(model, images, class_index=None, *, layer=None, score="logits",
@@ -1095,7 +1111,7 @@ def feature_inversion(model, image, layer_index, iterations=200, lr=0.1, optimiz
     device = next(model.parameters()).device
     x0 = _as_model_input(image, size=size).to(device)
     trunk = model.features[: layer_index + 1]
-    was_training = model.training
+    was_training = [(m, m.training) for m in model.modules()]   # each submodule's own flag
     requires = [p.requires_grad for p in model.parameters()]
     model.eval()
     for p in model.parameters():
@@ -1139,7 +1155,8 @@ def feature_inversion(model, image, layer_index, iterations=200, lr=0.1, optimiz
     finally:
         for p, r in zip(model.parameters(), requires):
             p.requires_grad_(r)
-        model.train(was_training)
+        for m, flag in was_training:
+            m.training = flag
     if not np.isfinite(losses[-1]):
         raise FloatingPointError(f"The inversion diverged (loss {losses[-1]}); try a smaller lr.")
     return {

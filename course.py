@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -239,6 +240,7 @@ def run_notebooks(names=None, out_dir=BUILD_DIR, parameters=None, html=True, ker
     Returns ``[(notebook name, seconds), ...]``."""
     paths = notebook_paths(names)
     out_dir = Path(out_dir)
+    _check_out_dir(out_dir)
     for path in paths:  # before anything runs: never write over a source or someone's own file
         _check_output(path, out_dir / path.name)
     timings = []
@@ -261,6 +263,22 @@ def _written_by_run(ipynb_path):
         return "papermill" in json.loads(Path(ipynb_path).read_text(encoding="utf-8")).get("metadata", {})
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def _check_out_dir(out_dir):
+    """The output folder: an existing file, or a place that cannot be written, is refused
+    before anything runs (nothing is overwritten)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CourseError(f"--out {out_dir} is a file, not a folder; nothing was written. Choose a folder "
+                          "(it is created if missing), e.g. --out build/.")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=out_dir, prefix=".course-write-test-", delete=True)
+        probe.close()
+    except OSError as err:
+        raise CourseError(f"Cannot write into --out {out_dir} ({err.strerror or err}); nothing was written. "
+                          "Choose a folder you can write to, e.g. --out build/ or --out ~/cnn-course-output.") from None
 
 
 def _check_output(source, out_path):

@@ -89,6 +89,15 @@ def _check_score(score):
         raise ValueError(f"score must be 'logits' (pre-softmax, the default) or 'probability', got {score!r}.")
 
 
+def _looks_like_probabilities(out):
+    """Class scores (N, K >= 2) whose rows are non-negative and sum to one (as
+    ``fit_temperature`` recognises probabilities): a softmax the engines could not see in
+    the model's structure (``F.softmax`` in a forward, a Keras ``Lambda``)."""
+    o = np.asarray(out, dtype=np.float64)
+    return (o.ndim == 2 and o.shape[1] >= 2 and len(o) > 0 and bool(np.all(np.isfinite(o)))
+            and o.min() >= 0 and np.allclose(o.sum(axis=1), 1.0, atol=1e-4))
+
+
 def _check_flags(**flags):
     """Options that are True or False (a string such as "no" would count as True)."""
     for name, value in flags.items():

@@ -64,7 +64,11 @@ def dataset_search_paths(name):
     paths = []
     env_dir = os.environ.get(DATA_ENV_VAR)
     if env_dir:
-        paths.append(Path(env_dir).expanduser() / f"{name}.npz")
+        folder = Path(env_dir).expanduser()
+        if folder.exists() and not folder.is_dir():
+            raise DataError(f"{DATA_ENV_VAR}={env_dir!r} is a file, not a folder: set it to the folder that "
+                            f"holds {name}.npz (e.g. export {DATA_ENV_VAR}=~/cnn-data), or unset it.")
+        paths.append(folder / f"{name}.npz")
     paths.append(DATA_DIR / f"{name}.npz")
     return paths
 

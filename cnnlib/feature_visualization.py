@@ -222,7 +222,7 @@ def vgg_feature_visualization(model, layer, units, *, size=128, steps=128, lr=0.
     opt = torch.optim.Adam([spectrum], lr=lr)
     history = np.empty((int(steps), b), dtype=np.float32)
     requires = [p.requires_grad for p in model.parameters()]
-    was_training = model.training
+    was_training = [(m, m.training) for m in model.modules()]   # each submodule's own flag
     start = time.perf_counter()
     # everything that changes the model sits inside try/finally: an error leaves no hook behind
     handle = module.register_forward_hook(hook) if module is not None else None
@@ -255,7 +255,8 @@ def vgg_feature_visualization(model, layer, units, *, size=128, steps=128, lr=0.
             handle.remove()
         for p, r in zip(model.parameters(), requires):
             p.requires_grad_(r)
-        model.train(was_training)
+        for m, flag in was_training:
+            m.training = flag
     with torch.no_grad():
         images = _fourier_image(torch, spectrum, scale, h, w, decorrelate)
     params = dict(size=size, steps=steps, lr=lr, decorrelate=decorrelate, jitter=jitter, scales=scales,

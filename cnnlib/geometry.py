@@ -7,6 +7,7 @@ each cell at its receptive-field centre (not at a corner, as a plain resize woul
 """
 from __future__ import annotations
 
+import sys
 from typing import NamedTuple
 
 import numpy as np
@@ -15,6 +16,7 @@ from .frameworks import _is_torch_module, _keras
 from .checks import _check_hw
 from .keras_layers import _check_keras_model, _flat_model, get_layer
 from .vgg16 import _vgg_alias_names
+from .torch_engine import _PER_POSITION_OPS, _SQUEEZE_OPS, _tensors, _trace
 
 
 class AxisGeometry(NamedTuple):
@@ -80,6 +82,15 @@ class _Axis:
                             int(self.jump), self.dep.any(axis=0))
 
 
+class _Unknown(NamedTuple):
+    """A tensor whose geometry the tracer cannot follow, and why."""
+    reason: str
+
+
+#: A tensor with no spatial extent (after a global pooling: a channel gate, a flattened vector).
+_GLOBAL = "global"
+
+
 def _conv_output_size(n, k, s, d, padding):
     """(output size, padding before) of a window with Keras/TensorFlow padding rules."""
     span = (k - 1) * d + 1
@@ -119,8 +130,14 @@ def _pair(v):
 
 
 def _keras_layer_geometry(layer, inputs):
-    """The (y, x) geometry after ``layer`` from the geometries of its inputs."""
+    """The (y, x) geometry after ``layer`` from the geometries of its inputs; ``_GLOBAL`` after
+    a global pooling (a squeeze-excite block's gate), which a merge then ignores."""
     kind = type(layer).__name__
+    if inputs and all(g is _GLOBAL for g in inputs) or kind in ("GlobalAveragePooling2D",
+                                                              "GlobalMaxPooling2D"):
+        return _GLOBAL
+    if kind in _KERAS_MERGE:
+        inputs = [g for g in inputs if g is not _GLOBAL]    # a channel gate: one value per channel
     if kind in _KERAS_PER_POSITION:
         axes = getattr(layer, "axis", -1)
         axes = [axes] if np.ndim(axes) == 0 else list(axes)
@@ -194,10 +211,14 @@ def _keras_receptive_fields(model, layer_name, input_hw):
         return result
 
     try:
-        y, x = geometry(target.output)
+        found = geometry(target.output)
     except ValueError as err:
         raise ValueError(f"Receptive fields of layer {layer_name!r}: {err}") from None
     shape = tuple(target.output.shape)
+    if found is _GLOBAL:
+        raise ValueError(f"Layer {layer_name!r} has no spatial feature map (it follows a global pooling); "
+                         "CAM methods need a convolutional (or pooling) layer's output.")
+    y, x = found
     if len(shape) != 4:
         raise ValueError(f"Layer {layer_name!r} has output shape {shape}; receptive fields need a spatial "
                          "feature map (N, h, w, channels).")
@@ -208,46 +229,115 @@ def _keras_receptive_fields(model, layer_name, input_hw):
     return y, x
 
 
-_TORCH_PASS_THROUGH = {
-    "ReLU", "ReLU6", "LeakyReLU", "PReLU", "ELU", "SELU", "CELU", "GELU", "SiLU", "Mish",
-    "Hardswish", "Hardsigmoid", "Hardtanh", "Sigmoid", "Tanh", "Softplus", "Softsign",
-    "BatchNorm2d", "Dropout", "Dropout2d", "Identity", "LocalResponseNorm", "Softmax2d",
-}
+def _torch_op_args(name, args, kwargs, names):
+    """The arguments of a traced operation by name (``names`` in signature order)."""
+    values = dict(zip(names, args))
+    values.update({k: v for k, v in kwargs.items() if k in names})
+    return values
 
 
-def _torch_module_geometry(name, module, y, x):
-    kind = type(module).__name__
-    if kind in _TORCH_PASS_THROUGH:
-        return y, x
-    if kind in ("Conv2d", "MaxPool2d", "AvgPool2d"):
-        k = _pair(module.kernel_size)
-        s = _pair(module.stride if module.stride is not None else module.kernel_size)
-        d = _pair(getattr(module, "dilation", 1))
-        ceil_mode = bool(getattr(module, "ceil_mode", False))
-        padding = module.padding
-        out = []
-        for i, (g, ka, sa, da) in enumerate(zip((y, x), k, s, d)):
+def _torch_window(g, k, s, d, p, n_out):
+    if n_out < 1:
+        raise ValueError("an operation leaves no output units along an axis; the input is too small.")
+    return g.window(k, s, d, p, n_out)
+
+
+def _torch_op_geometry(name, args, kwargs, out, geo, tensors):
+    """Geometry of the result of one traced operation from the geometries ``geo`` (by id) of
+    its inputs: a pair of ``_Axis``, ``_GLOBAL``, an ``_Unknown``, or None (no traced input)."""
+    torch = sys.modules["torch"]
+    inputs = [geo[id(t)] for t in tensors(args, kwargs) if id(t) in geo]
+    if not inputs:
+        return None
+    unknown = [g for g in inputs if isinstance(g, _Unknown)]
+    if unknown:
+        return unknown[0]
+    spatial = [g for g in inputs if g is not _GLOBAL]
+    if not spatial:
+        return _GLOBAL
+    if not isinstance(out, torch.Tensor) or out.ndim != 4:
+        return _GLOBAL                   # flattened, pooled to a vector, ...
+    h, w = int(out.shape[2]), int(out.shape[3])
+    if name in _SQUEEZE_OPS and (h, w) == (1, 1):
+        return _GLOBAL                   # x.mean((2, 3), keepdim=True): a channel gate's squeeze
+    first = tensors(args, kwargs)[0] if tensors(args, kwargs) else None
+    src = geo.get(id(first)) if first is not None else None
+    if name in ("conv2d", "max_pool2d", "avg_pool2d", "max_pool2d_with_indices") and isinstance(src, tuple):
+        if name == "conv2d":
+            a = _torch_op_args(name, args, kwargs, ["input", "weight", "bias", "stride", "padding", "dilation"])
+            k, s = _pair(tuple(a["weight"].shape[2:])), _pair(a.get("stride", 1))
+            d, padding = _pair(a.get("dilation", 1)), a.get("padding", 0)
+        else:
+            a = _torch_op_args(name, args, kwargs, ["input", "kernel_size", "stride", "padding"]
+                               + (["dilation"] if "max" in name else []))
+            k = _pair(a["kernel_size"])
+            s = _pair(a.get("stride") or a["kernel_size"])
+            d, padding = _pair(a.get("dilation", 1)), a.get("padding", 0)
+        result = []
+        for i, (g, n_out) in enumerate(zip(src, (h, w))):
             if padding == "valid":
                 p = 0
             elif padding == "same":
-                p = (ka - 1) * da // 2
-                n_out = g.n
+                p = (k[i] - 1) * d[i] // 2
             else:
                 p = _pair(padding)[i]
-            if padding != "same":
-                n_out = _torch_output_size(g.n, ka, sa, da, p, ceil_mode)
-            out.append(g.window(ka, sa, da, p, n_out))
-        return tuple(out)
-    if kind in ("ZeroPad2d", "ConstantPad2d"):
-        left, right, top, bottom = module.padding
-        return (y.window(1, 1, 1, top, y.n + top + bottom), x.window(1, 1, 1, left, x.n + left + right))
-    raise ValueError(
-        f"Cannot trace receptive fields through module {name!r} ({kind}): only Conv2d, MaxPool2d, "
-        "AvgPool2d, padding and per-position modules (activations, BatchNorm2d, dropout) are understood. "
-        "Pick a module before it.")
+            result.append(_torch_window(g, k[i], s[i], d[i], p, n_out))
+        return tuple(result)
+    if name in ("adaptive_avg_pool2d", "adaptive_max_pool2d") and isinstance(src, tuple):
+        if (h, w) == (1, 1):
+            return _GLOBAL
+        if (h, w) == (src[0].n, src[1].n):
+            return src
+        if src[0].n % h == 0 and src[1].n % w == 0:
+            return tuple(g.window(g.n // n, g.n // n, 1, 0, n) for g, n in zip(src, (h, w)))
+        return _Unknown(f"an adaptive pooling from {src[0].n}x{src[1].n} to {h}x{w} (uneven windows)")
+    if name == "pad" and isinstance(src, tuple):
+        a = _torch_op_args(name, args, kwargs, ["input", "pad"])
+        pads = list(a["pad"]) + [0] * 4
+        left, right, top, bottom = pads[:4]
+        return (src[0].window(1, 1, 1, top, src[0].n + top + bottom),
+                src[1].window(1, 1, 1, left, src[1].n + left + right))
+    if name == "__getitem__" and isinstance(src, tuple):
+        index = args[1] if len(args) > 1 else None
+        index = index if isinstance(index, tuple) else (index,)
+        if any(i is Ellipsis or i is None or isinstance(i, torch.Tensor) for i in index) or len(index) > 4:
+            return _Unknown("an indexing of a feature map (x[...])")
+        result = list(src)
+        for axis, i in enumerate(index[2:4]):
+            g = src[axis]
+            if not isinstance(i, slice):
+                return _Unknown("an indexing of a feature map's rows or columns")
+            start, stop, step = i.indices(g.n)
+            if step < 1:
+                return _Unknown("a reversed slice of a feature map")
+            n = len(range(start, stop, step))
+            result[axis] = g.window(1, step, 1, -start, n)
+        if (result[0].n, result[1].n) != (h, w):
+            return _Unknown("an indexing of a feature map")
+        return tuple(result)
+    if name in _PER_POSITION_OPS:
+        if name == "cat":
+            a = _torch_op_args(name, args, kwargs, ["tensors", "dim"])
+            if int(a.get("dim", 0)) not in (0, 1, -3):
+                return _Unknown("a concatenation along a spatial axis")
+        kept = [g for g in spatial if (g[0].n, g[1].n) == (h, w)]
+        others = [g for g in spatial if (g[0].n, g[1].n) != (h, w)]
+        if others or not kept:
+            return _Unknown(f"the operation {name} on feature maps of different sizes")
+        y, x = kept[0]
+        for gy, gx in kept[1:]:
+            if not (y.same_as(gy) and x.same_as(gx)):
+                return _Unknown(f"the operation {name}, which merges branches whose cells sit at "
+                                "different input positions")
+            y, x = y.merged(gy), x.merged(gx)
+        return y, x
+    return _Unknown(f"the operation {name}, whose effect on positions is not known")
 
 
 def _torch_receptive_fields(model, layer_name, input_hw):
+    """Trace one forward pass op by op (convolutions, pooling, padding, slicing and the
+    per-position operations in between, functional or modules) from the input to the
+    output of module ``layer_name`` (its last call, when the module runs several times)."""
     if not isinstance(layer_name, str):
         raise TypeError(f"layer must be a module name from model.named_modules(), got {layer_name!r}.")
     modules = dict(model.named_modules())
@@ -255,19 +345,36 @@ def _torch_receptive_fields(model, layer_name, input_hw):
         names = [n for n in modules if n][:40]
         raise ValueError(f"Unknown module {layer_name!r}. Names from model.named_modules(): "
                          f"{', '.join(names)}{' ...' if len(modules) > 41 else ''}.")
-    leaves = [(n, m) for n, m in model.named_modules() if next(m.children(), None) is None]
-    inside = [i for i, (n, _) in enumerate(leaves) if n == layer_name or n.startswith(layer_name + ".")]
-    if not inside:
-        raise ValueError(f"Module {layer_name!r} holds no layers.")
-    # The chain: every leaf module registered up to the target, applied in that order
-    # (true of nn.Sequential and of torchvision's VGG).
-    y, x = _Axis(input_hw[0]), _Axis(input_hw[1])
-    for name, module in leaves[:inside[-1] + 1]:
+    trace = _trace(model, tuple(input_hw))
+    geo = {id(trace.input): (_Axis(input_hw[0]), _Axis(input_hw[1]))}
+    found = None
+    for event in trace.events:
+        if event[0] == "module":
+            g = geo.get(id(event[2]))
+            if isinstance(g, _Unknown) and " in module " not in g.reason:   # name where it happened
+                geo[id(event[2])] = _Unknown(f"{g.reason} in module {event[1]!r} "
+                                             f"({type(modules[event[1]]).__name__})")
+            if event[1] == layer_name:
+                found = geo.get(id(event[2]), _Unknown("an output that does not come from the input"))
+            continue
+        _, name, args, kwargs, out = event
         try:
-            y, x = _torch_module_geometry(name, module, y, x)
-        except ValueError as err:
-            raise ValueError(f"Receptive fields of module {layer_name!r}: {err}") from None
-    return y, x
+            g = _torch_op_geometry(name, args, kwargs, out, geo, _tensors)
+        except (ValueError, TypeError, KeyError) as err:
+            g = _Unknown(f"the operation {name} ({err})")
+        if g is not None:
+            for t in _tensors([out]):
+                geo[id(t)] = g
+    if found is None:
+        raise ValueError(f"Module {layer_name!r} did not run in the model's forward pass.")
+    if isinstance(found, _Unknown):
+        raise ValueError(f"Receptive fields of module {layer_name!r}: its output depends on {found.reason} "
+                         "in the model's forward, which the geometry tracer cannot follow. Pick a module "
+                         "before it.")
+    if found is _GLOBAL:
+        raise ValueError(f"Module {layer_name!r} gives no spatial feature map (N, channels, h, w) here; "
+                         "CAM methods need a convolutional (or pooling) layer's output.")
+    return found
 
 
 def receptive_fields(model, layer, input_hw=None):
@@ -275,11 +382,12 @@ def receptive_fields(model, layer, input_hw=None):
 
     ``model``: a Keras functional model (``layer`` a layer name; the graph is walked
     from the input) or a PyTorch module (``layer`` a name from ``named_modules()``;
-    the leaf modules registered up to it are taken as the chain applied to the input,
-    as in ``nn.Sequential`` and torchvision's VGG). Convolutions and pooling of any
-    kernel, stride, padding and dilation are traced; per-position layers
-    (activations, batch normalisation, dropout) and merges of equal geometry pass
-    through; anything else raises ``ValueError``. ``input_hw`` is (H, W) (Keras:
+    one forward pass is traced operation by operation, functional calls included, to the
+    module's output, its last call when it runs several times). Convolutions and pooling
+    of any kernel, stride, padding and dilation are traced; per-position layers
+    (activations, batch normalisation, dropout), merges of equal geometry and channel
+    gates (a squeeze-excite block's global branch) pass through; anything else raises
+    ``ValueError``. ``input_hw`` is (H, W) (Keras:
     defaults to the model's input size).
 
     Returns ``ReceptiveFields(y, x)``, one ``AxisGeometry(centres, size, stride, seen)``
@@ -356,8 +464,7 @@ def cam_upsampling_matrices(model, layer, input_hw, map_hw=None):
         if map_hw != traced:
             raise ValueError(
                 f"Layer {layer!r} gives a {map_hw[0]}x{map_hw[1]} map, but tracing its chain of "
-                f"layers predicts {traced[0]}x{traced[1]}: the model does not apply its modules in "
-                "registration order (or uses an operation that is not a module), so its geometry is unknown.")
+                f"layers predicts {traced[0]}x{traced[1]}, so its geometry is unknown; pick another layer.")
     return (_linear_interpolation_matrix(rf.y.centres, H, rf.y.seen),
             _linear_interpolation_matrix(rf.x.centres, W, rf.x.seen))
 

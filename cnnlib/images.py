@@ -102,18 +102,25 @@ def _check_image_size(height, width, what):
 
 def _open_photo(path):
     """A photo file as an upright PIL image (EXIF orientation applied), 16-bit kept as float."""
+    import warnings
+
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"No image file at {path} (resolved: {path.resolve()}).")
     try:
-        with Image.open(path) as img:
-            _check_image_size(img.height, img.width, f"The image {path}")
-            img.load()
-            img = ImageOps.exif_transpose(img)      # phone photos: stored sideways + EXIF tag
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                _check_image_size(img.height, img.width, f"The image {path}")
+                img.load()
+                img = ImageOps.exif_transpose(img)      # phone photos: stored sideways + EXIF tag
     except UnidentifiedImageError:
         raise ValueError(f"{path} is not an image file Pillow can read (JPEG, PNG, ...).") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ValueError(f"{path} declares too many pixels to be a photo (a decompression bomb?): {err} "
+                         "Shrink it first, e.g. img.thumbnail((4000, 4000)) with Pillow.") from None
     except (OSError, SyntaxError) as err:
         raise ValueError(f"{path} could not be read: the file is truncated or corrupt ({err}).") from None
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):

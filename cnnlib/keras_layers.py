@@ -38,6 +38,7 @@ def _model_input_shape(model):
     except (AttributeError, ValueError):
         inputs = None
     if not inputs:
+        _refuse_subclassed(model)
         raise ValueError(
             f"The model {model.name!r} has no defined input yet (a Sequential model without an "
             "Input, never called on data). Start it with an input, "
@@ -137,30 +138,67 @@ def _flat_model(model):
         for layer in model.layers[1:]:
             h = layer(h)
         return keras.Model(base.inputs, h, name=f"{model.name}_flat")
-    return _cached(model, ("flat",), build)
+    flat = _cached(model, ("flat",), build)
+    # the declared input range (set_input_range, perhaps after the copy was made) goes with it
+    if hasattr(model, "input_range"):
+        flat.input_range = model.input_range
+    elif hasattr(flat, "input_range"):
+        del flat.input_range
+    return flat
+
+
+#: Layers the default CAM layer follows after the last convolution (they act per position).
+_FOLLOWED_TYPES = ("BatchNormalization", "Activation", "ReLU", "LeakyReLU", "ELU", "PReLU", "Dropout",
+                   "SpatialDropout2D", "Add", "Multiply", "Concatenate", "Average", "Maximum")
+
+
+def _after_global_pooling(layer):
+    """True for a layer fed (through single-input layers) by a global pooling: the
+    convolutions of a squeeze-excite gate or of a head after the pooling (MobileNetV3)."""
+    tensor = layer.input
+    for _ in range(64):
+        try:
+            op, index, _ = tensor._keras_history
+            inputs = list(op._inbound_nodes[index].input_tensors)
+        except (AttributeError, IndexError, TypeError):
+            return False
+        if _layer_type(op) in ("GlobalAveragePooling2D", "GlobalMaxPooling2D"):
+            return True
+        if len(inputs) != 1:
+            return False
+        tensor = inputs[0]
+    return False
 
 
 def _resolve_layer(model, layer_name, for_cam=True):
     """The layer for a CAM method: a named layer with a spatial map (N, h, w, k).
 
-    ``None``: the last convolutional layer's output after its ReLU, i.e. the conv layer
-    itself when the ReLU is built in, else the ReLU / Activation layer that follows it
-    (through a BatchNormalization), as in keras.applications' ResNets.
+    ``None``: the feature map the last convolutional layer leads to: its output followed
+    through the per-position layers applied to it (batch normalisation, activations, a
+    residual ``Add``, a channel gate's ``Multiply``, a ``Concatenate``, dropout) up to the
+    next layer of another kind: the ReLU after a conv (the conv itself when the ReLU is
+    built in), the block output of keras.applications' ResNets (after the add and its ReLU).
     """
     keras = _keras()
     if layer_name is None:
         layers = _all_layers(model)
-        last = get_layer(model, last_conv_layer_name(model))
-        chosen = prev = last
-        for layer in layers[layers.index(last) + 1:]:
-            if getattr(layer, "input", None) is not prev.output:
-                break
-            if _layer_type(layer) == "BatchNormalization":
-                prev = layer
-                continue
-            act = getattr(getattr(layer, "activation", None), "__name__", None)
-            if _layer_type(layer) == "ReLU" or (_layer_type(layer) == "Activation" and act == "relu"):
+        last_conv_layer_name(model)                    # an error listing the layers when there is none
+        convs = [layer for layer in layers if _layer_type(layer) in _CONV_TYPES
+                 and len(layer.output.shape) == 4 and not _after_global_pooling(layer)]
+        chosen = convs[-1] if convs else get_layer(model, last_conv_layer_name(model))
+        hw = tuple(chosen.output.shape[1:3])
+        for layer in layers[layers.index(chosen) + 1:]:
+            inputs = getattr(layer, "input", None)
+            inputs = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+            if not any(t is chosen.output for t in inputs):
+                continue                               # a layer of another branch
+            kind = _layer_type(layer)
+            if kind in ("GlobalAveragePooling2D", "GlobalMaxPooling2D"):
+                continue                               # a channel gate's squeeze (or the head's pooling)
+            out_shape = tuple(getattr(layer.output, "shape", ()))
+            if kind in _FOLLOWED_TYPES and len(out_shape) == 4 and tuple(out_shape[1:3]) == hw:
                 chosen = layer
+                continue
             break
         return chosen
     layer = get_layer(model, layer_name)
@@ -334,6 +372,22 @@ def _pre_activation(layer):
     return pre, activation
 
 
+def _refuse_subclassed(model):
+    """A subclassed ``keras.Model`` (its own ``call``) has no graph of layers, built or not."""
+    keras = _keras()
+    if isinstance(model, keras.Sequential) or type(model).__name__ == "Functional" or \
+            getattr(model, "_is_graph_network", False):
+        return
+    state = "built and called" if model.built else "not built yet"
+    raise ValueError(
+        f"The model {model.name!r} is a subclassed keras.Model ({type(model).__name__}, {state}): its "
+        "layers run inside call(), so it has no graph of layers that the helpers can read (layer outputs, "
+        "inputs, class scores). Wrap it in a functional model for the gradient methods (saliency_map, "
+        "smoothgrad, integrated_gradients, occlusion): inputs = keras.Input(shape); "
+        "wrapped = keras.Model(inputs, model(inputs)); for CAM methods and get_activations build it with "
+        "the functional API (keras.Input, then the layers called on tensors).")
+
+
 def _check_keras_model(model):
     keras = _keras()
     if not isinstance(model, keras.Model):
@@ -341,6 +395,7 @@ def _check_keras_model(model):
     try:
         model.inputs
     except (AttributeError, ValueError):
+        _refuse_subclassed(model)
         raise ValueError(
             f"The model {model.name!r} is not built yet (a Sequential model without an Input layer "
             "has no input shape): build it first, e.g. model.build((None, 28, 28, 1)) or start it "
@@ -355,14 +410,19 @@ def _check_keras_model(model):
         )
 
 
-def _score_output(model, score):
+def _score_output(model, score, outputs_probabilities=False):
     """The symbolic tensor of class scores (N, K): pre-softmax (``"logits"``) or the model's
-    output (``"probability"``). For ``"logits"``: the layer named ``LOGITS_LAYER``, else the
-    input of a final Softmax layer, else the pre-activation of a final Dense layer with a
-    softmax or sigmoid activation, else the output itself (already unnormalised scores)."""
+    output (``"probability"``). For ``"logits"``: the layer named ``LOGITS_LAYER`` (when it
+    gives (N, K) scores), else the input of a final softmax, else the pre-activation of a final Dense layer with a
+    softmax or sigmoid activation, else the output itself (already unnormalised scores).
+    A final softmax is a Softmax layer, ``Activation("softmax")`` or ``keras.ops.softmax``.
+    ``outputs_probabilities``: the output was recognised as probabilities from its values
+    (a softmax hidden in a Lambda): ``"probability"`` takes it as it is."""
     keras = _keras()
     _check_score(score)
     out = model.outputs[0]
+    if score == "probability" and outputs_probabilities:
+        return out
     if score == "probability":
         # probabilities as the model gives them, or of its logits when it ends without a softmax
         ends = _keras_output_activation(model)
@@ -371,9 +431,13 @@ def _score_output(model, score):
         return keras.ops.sigmoid(out) if out.shape[-1] == 1 else keras.ops.softmax(out, axis=-1)
     last = model.layers[-1]
     if LOGITS_LAYER in [layer.name for layer in model.layers]:
-        return _graph_tensor(model, model.get_layer(LOGITS_LAYER))
-    if isinstance(last, keras.layers.Softmax):
-        return _graph_tensor(model, last, "input")
+        named = _graph_tensor(model, model.get_layer(LOGITS_LAYER))
+        # only class scores (N, K) count: a convolution named "logits" inside a network does not
+        if len(tuple(named.shape)) == 2 and named.shape[-1] == out.shape[-1]:
+            return named
+    softmax_input = _final_softmax_input(model)
+    if softmax_input is not None:
+        return softmax_input
     activation = getattr(getattr(last, "activation", None), "__name__", "linear")
     if activation in ("softmax", "sigmoid"):
         pre, _ = _pre_activation(last)
@@ -386,11 +450,37 @@ def _score_output(model, score):
     return out
 
 
+def _final_op(model):
+    """The layer or operation that gives the model's output (``keras.ops.softmax`` is an
+    operation, not a layer), and the symbolic tensors it was called on."""
+    try:
+        out = model.outputs[0]
+        op, index, _ = out._keras_history
+        return op, list(op._inbound_nodes[index].input_tensors)
+    except (AttributeError, IndexError, TypeError, ValueError):
+        return None, []
+
+
+def _final_softmax_input(model):
+    """The input of a softmax over the classes that gives the model's output (a Softmax
+    layer, ``Activation("softmax")``, ``keras.ops.softmax``), else None."""
+    op, inputs = _final_op(model)
+    if op is None or len(inputs) != 1:
+        return None
+    kind = type(op).__name__
+    act = getattr(getattr(op, "activation", None), "__name__", None)
+    if (kind == "Softmax" or (kind == "Activation" and act == "softmax")) and \
+            getattr(op, "axis", -1) in (-1, len(tuple(inputs[0].shape)) - 1):
+        return inputs[0]
+    return None
+
+
 def _keras_output_activation(model):
     """``"softmax"`` or ``"sigmoid"`` when the model's last layer applies it (a Softmax layer,
-    or ``activation=...`` on the last layer), else None (the model outputs unnormalised scores)."""
+    ``keras.ops.softmax``, or ``activation=...`` on the last layer), else None (the model
+    outputs unnormalised scores)."""
     last = model.layers[-1] if model.layers else None
-    if _layer_type(last) == "Softmax":
+    if _layer_type(last) == "Softmax" or _final_softmax_input(model) is not None:
         return "softmax"
     name = getattr(getattr(last, "activation", None), "__name__", None)
     return name if name in ("softmax", "sigmoid") else None

@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from .frameworks import _is_torch_module, _keras
-from .checks import _as_labels, _as_probs, _check_batch_size, _check_seed, _is_int, _is_number
+from .checks import (_as_labels, _as_probs, _check_batch_size, _check_seed, _is_int, _is_number,
+    _looks_like_probabilities)
 from .data import DATASETS, DEFAULT_SEED, DataError, PROJECT_DIR, _check_dataset_name
 from .keras_layers import (LOGITS_LAYER, _check_keras_model, _keras_output_activation,
-    _model_input_shape, logits_model)
+    _model_input_shape, _score_output, logits_model)
 
 
 MODELS_DIR = PROJECT_DIR / "saved_models"
@@ -220,7 +221,9 @@ def as_image_batch(images, model=None, name="images", input_range="model"):
     tolerated for rounding). Pass a pair ``(low, high)`` for this call only, or ``None``
     to accept any finite value (e.g. images found by activation maximization).
     """
-    if hasattr(images, "numpy"):
+    if hasattr(images, "detach") and hasattr(images, "cpu"):   # a torch tensor (requiring grad or not)
+        images = images.detach().cpu().numpy()
+    elif hasattr(images, "numpy"):
         images = images.numpy()
     try:
         raw = np.asarray(images)
@@ -312,5 +315,16 @@ def predict_logits(model, images, batch_size=512, input_range="model"):
     range on purpose, e.g. from ``activation_maximization``).
     """
     batch_size = _check_batch_size(batch_size)
+    if _is_torch_module(model):
+        raise TypeError("predict_logits takes a Keras model; for a PyTorch module use "
+                        "cnn_utils.class_scores, or call it on torch.from_numpy(x).permute(0, 3, 1, 2).")
     x = as_image_batch(images, model, input_range=input_range)
-    return np.asarray(logits_model(model).predict(x, batch_size=batch_size, verbose=0))
+    logits = np.asarray(logits_model(model).predict(x, batch_size=batch_size, verbose=0))
+    if _score_output(model, "logits") is model.outputs[0] and _looks_like_probabilities(logits):
+        raise ValueError(
+            f"The output of {model.name!r} looks like probabilities (every row is non-negative and sums "
+            "to 1: a softmax inside a Lambda or another layer the helpers cannot see through), so "
+            "predict_logits cannot give the pre-softmax scores. End the model with a Softmax layer "
+            "(keras.layers.Softmax() or Activation('softmax')) on the logits, or name the layer holding "
+            f"them {LOGITS_LAYER!r}; model.predict(x) gives the probabilities.")
+    return logits

@@ -2,6 +2,7 @@
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -44,15 +45,21 @@ def _photo_from_file(path, name):
 
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    path = Path(path).expanduser()
-    if not path.is_file():
-        where = "a folder" if path.is_dir() else "no such file"
-        raise FileNotFoundError(f"{name}: {path} is {where} (resolved: {path.resolve()}); give the path "
-                                "of an image file (JPEG, PNG, ...).")
+    if hasattr(path, "read"):           # an open file (opened in binary mode, "rb")
+        if isinstance(getattr(path, "mode", "rb"), str) and "b" not in getattr(path, "mode", "rb"):
+            raise TypeError(f"{name}: the file object is open in text mode ({path.mode!r}); open it with "
+                            "open(path, 'rb'), or pass the path itself.")
+        source, path = path, Path(str(getattr(path, "name", "the file object")))
+    else:
+        path = source = Path(path).expanduser()
+        if not path.is_file():
+            where = "a folder" if path.is_dir() else "no such file"
+            raise FileNotFoundError(f"{name}: {path} is {where} (resolved: {path.resolve()}); give the path "
+                                    "of an image file (JPEG, PNG, ...).")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 if img.width * img.height > MAX_PHOTO_PIXELS:
                     raise ValueError(
                         f"{name}: {path.name} has {img.width} x {img.height} pixels, more than "
@@ -74,9 +81,17 @@ def _pil_to_photo(img):
     Transparent pixels are put on white."""
     from PIL import Image
 
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(img, dtype=np.float32)
-        top = 65535.0 if img.mode != "F" or arr.max() > 1 else 1.0
+        if img.mode == "F":   # a float file has no fixed scale: [0, 1], else 0..255, else refused
+            if not np.all(np.isfinite(arr)) or arr.min() < 0 or arr.max() > 255:
+                raise ValueError(
+                    f"A floating-point image file must hold values in [0, 1] or 0..255; this one holds "
+                    f"{np.nanmin(arr):.4g} .. {np.nanmax(arr):.4g}. Rescale it to [0, 1] (e.g. with NumPy) "
+                    "and pass the array.")
+            top = 1.0 if arr.max() <= 1 else 255.0
+        else:
+            top = 65535.0
         return np.repeat(np.clip(arr / top, 0, 1)[..., None], 3, axis=-1)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
@@ -132,8 +147,9 @@ def _photo_from_array(arr, name):
 def load_photo(photo, size=224, *, fit="crop", name="photo"):
     """A photo as float32 RGB ``(H, W, 3)`` in [0, 1], the input range of the course's models.
 
-    ``photo``: a path to an image file (EXIF orientation applied; transparency on white;
-    16-bit files scaled by 65535), a PIL image, or an array ``(H, W[, 3 or 4])`` of uint8,
+    ``photo``: a path to an image file or an open binary file (EXIF orientation applied;
+    transparency on white; 16-bit files scaled by 65535; floating-point files taken as [0, 1],
+    or as 0..255 when they hold values above 1), a PIL image, or an array ``(H, W[, 3 or 4])`` of uint8,
     uint16, bool or floats in [0, 1]. ``size``: an int (square), ``(height, width)``, or
     None (keep the size). ``fit="crop"`` cuts the largest centred box of the target's
     aspect ratio, then resizes (bicubic); ``fit="stretch"`` resizes the whole picture.
@@ -144,7 +160,7 @@ def load_photo(photo, size=224, *, fit="crop", name="photo"):
     if fit not in ("crop", "stretch"):
         raise ValueError(f"fit must be 'crop' or 'stretch', got {fit!r}.")
     hw = _photo_size(size)
-    if isinstance(photo, (str, Path)):
+    if isinstance(photo, (str, os.PathLike)) or hasattr(photo, "read"):
         src = _photo_from_file(photo, name)
     elif isinstance(photo, Image.Image):
         src = _pil_to_photo(photo)

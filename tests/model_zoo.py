@@ -65,7 +65,8 @@ def functional_softmax_output(softmax_layer=False):
 
 def batchnorm_residual():
     """c1, bn1 (non-trivial statistics), r1, then a residual branch c2, bn2, r2 added to r1:
-    add, gap, logits. The CAM layer is the ReLU after the last convolution's BatchNorm."""
+    add, gap, logits. The CAM layer is the block output: the add after the last convolution's
+    BatchNorm and ReLU."""
     k = keras()
     inp = k.Input((8, 8, 1))
     x = k.layers.Conv2D(4, 3, padding="same", name="c1")(inp)
@@ -115,10 +116,11 @@ def nested_functional():
     return k.Model(inp, k.layers.Dense(4, name="logits")(x), name="transfer_fn")
 
 
-#: The layer the CAM methods choose by default (the last convolution's output after its ReLU).
+#: The layer the CAM methods choose by default (the last convolution's output followed through
+#: batch norm, its ReLU and a residual add: the block output).
 CAM_LAYER = {
     functional_softmax_output: "c1",
     nested_sequential: "bc2",
     variable_size: "c2",
-    batchnorm_residual: "r2",
+    batchnorm_residual: "add",
 }

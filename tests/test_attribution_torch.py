@@ -6,6 +6,8 @@
 * captum and pytorch-grad-cam, on the same torch model, as independent references.
 * The course's VGG16: forward takes [0, 1] RGB, VGG's layer names, the default layer.
 """
+import hashlib
+
 import cnnlib.geometry
 import cnnlib.torch_engine
 import numpy as np
@@ -253,10 +255,12 @@ def test_captum_smoothgrad_on_the_same_noise(ref_model):
     net, x = ref_model
     _, cls = cu.class_scores(net, x)
     samples, noise = 6, 0.15
-    rng = np.random.default_rng(11)
     sigma = noise * (x.max(axis=(1, 2, 3)) - x.min(axis=(1, 2, 3)))
     noisy = np.repeat(x[:, None], samples, axis=1)
-    noisy += rng.standard_normal(noisy.shape, dtype=np.float32) * sigma[:, None, None, None, None]
+    for i in range(len(x)):   # the documented rule: a generator per image, seeded (seed, hash of its pixels)
+        digest = hashlib.blake2b(np.ascontiguousarray(x[i]).tobytes(), digest_size=16).digest()
+        rng = np.random.default_rng([11] + list(np.frombuffer(digest, dtype=np.uint32)))
+        noisy[i] += rng.standard_normal(noisy.shape[1:], dtype=np.float32) * sigma[i]
     sal = captum.Saliency(net)
     theirs = np.stack([sal.attribute(nchw(noisy[:, s]), target=torch.from_numpy(cls), abs=True).numpy()
                        for s in range(samples)]).mean(0).max(1)
@@ -486,3 +490,196 @@ def test_a_one_output_module_gets_two_class_probabilities():
         z = net(nchw(X12)).numpy()[:, 0]
     p = 1 / (1 + np.exp(-z))
     np.testing.assert_allclose(cu.class_probabilities(net, X12)[0], np.stack([1 - p, p], 1), rtol=1e-5)
+
+
+# --- instructors' own modules, third round (issue 22) -------------------------------------------
+
+class SmallNet(torch.nn.Module):
+    """conv-BN-ReLU, pool, conv-ReLU, global mean, dropout, linear; ``tail`` after the logits."""
+
+    def __init__(self, tail=None, k=4):
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.BatchNorm2d(6), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(6, 8, 3, padding=1), torch.nn.ReLU())
+        self.drop = torch.nn.Dropout(0.5)
+        self.fc = torch.nn.Linear(8, k)
+        self.tail = tail
+
+    def logits(self, x):
+        return self.fc(self.drop(self.features(x).mean(dim=(2, 3))))
+
+    def forward(self, x):
+        z = self.logits(x)
+        return z if self.tail is None else self.tail(z)
+
+
+class FunctionalSoftmax(SmallNet):
+    def forward(self, x):
+        return torch.nn.functional.softmax(self.logits(x), dim=1)
+
+
+def own_images(n=2, size=16, seed=0):
+    return np.random.default_rng(seed).uniform(0, 1, (n, size, size, 3)).astype(np.float32)
+
+
+def autograd_saliency(fn, x, cls):
+    t = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_(True)
+    (g,) = torch.autograd.grad(fn(t).gather(1, torch.as_tensor(cls)[:, None]).sum(), t)
+    return g.abs().amax(dim=1).numpy()
+
+
+def test_probabilities_are_recognised_from_their_values():
+    x = own_images()
+    cls = np.array([0, 2])
+    # a softmax in forward: no logits to be had, and "probability" is not a second softmax
+    net = FunctionalSoftmax().eval()
+    with pytest.raises(ValueError, match="looks like probabilities"):
+        cu.saliency_map(net, x, cls)
+    got = cu.saliency_map(net, x, cls, score="probability", normalize=False)
+    np.testing.assert_allclose(got, autograd_saliency(net, x, cls), rtol=1e-4, atol=1e-9)
+    # nn.Softmax followed by nn.Identity: the softmax's input is the logits
+    net = SmallNet(tail=torch.nn.Sequential(torch.nn.Softmax(dim=1), torch.nn.Identity())).eval()
+    got = cu.saliency_map(net, x, cls, normalize=False)
+    np.testing.assert_allclose(got, autograd_saliency(net.logits, x, cls), rtol=1e-4, atol=1e-9)
+    scores, _ = cu.class_scores(net, x, cls, score="probability")
+    with torch.no_grad():
+        expected = net(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()[np.arange(2), cls]
+    np.testing.assert_allclose(scores, expected, rtol=1e-5)
+
+
+def test_a_call_keeps_each_submodules_train_eval_flag():
+    net = SmallNet()
+    net.train()
+    net.features[1].eval()          # a BatchNorm the user froze
+    before = {name: m.training for name, m in net.named_modules()}
+    for f in (cu.saliency_map, cu.grad_cam, cu.score_cam):
+        f(net, own_images())
+        assert {name: m.training for name, m in net.named_modules()} == before, f.__name__
+
+
+def test_all_parameters_frozen_still_give_cams():
+    x = own_images()
+    net = SmallNet().eval()
+    expected = cu.grad_cam(net, x, layer="features.2", normalize=False)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    np.testing.assert_allclose(cu.grad_cam(net, x, layer="features.2", normalize=False), expected, rtol=1e-5)
+    assert not any(p.requires_grad for p in net.parameters())
+
+
+def test_torchscript_models_get_gradients_and_a_clear_refusal_for_cams():
+    x = own_images()
+    net = SmallNet().eval()
+    scripted = torch.jit.script(net)
+    np.testing.assert_allclose(cu.saliency_map(scripted, x), cu.saliency_map(net, x), rtol=1e-4, atol=1e-6)
+    with pytest.raises(TypeError, match="TorchScript.*original nn.Module"):
+        cu.grad_cam(scripted, x)
+
+
+def test_a_tensor_that_requires_grad_is_an_image_batch():
+    x = own_images()
+    net = SmallNet().eval()
+    t = torch.from_numpy(x).requires_grad_(True)
+    np.testing.assert_array_equal(cu.saliency_map(net, t), cu.saliency_map(net, x))
+
+
+class Reordered(torch.nn.Module):
+    """Registered pool, conv, conv2, act; forward runs conv, act, pool, conv2, act (act shared)."""
+
+    def __init__(self):
+        super().__init__()
+        self.pool = torch.nn.MaxPool2d(2)
+        self.conv = torch.nn.Conv2d(3, 4, 5, padding=2)
+        self.conv2 = torch.nn.Conv2d(4, 4, 3)
+        self.act = torch.nn.ReLU()
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.act(self.conv2(self.pool(self.act(self.conv(x)))))
+        return self.fc(h.mean(dim=(2, 3)))
+
+
+class Sliced(torch.nn.Module):
+    """Looks at x[:, :, 4:, 4:] only."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.c1(x[:, :, 4:, 4:])).mean(dim=(2, 3)))
+
+
+class Excited(torch.nn.Module):
+    """conv, a squeeze-excite gate (as torchvision's: a pooling module, two 1x1 convs), then a
+    strided conv, BN, ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.squeeze = torch.nn.AdaptiveAvgPool2d(1)
+        self.fc1 = torch.nn.Conv2d(8, 2, 1)
+        self.fc2 = torch.nn.Conv2d(2, 8, 1)
+        self.c2 = torch.nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.act = torch.nn.ReLU()
+        self.fc = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        gate = torch.sigmoid(self.fc2(torch.relu(self.fc1(self.squeeze(h)))))
+        h = self.act(self.bn(self.c2(h * gate)))
+        return self.fc(h.mean(dim=(2, 3)))
+
+
+class MeanGate(torch.nn.Module):
+    """A channel gate written with tensor methods: h * sigmoid(conv(h.mean((2, 3), keepdim=True)))."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.g = torch.nn.Conv2d(4, 4, 1)
+        self.c2 = torch.nn.Conv2d(4, 4, 3, stride=2, padding=1)
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        h = h * torch.sigmoid(self.g(h.mean((2, 3), keepdim=True)))
+        return self.fc(torch.relu(self.c2(h)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("net, layer, cells, first, stride", [
+    (MeanGate, "c2", 8, 0.0, 2),
+    (Reordered, "conv", 16, 0.0, 1), (Reordered, "act", 6, 2.5, 2),      # act: its last call
+    (Sliced, "c1", 12, 4.0, 1), (Excited, "c2", 8, 0.0, 2), (Excited, "act", 8, 0.0, 2)])
+def test_receptive_fields_follow_the_forward_pass(net, layer, cells, first, stride):
+    """Centres worked out by hand from the forward pass, not from the registration order."""
+    rf = cu.receptive_fields(net().eval(), layer, (16, 16))
+    np.testing.assert_allclose(rf.y.centres, first + stride * np.arange(cells))
+    np.testing.assert_allclose(rf.x.centres, first + stride * np.arange(cells))
+
+
+def test_cams_after_a_squeeze_excite_gate_and_the_default_block_output():
+    x = own_images()
+    net = Excited().eval()
+    kept = {}
+    handle = net.act.register_forward_hook(lambda m, i, o: kept.update(a=o))
+    t = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+    z = net(t)
+    handle.remove()
+    cls = z.argmax(1)
+    (g,) = torch.autograd.grad(z.gather(1, cls[:, None]).sum(), kept["a"])
+    _, w = cu.grad_cam(net, x, layer="act", return_weights=True)
+    np.testing.assert_allclose(w, g.mean(dim=(2, 3)).numpy(), rtol=1e-4, atol=1e-8)
+    assert cnnlib.torch_engine._TorchEngine(net, "logits").resolve_layer(None, x) == "act"
+    # torchvision's ResNet: the default is the last block's output, after the add and its ReLU
+    import torchvision
+
+    resnet = torchvision.models.resnet18(weights=None, num_classes=3).eval()
+    x32 = own_images(1, 32)
+    assert cnnlib.torch_engine._TorchEngine(resnet, "logits").resolve_layer(None, x32) == "layer4.1.relu"
+    np.testing.assert_allclose(cu.grad_cam(resnet, x32, return_weights=True)[1],
+                               cu.grad_cam(resnet, x32, layer="layer4", return_weights=True)[1], rtol=1e-5)

@@ -661,3 +661,10 @@ def test_explorer_snapshot_refuses_views_it_cannot_show(case):
         cnn_utils.explorer_snapshot(app, views)
     with pytest.raises(TypeError, match="what cnn_utils.explorer"):
         cnn_utils.explorer_snapshot("app")
+
+
+def test_the_data_folder_variable_naming_a_file_is_reported(tmp_path, monkeypatch):
+    (tmp_path / "data.npz").write_bytes(b"not a folder")
+    monkeypatch.setenv("CNN_COURSE_DATA", str(tmp_path / "data.npz"))
+    with pytest.raises(cnn_utils.DataError, match="CNN_COURSE_DATA=.*is a file, not a folder"):
+        cnn_utils.load_dataset("mnist")

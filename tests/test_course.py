@@ -182,3 +182,13 @@ def test_grade_memory_below_what_a_notebook_needs_is_refused(memory, capsys):
         course.main(["grade", "anywhere", f"--memory={memory}"])
     assert exit_info.value.code == 2
     assert "at least 2048 MB" in capsys.readouterr().err
+
+
+def test_run_refuses_an_output_that_is_a_file_or_cannot_be_written(tmp_path):
+    target = tmp_path / "report.txt"
+    target.write_text("mine")
+    with pytest.raises(course.CourseError, match="is a file, not a folder; nothing was written"):
+        course.run_notebooks(out_dir=target)
+    assert target.read_text() == "mine"
+    with pytest.raises(course.CourseError, match="Cannot write into --out"):
+        course.run_notebooks(out_dir=target / "sub")          # a folder inside a file

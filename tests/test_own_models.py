@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import cnn_utils
+import cnnlib.keras_engine
 from model_zoo import (base_model, batchnorm_residual, direct, functional_softmax_output, images, keras,
                         nested_functional, nested_sequential, sequential_built_later, sequential_with_input,
                         variable_size)
@@ -180,3 +181,138 @@ def test_a_batch_of_grey_images_without_channel_axis():
     x = images(5)
     np.testing.assert_array_equal(cnn_utils.as_image_batch(x[..., 0], model), x)       # (N, H, W)
     np.testing.assert_array_equal(cnn_utils.as_image_batch(x[0, ..., 0], model), x[:1])  # (H, W)
+
+
+# --- instructors' own models, third round (issue 22) -------------------------------------------
+
+def _head_model(tail, units=4):
+    """conv c1, bn, a residual add and its ReLU ('block_out'), gap, Dense 'dense_out' (logits),
+    then ``tail`` (a softmax written one way or another). Returns (model, logits sub-model)."""
+    k = keras()
+    inp = k.Input((8, 8, 3))
+    h = k.layers.Conv2D(4, 3, padding="same", name="c0")(inp)
+    y = k.layers.Conv2D(4, 3, padding="same", name="c1")(h)
+    y = k.layers.BatchNormalization(name="bn")(y)
+    h = k.layers.Add(name="add")([h, y])
+    h = k.layers.Activation("relu", name="block_out")(h)
+    z = k.layers.Dense(units, name="dense_out")(k.layers.GlobalAveragePooling2D(name="gap")(h))
+    return k.Model(inp, tail(z)), k.Model(inp, z)
+
+
+def _tape_saliency(fn, x, cls, probability=False):
+    tf = cnn_utils._tf()
+    t = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(t)
+        z = fn(t)
+        z = tf.nn.softmax(z) if probability else z
+        target = tf.reduce_sum(tf.gather(z, cls, axis=1, batch_dims=1))
+    return np.abs(tape.gradient(target, t).numpy()).max(axis=-1)
+
+
+@pytest.mark.parametrize("tail", ["keras.ops.softmax", "Activation('softmax')"])
+def test_a_softmax_written_as_an_op_or_activation_gives_its_input_as_logits(tail):
+    k = keras()
+    fn = {"keras.ops.softmax": lambda z: k.ops.softmax(z),
+          "Activation('softmax')": lambda z: k.layers.Activation("softmax")(z)}[tail]
+    model, logits = _head_model(fn)
+    x = images(2, channels=3)
+    cls = np.array([1, 3])
+    np.testing.assert_allclose(cnn_utils.predict_logits(model, x), logits(x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(cnn_utils.saliency_map(model, x, cls, normalize=False),
+                               _tape_saliency(logits, x, cls), rtol=1e-4, atol=1e-8)
+    # "probability": the model's own softmax, once
+    np.testing.assert_allclose(cnn_utils.saliency_map(model, x, cls, score="probability", normalize=False),
+                               _tape_saliency(logits, x, cls, probability=True), rtol=1e-4, atol=1e-9)
+
+
+def test_a_softmax_hidden_in_a_lambda_is_recognised_from_the_values():
+    k = keras()
+    model, logits = _head_model(lambda z: k.layers.Lambda(lambda t: k.ops.softmax(t))(z))
+    x = images(2, channels=3)
+    cls = np.array([1, 3])
+    with pytest.raises(ValueError, match="looks like probabilities"):
+        cnn_utils.saliency_map(model, x, cls)
+    with pytest.raises(ValueError, match="predict_logits cannot give"):
+        cnn_utils.predict_logits(model, x)
+    np.testing.assert_allclose(cnn_utils.saliency_map(model, x, cls, score="probability", normalize=False),
+                               _tape_saliency(logits, x, cls, probability=True), rtol=1e-4, atol=1e-9)
+
+
+def test_a_conv_named_logits_inside_the_network_is_not_the_class_scores():
+    k = keras()
+    inp = k.Input((8, 8, 3))
+    h = k.layers.Conv2D(4, 1, name="logits")(k.layers.Conv2D(4, 3, name="c")(inp))
+    z = k.layers.GlobalAveragePooling2D()(h)
+    model = k.Model(inp, k.layers.Softmax()(z))
+    x = images(2, channels=3)
+    np.testing.assert_allclose(cnn_utils.predict_logits(model, x), k.Model(inp, z)(x), rtol=1e-5, atol=1e-6)
+
+
+def test_default_cam_layer_is_the_block_output_after_the_add_and_relu():
+    model, _ = _head_model(lambda z: z)
+    x = images(2, channels=3)
+    engine = cnnlib.keras_engine._KerasEngine(model, "logits")
+    assert engine.resolve_layer(None, x) == "block_out"
+    np.testing.assert_array_equal(cnn_utils.grad_cam(model, x), cnn_utils.grad_cam(model, x, layer="block_out"))
+
+
+def test_layers_after_a_squeeze_excite_gate_have_cams():
+    k = keras()
+    inp = k.Input((8, 8, 3))
+    h = k.layers.Conv2D(4, 3, padding="same", activation="relu", name="c1")(inp)
+    g = k.layers.GlobalAveragePooling2D(name="se_squeeze")(h)
+    g = k.layers.Reshape((1, 1, 4), name="se_reshape")(g)
+    g = k.layers.Conv2D(4, 1, activation="sigmoid", name="se_expand")(g)
+    h = k.layers.Multiply(name="se_scale")([h, g])
+    h = k.layers.Conv2D(4, 3, strides=2, padding="same", activation="relu", name="c2")(h)
+    model = k.Model(inp, k.layers.Dense(3)(k.layers.GlobalAveragePooling2D()(h)))
+    rf = cnn_utils.receptive_fields(model, "c2")
+    # the gate changes no position: TensorFlow's "same" padding at stride 2 pads after, centres 1, 3, 5, 7
+    np.testing.assert_allclose(rf.y.centres, 1.0 + 2.0 * np.arange(4))
+    maps = cnn_utils.grad_cam(model, images(2, channels=3))
+    assert maps.shape == (2, 8, 8)
+    np.testing.assert_array_equal(maps, cnn_utils.grad_cam(model, images(2, channels=3), layer="c2"))
+
+
+def test_a_subclassed_model_that_was_called_is_not_called_unbuilt():
+    k = keras()
+
+    class Net(k.Model):
+        def __init__(self):
+            super().__init__()
+            self.conv = k.layers.Conv2D(3, 3)
+            self.head = k.layers.Dense(2)
+
+        def call(self, x):
+            return self.head(k.ops.mean(self.conv(x), axis=(1, 2)))
+
+    net = Net()
+    net(images(1, channels=3))
+    for call in (lambda: cnn_utils.saliency_map(net, images(1, channels=3)),
+                 lambda: cnn_utils.get_activations(net, images(1, channels=3))):
+        with pytest.raises(ValueError, match="subclassed keras.Model.*built and called") as err:
+            call()
+        assert "not built yet" not in str(err.value)
+
+
+def test_a_declared_range_reaches_the_cam_methods_of_a_nested_model():
+    """The README's transfer-learning shape: Sequential([base, pooling, head]), range (-1, 1)."""
+    model = nested_sequential()
+    cnn_utils.set_input_range(model, (-1, 1))
+    x = 2.0 * images() - 1.0                       # valid images in (-1, 1)
+    maps = cnn_utils.grad_cam(model, x, layer="bc2")
+    assert maps.shape == (3, 8, 8)
+    u8 = (images() * 255).astype(np.uint8)        # uint8 mapped onto (-1, 1), not onto [0, 1]
+    np.testing.assert_allclose(cnn_utils.grad_cam(model, u8, layer="bc2", normalize=False),
+                               cnn_utils.grad_cam(model, u8 / np.float32(255) * 2 - 1, layer="bc2",
+                                                  normalize=False), rtol=1e-5, atol=1e-7)
+
+
+def test_smoothgrad_noise_is_fixed_per_image_by_the_seed():
+    model = sequential_with_input()
+    x = images(3)
+    together = cnn_utils.smoothgrad(model, x, class_index=1, samples=4, seed=7, normalize=False)
+    for i in range(3):
+        alone = cnn_utils.smoothgrad(model, x[i:i + 1], class_index=1, samples=4, seed=7, normalize=False)
+        np.testing.assert_allclose(together[i], alone[0], rtol=1e-6)

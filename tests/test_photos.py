@@ -104,3 +104,24 @@ def test_composite_puts_each_photo_in_its_half():
     assert cnn_utils.composite_photo(red, blue, size=10, split=0.3)[:, :3, 0].min() == 1.0
     with pytest.raises(ValueError, match="split"):
         cnn_utils.composite_photo(red, blue, split=1.0)
+
+
+def test_a_file_object_and_a_float_tiff_of_0_to_255(tmp_path):
+    rgb = (np.arange(12 * 16 * 3) % 251).astype(np.uint8).reshape(12, 16, 3)
+    Image.fromarray(rgb).save(tmp_path / "a.png")
+    with open(tmp_path / "a.png", "rb") as f:
+        np.testing.assert_allclose(cnn_utils.load_photo(f, None), rgb / 255.0, atol=1e-6)
+    # a 32-bit float TIFF holding 0..255 is divided by 255, not by 65535
+    grey = np.linspace(0, 255, 8 * 8, dtype=np.float32).reshape(8, 8)
+    Image.fromarray(grey, mode="F").save(tmp_path / "f.tif")
+    np.testing.assert_allclose(cnn_utils.load_photo(tmp_path / "f.tif", None)[..., 0], grey / 255.0, atol=1e-6)
+    Image.fromarray(grey / 255.0, mode="F").save(tmp_path / "unit.tif")      # [0, 1] stays as it is
+    np.testing.assert_allclose(cnn_utils.load_photo(tmp_path / "unit.tif", None)[..., 0], grey / 255.0, atol=1e-6)
+
+
+def test_preprocess_image_refuses_a_decompression_bomb_as_load_photo_does(tmp_path, monkeypatch):
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)    # 1600 pixels: more than twice Pillow's limit
+    for call in (cnn_utils.load_photo, cnn_utils.preprocess_image):
+        with pytest.raises(ValueError, match="bomb"):
+            call(tmp_path / "bomb.png")

@@ -201,6 +201,16 @@ def test_feature_inversion_lowers_the_feature_loss_tenfold_on_a_small_network(ch
     assert all(p.requires_grad and p.grad is None for p in net.parameters())
 
 
+def test_feature_inversion_keeps_each_submodules_train_eval_flag(chelsea):
+    net = TinyNet()
+    net.train()
+    net.features[1].eval()          # a submodule the user put in eval mode inside a training model
+    before = [m.training for m in net.modules()]
+    cnn_utils.feature_inversion(net, cnn_utils.preprocess_image(chelsea, size=16), layer_index=2,
+                                iterations=2, progress=False)
+    assert [m.training for m in net.modules()] == before
+
+
 def test_feature_inversion_runs_only_the_layers_up_to_the_target(chelsea):
     net = TinyNet()
     calls = []
