@@ -66,7 +66,7 @@ NOTEBOOK_TIMEOUT = 900
 MEMORY_LIMIT_MB = 6144
 MIN_MEMORY_MB = 2048
 TMP_LIMIT_MB = 256          # the sandbox's /tmp (memory-backed): part of what a submission may use
-PROCESS_LIMIT = 1024        # processes and threads of the sandbox's user (TensorFlow starts many threads)
+PROCESS_LIMIT = 512         # processes and threads of the sandbox's user (a kernel with TensorFlow: about 60)
 CHANNEL_BYTES = 64 * 2 ** 20
 OUTPUT_CHARS = 20_000       # characters of text kept per cell (cut in the sandbox, cut again here)
 #: The course files a submission must not change (checked by hash after grading).
@@ -299,7 +299,7 @@ def _grading_process():
         print(_RESULT + json.dumps({"student": student, "report": report}), flush=True)
 
 
-def _grading_worker(todo, reports, settings, on_done):
+def _grading_worker(todo, reports, settings, on_done, slot=0):
     """A thread of ``grade``: feeds student ids from the queue ``todo`` to its own grading
     process and stores each answer in ``reports``; restarts the process if it dies."""
     import queue
@@ -307,6 +307,7 @@ def _grading_worker(todo, reports, settings, on_done):
     proc = None
     env = dict(os.environ)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")  # nbgrader runs alembic
+    env["CNN_COURSE_SANDBOX_UID"] = str(SANDBOX_UID - 1 - slot)  # each job's sandboxes: a user of their own
     try:
         while True:
             try:
@@ -383,8 +384,8 @@ def grade(folder, jobs=None, course_dir=None, cell_timeout=CELL_TIMEOUT, noteboo
                 print(f"[{len(done)}/{len(students)}] {student}: {report['status']} in {report['seconds']:.0f} s"
                       + (f" ({report['reason']})" if report.get("reason") else ""), flush=True)
 
-    threads = [threading.Thread(target=_grading_worker, args=(todo, reports, settings, on_done))
-               for _ in range(min(jobs, max(1, len(students))))]
+    threads = [threading.Thread(target=_grading_worker, args=(todo, reports, settings, on_done, slot))
+               for slot in range(min(jobs, max(1, len(students))))]
     for t in threads:
         t.start()
     for t in threads:
@@ -725,26 +726,73 @@ def _system_binds():
     return binds
 
 
-def course_binds(own_work=False):
+def course_binds(own_work=False, root=None, data_dir=None):
     """(source, destination) of the course's runtime files in the sandbox (read-only): the course at
-    /course, the datasets at /data, the sandbox's own code at /grader. ``own_work``: only the
+    /course, the datasets at /data, the sandbox's own code at /grader; from ``root`` (default: the
+    course) and ``data_dir`` (default: where ``load_dataset`` finds them). ``own_work``: only the
     MNIST model, the MNIST test data and ``grading_ownwork.py`` as the one ``cnn_utils.py``."""
     import cnn_utils
 
-    model = PROJECT_DIR / "saved_models" / "mnist_cnn.keras"
-    binds = [(str(PROJECT_DIR / "cnnlib" / "grading_sandbox.py"), f"{SANDBOX_GRADER}/grading_sandbox.py")]
-    mnist = next((p for p in cnn_utils.dataset_search_paths("mnist") if p.is_file()), None)
+    root = Path(root or PROJECT_DIR)
+
+    def dataset(name):
+        paths = [Path(data_dir) / f"{name}.npz"] if data_dir else cnn_utils.dataset_search_paths(name)
+        return next((p.resolve() for p in paths if p.is_file()), None)
+
+    binds = [(str(root / "cnnlib" / "grading_sandbox.py"), f"{SANDBOX_GRADER}/grading_sandbox.py")]
     if own_work:
-        binds += [(str(PROJECT_DIR / "cnnlib" / "grading_ownwork.py"), f"{SANDBOX_COURSE}/cnn_utils.py"),
-                  (str(model), f"{SANDBOX_COURSE}/saved_models/mnist_cnn.keras")]
-        return binds + ([(str(mnist), f"{SANDBOX_DATA}/mnist.npz")] if mnist else [])
-    binds += [(str(PROJECT_DIR / name), f"{SANDBOX_COURSE}/{name}") for name in RUNTIME_FILES
-              if (PROJECT_DIR / name).exists()]
-    for name in ("mnist", "fashion_mnist"):
-        found = next((p for p in cnn_utils.dataset_search_paths(name) if p.is_file()), None)
-        if found:
-            binds.append((str(found.resolve()), f"{SANDBOX_DATA}/{name}.npz"))
-    return binds
+        binds += [(str(root / "cnnlib" / "grading_ownwork.py"), f"{SANDBOX_COURSE}/cnn_utils.py"),
+                  (str(root / "saved_models" / "mnist_cnn.keras"), f"{SANDBOX_COURSE}/saved_models/mnist_cnn.keras")]
+        names = ("mnist",)
+    else:
+        binds += [(str(root / name), f"{SANDBOX_COURSE}/{name}") for name in RUNTIME_FILES if (root / name).exists()]
+        names = ("mnist", "fashion_mnist")
+    return binds + [(str(dataset(n)), f"{SANDBOX_DATA}/{n}.npz") for n in names if dataset(n)]
+
+
+def _readable_by_all(path):
+    """True when every folder above ``path`` lets anyone through and ``path`` lets anyone read."""
+    import stat
+
+    path = Path(path).resolve()
+    if not path.exists() or not path.stat().st_mode & stat.S_IROTH:
+        return False
+    return all(p.stat().st_mode & stat.S_IXOTH for p in path.parents)
+
+
+_STAGED = None
+
+
+def staged_course():
+    """``(root, data_dir)`` the sandbox mounts: when it runs as another user (the grader is root), a
+    read-only copy readable by anyone, made once per grading process (the course may sit in a
+    private folder, e.g. under a private /tmp); else the course itself (``(None, None)``)."""
+    global _STAGED
+    if not _sandbox_user():
+        return None, None
+    if _STAGED is None:
+        import atexit
+        import tempfile
+
+        tmp = Path(tempfile.mkdtemp(prefix="cnn-course-grading-"))
+        tmp.chmod(0o755)
+        _STAGED = private_course_copy(tmp / "course")
+
+        def remove():
+            for path in [tmp, *tmp.rglob("*")]:
+                if path.is_dir():
+                    path.chmod(0o755)
+            shutil.rmtree(tmp, ignore_errors=True)
+        atexit.register(remove)
+    return _STAGED
+
+
+def _sandbox_user():
+    """The user id the sandbox runs as when the grader is root (one per grading job, so that one
+    submission's processes cannot use up another's), or None: the grader's own user."""
+    if os.geteuid() != 0 or not all(_readable_by_all(p) for p in (sys.prefix, sys.base_prefix, sys.executable)):
+        return None
+    return int(os.environ.get("CNN_COURSE_SANDBOX_UID", SANDBOX_UID))
 
 
 def sandbox_env(threads=1, own_work=False):
@@ -774,8 +822,9 @@ def sandbox_command(command, binds=None, env=None, tmp_mb=TMP_LIMIT_MB):
     for key, value in (env or {}).items():
         args += ["--setenv", key, value]
     args += ["--dir", SANDBOX_WORKDIR, "--chdir", SANDBOX_WORKDIR]
-    if os.geteuid() == 0:  # root's processes escape RLIMIT_NPROC, and root owns /etc: run as nobody
-        args = ["setpriv", f"--reuid={SANDBOX_UID}", f"--regid={SANDBOX_UID}", "--clear-groups", "--"] + args
+    uid = _sandbox_user()
+    if uid is not None:  # root's processes escape RLIMIT_NPROC: the sandbox runs as a user of its own
+        args = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--"] + args
     return args + list(command)
 
 
@@ -788,10 +837,8 @@ def limits_command(memory_mb, processes):
 
 def _process_budget():
     """RLIMIT_NPROC counts every process of the sandbox's user: the ones it has now, plus PROCESS_LIMIT."""
-    if os.geteuid() == 0:
-        uid = SANDBOX_UID
-    else:
-        uid = os.getuid()
+    uid = _sandbox_user()
+    uid = os.getuid() if uid is None else uid
     count = 0
     for task in Path("/proc").glob("[0-9]*/task/[0-9]*"):
         try:
@@ -829,7 +876,9 @@ def run_sandboxed(nb, calls, arrays, cell_timeout=CELL_TIMEOUT, notebook_timeout
            "threads": threads, "fast": fast, "max_bytes": CHANNEL_BYTES, "workdir": SANDBOX_WORKDIR}
     env = sandbox_env(threads, own_work)
     if use_bwrap:
-        command = sandbox_command(["python", f"{SANDBOX_GRADER}/grading_sandbox.py"], course_binds(own_work), env)
+        root, data = staged_course()
+        command = sandbox_command(["python", f"{SANDBOX_GRADER}/grading_sandbox.py"],
+                                  course_binds(own_work, root, data), env)
         before = None
     else:  # a private copy of the course, the grader's user, no isolation
         tmp = Path(tempfile.mkdtemp(prefix="course-grade-"))
@@ -978,7 +1027,8 @@ def _is_test(cell):
 def sandbox_notebook(nb, tests, keep=None):
     """What the sandbox gets: the submission without its test cells (each becomes an empty cell
     naming the test, where the sandbox runs the grader's calls) and without outputs; ``keep(cell)``
-    chooses the other code cells (default: all). No test source ever enters the sandbox."""
+    chooses the other code cells (default: all; with ``keep``, none after the last test). No test
+    source ever enters the sandbox."""
     import nbformat
 
     out = nbformat.v4.new_notebook()
@@ -998,6 +1048,9 @@ def sandbox_notebook(nb, tests, keep=None):
             out.cells.append(copy)
         else:
             out.cells.append(nbformat.v4.new_markdown_cell(""))
+    if keep is not None:  # a partial run (own work) stops after its last test
+        last = max((i for i, c in enumerate(out.cells) if c.metadata.get("grader_test")), default=-1)
+        out.cells = out.cells[:last + 1]
     return out
 
 
