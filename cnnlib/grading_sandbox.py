@@ -275,9 +275,13 @@ def main():
             client.timeout = saved
         return replies.get("last", {}).get("ename") == "CellTimeoutError"
 
+    cells = list(nb.cells)
+    nb.cells.append(nbformat.v4.new_code_cell(""))   # nbclient stores each cell it runs at its index:
+    scratch = len(nb.cells) - 1                      # the grader's own cells go here, not over the last one
+
     def hidden(code, timeout=None):
         cell = nbformat.v4.new_code_cell(code)
-        cell.timed_out = run(cell, -1, timeout=timeout, store_history=False)
+        cell.timed_out = run(cell, scratch, timeout=timeout, store_history=False)
         return cell
 
     def alive_after(timed_out, index):
@@ -292,14 +296,14 @@ def main():
             hidden(f"import sys as _sys; _sys.path.insert(0, {str(Path(__file__).parent)!r}); "
                    "import grading_sandbox as _grader; del _sys", timeout=60)
             channel.send(kind="setup", seconds=round(time.perf_counter() - started, 2))
-            for index, cell in enumerate(nb.cells):
+            for index, cell in enumerate(cells):
                 if cell.cell_type != "code":
                     continue
                 test = cell.metadata.get("grader_test")
                 started = time.perf_counter()
                 if test:                           # the grader's calls where the test cell stood
                     cell = nbformat.v4.new_code_cell(f"_grader.run_calls(get_ipython().user_ns, {test!r})")
-                    timed_out = run(cell, -1, store_history=False)
+                    timed_out = run(cell, scratch, store_history=False)
                     channel.send(kind="test", index=index, name=test, timed_out=timed_out, **_answers(test))
                     alive_after(timed_out, index)
                     continue
