@@ -212,7 +212,7 @@ def calls_ex2_plot(t):
 
 def check_ex2_plot(t, got):
     fig = got.figure(0)
-    assert fig["type"] == "Figure", f"plot_success_vs_eps must return the Figure, got {fig['type']}"
+    assert fig.get("type") == "Figure", f"plot_success_vs_eps must return the Figure, got {fig.get('type')}"
     assert fig.get("axes"), "draw into an axes of the figure (fig, ax = plt.subplots())"
     assert fig.get("xlabel") and fig.get("ylabel"), "label both axes (eps, success rate)"
     assert fig.get("title") or fig.get("suptitle"), "give the figure a title"

