@@ -69,6 +69,7 @@ TMP_LIMIT_MB = 256          # the sandbox's /tmp (memory-backed): part of what a
 PROCESS_LIMIT = 512         # processes and threads of the sandbox's user (a kernel with TensorFlow: about 60)
 CHANNEL_BYTES = 64 * 2 ** 20
 OUTPUT_CHARS = 20_000       # characters of text kept per cell (cut in the sandbox, cut again here)
+IMAGE_BYTES = 4_000_000     # bytes of images kept per cell
 #: The course files a submission must not change (checked by hash after grading).
 PROTECTED_PATHS = ("cnn_utils.py", "cnnlib", "course.py", "nbgrader_config.py", "saved_models", "data", "instructors")
 #: What a graded notebook may see of the course: mounted read-only at /course, or copied.
@@ -346,7 +347,7 @@ def grade(folder, jobs=None, course_dir=None, cell_timeout=CELL_TIMEOUT, noteboo
 
     Writes ``<course_dir>/reports/scores.csv`` (``student_id, status, ex1.., autograded_total,
     flags``) and returns its rows as dicts. Status ``failed`` (kernel died, ran out of time,
-    unreadable: the reason is in ``flags``) and ``flagged`` (tampering found) need an
+    unreadable: the reason is in ``flags``) and ``flagged`` (a test cell deleted or edited) need an
     instructor's look. Raises ``CourseError`` when the course files changed.
     """
     import csv
@@ -790,7 +791,8 @@ def staged_course():
 def _sandbox_user():
     """The user id the sandbox runs as when the grader is root (one per grading job, so that one
     submission's processes cannot use up another's), or None: the grader's own user."""
-    if os.geteuid() != 0 or not all(_readable_by_all(p) for p in (sys.prefix, sys.base_prefix, sys.executable)):
+    if os.geteuid() != 0 or not shutil.which("setpriv") or \
+            not all(_readable_by_all(p) for p in (sys.prefix, sys.base_prefix, sys.executable)):
         return None
     return int(os.environ.get("CNN_COURSE_SANDBOX_UID", SANDBOX_UID))
 
@@ -831,6 +833,8 @@ def sandbox_command(command, binds=None, env=None, tmp_mb=TMP_LIMIT_MB):
 def limits_command(memory_mb, processes):
     """``prlimit`` arguments for the limits a sandbox starts with (inherited by every process in it):
     address space, processes and threads of its user, no core files, files up to the /tmp size."""
+    if not shutil.which("prlimit"):  # util-linux's; without it only the time and output limits hold
+        return []
     return ["prlimit", f"--as={int(memory_mb) * 2 ** 20}", f"--nproc={processes}", "--core=0",
             f"--fsize={TMP_LIMIT_MB * 2 ** 20}", "--"]
 
@@ -1056,10 +1060,11 @@ def sandbox_notebook(nb, tests, keep=None):
 
 def _cut(outputs):
     """Outputs as the autograded notebook keeps them: text cut to OUTPUT_CHARS characters per cell,
-    images up to 2 MB, tracebacks and error messages shortened (whatever the sandbox claims)."""
+    images up to IMAGE_BYTES per cell, tracebacks and error messages shortened (whatever the
+    sandbox claims)."""
     import nbformat
 
-    kept, chars = [], 0
+    kept, chars, image_bytes = [], 0, 0
     for out in outputs if isinstance(outputs, list) else []:
         try:
             out = nbformat.from_dict(out)
@@ -1073,9 +1078,12 @@ def _cut(outputs):
                 data = {}
                 for mime, value in dict(out.get("data", {})).items():
                     size = len(value if isinstance(value, str) else json.dumps(value))
-                    if mime.startswith("image/") and size <= 2_000_000 or chars + size <= OUTPUT_CHARS:
+                    if mime.startswith("image/") and image_bytes + size <= IMAGE_BYTES:
                         data[mime] = value
-                        chars += 0 if mime.startswith("image/") else size
+                        image_bytes += size
+                    elif not mime.startswith("image/") and chars + size <= OUTPUT_CHARS:
+                        data[mime] = value
+                        chars += size
                 out.data = data or {"text/plain": "[output removed: too large]"}
             elif kind == "error":
                 out.ename, out.evalue = str(out.get("ename", ""))[:100], str(out.get("evalue", ""))[:1000]

@@ -20,9 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-#: Characters kept of a cell's text outputs, and bytes of one image output (the grader cuts too).
+#: Characters kept of a cell's text outputs, and bytes of its images (the grader cuts too).
 OUTPUT_CHARS = 20_000
-IMAGE_BYTES = 2_000_000
+IMAGE_BYTES = 4_000_000
 #: Bytes of one result array; a larger one is refused.
 ARRAY_BYTES = 20_000_000
 #: Where the grader's inputs and the kernel's answers live inside the sandbox.
@@ -181,7 +181,7 @@ class _Channel:
 
 def _cut_outputs(outputs):
     """A cell's outputs with text cut to OUTPUT_CHARS characters and big images dropped."""
-    kept, chars = [], 0
+    kept, chars, image_bytes = [], 0, 0
     for out in outputs:
         out = dict(out)
         if out.get("output_type") == "stream":
@@ -194,8 +194,9 @@ def _cut_outputs(outputs):
             data = {}
             for mime, value in out.get("data", {}).items():
                 text = value if isinstance(value, str) else json.dumps(value)
-                if mime.startswith("image/") and len(text) <= IMAGE_BYTES:
+                if mime.startswith("image/") and image_bytes + len(text) <= IMAGE_BYTES:
                     data[mime] = value
+                    image_bytes += len(text)
                 elif not mime.startswith("image/") and chars + len(text) <= OUTPUT_CHARS:
                     data[mime] = value
                     chars += len(text)
