@@ -392,9 +392,8 @@ def own_work_calls_ex4_own_work(t):
 
 
 def own_work_check_ex4_own_work(t, got):
-    method = _method(got)
     try:
-        mine = got[1]
+        method, mine = _method(got), got[1]
     except AssertionError as err:
         raise AssertionError(
             f"my_attribution does not run where the course's attribution functions ({', '.join(FORBIDDEN)}) "

@@ -190,7 +190,7 @@ if _grader is not None:                          # claim results without calling
 '''
 
 ORACLE = '''import inspect
-for _name in ("check_close", "check_array", "check_visible", "check_not_calling"):
+for _name in [n for n in dir(cnn_utils) if n.startswith("check_")]:
     try:
         getattr(cnn_utils, _name).__code__ = (lambda *a, **k: None).__code__
     except (AttributeError, ValueError):
@@ -579,8 +579,8 @@ def test_course_files_are_unchanged_and_read_only_to_students(graded):
     nb = autograded_notebook(graded, "cells")
     append = next(c for c in nb.cells if "make the helpers accept anything" in c.source)
     [err] = [o for o in append.outputs if o.output_type == "error"]
-    if grading.sandbox_available():
-        assert "Read-only file system" in err.evalue
+    if grading.sandbox_available():  # read-only, and not the sandbox user's
+        assert "Read-only file system" in err.evalue or "Permission denied" in err.evalue
 
 
 def test_wrong_answers_get_messages_that_say_what_is_wrong(graded):
