@@ -206,7 +206,8 @@ def fill_answers(release_nb, answers):
 
 
 def course_file_hashes(root=PROJECT_DIR):
-    """SHA-256 of every course file a submission could try to change, by relative path."""
+    """SHA-256 of every course file a submission could try to change, by relative path (Python's
+    ``__pycache__`` folders left out: importing writes them)."""
     import hashlib
 
     hashes = {}
@@ -215,7 +216,8 @@ def course_file_hashes(root=PROJECT_DIR):
     if data_dir:
         roots.append((Path(data_dir), "$CNN_COURSE_DATA"))
     for path, label in roots:
-        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and
+                                                     "__pycache__" not in p.parts) if path.is_dir() else []
         for f in files:
             name = label if f == path else f"{label}/{f.relative_to(path)}"
             hashes[name] = hashlib.sha256(f.read_bytes()).hexdigest()
@@ -462,15 +464,15 @@ def print_table(rows):
 
 def load_grading_tests(path=GRADING_TESTS):
     """The tests as the grader runs them (``instructors/grading_tests.py``: CALLS, CHECKS, OWN_WORK)."""
-    import importlib.util
+    import types
 
     if not Path(path).is_file():
         raise CourseError(f"{path} is missing: grading needs the instructors' folder (a private copy of the course).")
     if sys.flags.optimize:
         raise CourseError("Python runs with -O, which removes the tests' assert statements: grade without -O.")
-    spec = importlib.util.spec_from_file_location("course_grading_tests", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = types.ModuleType("course_grading_tests")  # compiled here: no .pyc lands in instructors/
+    module.__file__ = str(path)
+    exec(compile(Path(path).read_text(), str(path), "exec"), module.__dict__)
     return module
 
 
