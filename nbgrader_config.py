@@ -6,8 +6,8 @@ The course's command line runs nbgrader with this file (see README, "For instruc
     python -m course grade FOLDER    # FOLDER/<student_id>.ipynb: autograde, feedback, scores.csv
 
 nbgrader's own commands read it too when run from this folder (`nbgrader autograde
-11_exercises`, `nbgrader formgrader`, ...), and then grade in the same safe way: two of
-nbgrader's steps are replaced by the course's (in course.py), nothing else changes.
+11_exercises`, `nbgrader formgrader`, ...), and then grade in the same way: two of
+nbgrader's steps are replaced by the course's (cnnlib/grading.py), nothing else changes.
 """
 import os
 import sys
@@ -20,7 +20,7 @@ from nbgrader.preprocessors import (AssignLatePenalties, CheckCellMetadata, Clea
                                     DeduplicateIds, GetGrades, IgnorePattern, LimitOutput,
                                     OverwriteCells, OverwriteKernelspec, SaveAutoGrades)
 
-import course  # noqa: E402
+from cnnlib import grading  # noqa: E402
 
 c = get_config()  # noqa: F821 (injected by traitlets when nbgrader loads this file)
 
@@ -29,26 +29,26 @@ c = get_config()  # noqa: F821 (injected by traitlets when nbgrader loads this f
 c.CourseDirectory.root = os.path.join(HERE, "nbgrader")
 
 # Autograding. Sanitising restores deleted read-only cells and notes edited ones
-# (course.RestoreCells) before nbgrader overwrites read-only cells and re-inserts the hidden
-# tests. Executing is course.SandboxedExecute instead of nbgrader's Execute: its own process
-# under bubblewrap (course files read-only, no network, private /tmp), a time limit per cell
-# (interrupted, then grading goes on) and per notebook, a memory limit, and before every test
-# cell a guard that restores pristine helpers and reports tampering.
+# (grading.RestoreCells) before nbgrader overwrites read-only cells. Executing is
+# grading.SandboxedExecute instead of nbgrader's Execute: the submission runs under bubblewrap
+# (course files read-only, no network, a size-limited /tmp, limits on time, memory, processes and
+# output), the sandbox calls the student's functions with the grader's inputs and returns only
+# data, and the grader's own process decides every test cell (instructors/grading_tests.py).
 c.Autograde.sanitize_preprocessors = [ClearOutput, DeduplicateIds, OverwriteKernelspec,
-                                      course.RestoreCells, OverwriteCells, CheckCellMetadata]
-c.Autograde.autograde_preprocessors = [course.SandboxedExecute, IgnorePattern, ClearMetadataPreprocessor,
+                                      grading.RestoreCells, OverwriteCells, CheckCellMetadata]
+c.Autograde.autograde_preprocessors = [grading.SandboxedExecute, IgnorePattern, ClearMetadataPreprocessor,
                                        LimitOutput, SaveAutoGrades, AssignLatePenalties, CheckCellMetadata]
-c.SandboxedExecute.cell_timeout = course.CELL_TIMEOUT        # seconds; nbgrader's default (30) is too short
-c.SandboxedExecute.notebook_timeout = course.NOTEBOOK_TIMEOUT
-c.SandboxedExecute.memory_limit_mb = course.MEMORY_LIMIT_MB
+c.SandboxedExecute.cell_timeout = grading.CELL_TIMEOUT        # seconds; nbgrader's default (30) is too short
+c.SandboxedExecute.notebook_timeout = grading.NOTEBOOK_TIMEOUT
+c.SandboxedExecute.memory_limit_mb = grading.MEMORY_LIMIT_MB
 # nbgrader's own Execute settings, for `nbgrader validate` (it executes without the sandbox).
-c.Execute.timeout = course.CELL_TIMEOUT
+c.Execute.timeout = grading.CELL_TIMEOUT
 c.Execute.interrupt_on_timeout = True
 
 # Feedback: each test's result and message, never hidden tests or tracebacks into them;
 # written answers not graded yet read "to be graded".
-c.GenerateFeedback.preprocessors = [GetGrades, course.FeedbackView, CSSHTMLHeaderPreprocessor]
-c.HTMLExporter.extra_template_basedirs = [str(course.feedback_template_dir())]
+c.GenerateFeedback.preprocessors = [GetGrades, grading.FeedbackView, CSSHTMLHeaderPreprocessor]
+c.HTMLExporter.extra_template_basedirs = [str(grading.feedback_template_dir())]
 c.HTMLExporter.template_name = "course_feedback"
 
 # Where a student writes code or text, the student version says so.

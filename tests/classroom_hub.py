@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 HUB_CONFIG = ROOT / "instructors" / "jupyterhub_config.py"
 COURSE_ID = "cnn-course"
 #: What a shared, read-only course installation holds (the students' copy: no instructors/).
-STUDENT_COPY = ("cnn_utils.py", "course.py", "nbgrader_config.py", "requirements.txt", "README.md",
+STUDENT_COPY = ("cnn_utils.py", "cnnlib", "course.py", "nbgrader_config.py", "requirements.txt", "README.md",
                 "notebooks", "saved_models", "data/README.md")
 
 

@@ -169,7 +169,9 @@ def test_file_system_errors_are_one_line_messages(tmp_path, capsys):
 
 
 def test_grade_checks_the_folder_before_starting_nbgrader(tmp_path, monkeypatch):
-    monkeypatch.setattr(course, "_ensure_released", lambda course_dir: pytest.fail("released first"))
+    from cnnlib import grading
+
+    monkeypatch.setattr(grading, "_ensure_released", lambda course_dir: pytest.fail("released first"))
     with pytest.raises(course.CourseError, match="is not a folder"):
         course.grade(tmp_path / "missing", course_dir=tmp_path / "nbgrader")
     with pytest.raises(course.CourseError, match="No submissions"):

@@ -36,7 +36,7 @@ def test_every_module_is_in_the_documented_order():
     assert set(ORDER) <= set(on_disk), f"missing modules: {sorted(documented - set(on_disk))}"
     text = (ROOT / "ARCHITECTURE.md").read_text() + cnn_utils.__doc__
     for name in ORDER + extra:
-        assert f"`{name}`" in text or name in cnn_utils.__doc__, f"cnnlib/{name}.py is not described"
+        assert f"`{name}`" in text or f"cnnlib/{name}.py" in text, f"cnnlib/{name}.py is not described"
 
 
 @pytest.mark.parametrize("name", ORDER)
