@@ -45,7 +45,7 @@ GRID = [
     ("06_feature_space.ipynb", {"DATASET": "fashion_mnist", "SEED": 2024}, {}),
     ("09_evaluating_explanations.ipynb", {"DATASET": "fashion_mnist", "SEED": 3, "CUE_CLASS": 0,
                                           "CUES": ["left_edge", "stripes", "corner"], "VGG_PRETRAINED": False}, {}),
-    ("10_concepts.ipynb", {"SEED": 2024, "LAYERS": ["conv2", "dense1"], "CONCEPTS": ["slanted", "closed loop"],
+    ("10_concepts.ipynb", {"DATASET": "fashion_mnist", "SEED": 2024, "LAYERS": ["conv2", "dense1"], "CONCEPTS": ["slanted", "closed loop"],
                            "N_RANDOM": 10, "NMF_LAYER": "pool2", "NMF_FACTORS": 4, "BLOCKS_LAYER": "conv2",
                            "IMAGE_INDEX": 9, "ABLATION_MODE": "mean", "PRETRAINED": False}, {}),
     ("12_live_explorer.ipynb", {"DATASET": "fashion_mnist", "SEED": 2024}, {}),
