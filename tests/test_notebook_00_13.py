@@ -1,6 +1,7 @@
 """Notebooks 00 (why interpret: a shortcut model caught by saliency) and 11 (what each method
 is good for, what comes next) run top to bottom in FAST mode and measure what they say."""
 
+import numpy as np
 import pytest
 
 from conftest import ROOT, count_images, notebook_values, run_notebook, stored_notebook
@@ -60,4 +61,9 @@ def test_notebook_11_measures_the_table(tmp_path):
     assert v["lime_segments"] >= 5 and 0 <= v["lime_r2"] <= 1
     assert v["shapley_gap"] < 1e-2 and len(v["shapley"]) == 9
     assert "cav_accuracy" not in v and "tcav" not in v   # TCAV moved to the concepts notebook, done right
+    # faithfulness column (issue 25): deletion areas of every method, measured beside a random map's
+    assert set(v["deletion_area"]) == methods and np.isfinite(v["deletion_random"])
+    assert all(np.isfinite(a) for a in v["deletion_area"].values())
+    # saliency-type maps of the trained CNN remove the score faster than a random ordering does
+    assert v["deletion_area"]["occlusion"] < v["deletion_random"]
     assert count_images(nb) >= 4  # the methods, their agreement, LIME, Shapley values
