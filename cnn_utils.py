@@ -1239,4 +1239,5 @@ class _CourseModule(types.ModuleType):
 
 
 _SETTING_OWNERS = _setting_owners()
-sys.modules[__name__].__class__ = _CourseModule
+if isinstance(sys.modules.get(__name__), types.ModuleType):   # imported (not run from its source by hand)
+    sys.modules[__name__].__class__ = _CourseModule

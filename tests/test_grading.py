@@ -477,7 +477,7 @@ def test_student_version_has_no_solution_and_no_hidden_test():
 
 
 def test_make_course_runs_the_instructors_version():
-    paths = course.notebook_paths(["09"])
+    paths = course.notebook_paths([ASSIGNMENT])
     assert paths == [SOURCE]
 
 
