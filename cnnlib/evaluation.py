@@ -28,6 +28,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .frameworks import _is_torch_module, _min_max_scaled
+from .checks import _is_int
 from .models import as_image_batch, model_input_range
 from . import attribution
 from .attribution import class_scores
@@ -215,7 +216,7 @@ def replacement_images(images, replacement="black", *, sigma=None, low=0.0):
 
 
 def _step_counts(n_pixels, steps):
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+    if not _is_int(steps) or steps < 1:
         raise ValueError(f"steps must be a positive int (points on the curve after the first); got {steps!r}.")
     counts = np.round(np.linspace(0.0, 1.0, int(steps) + 1) * n_pixels).astype(np.int64)
     return counts / n_pixels, counts

@@ -41,11 +41,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .sandbox import (CELL_TIMEOUT, CHANNEL_BYTES, ETC_FILES, MEMORY_LIMIT_MB, NOTEBOOK_TIMEOUT, PROCESS_LIMIT, PROTECTED_PATHS, RUNTIME_FILES, SANDBOX_COURSE, SANDBOX_DATA, SANDBOX_GRADER, SANDBOX_UID, SANDBOX_WORKDIR, TMP_LIMIT_MB, changed_course_files, course_binds, course_file_hashes, limits_command, private_course_copy, run_sandboxed, sandbox_available, sandbox_command, sandbox_env, staged_course)  # noqa: F401
-
-PROJECT_DIR = Path(__file__).resolve().parents[1]
-NOTEBOOKS_DIR = PROJECT_DIR / "notebooks"
-DATA_ENV_VAR = "CNN_COURSE_DATA"
+from .data import NOTEBOOKS_DIR, PROJECT_DIR
+from .sandbox import (  # noqa: F401 (re-exported for course.py, the tests and benchmarks)
+    CELL_TIMEOUT, CHANNEL_BYTES, ETC_FILES, MEMORY_LIMIT_MB, NOTEBOOK_TIMEOUT, PROCESS_LIMIT, PROTECTED_PATHS,
+    RUNTIME_FILES, SANDBOX_COURSE, SANDBOX_DATA, SANDBOX_GRADER, SANDBOX_UID, SANDBOX_WORKDIR, TMP_LIMIT_MB,
+    changed_course_files, course_binds, course_file_hashes, limits_command, private_course_copy, run_sandboxed,
+    sandbox_available, sandbox_command, sandbox_env, staged_course)
 
 
 class CourseError(Exception):

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-PROJECT_DIR = Path(__file__).resolve().parents[1]
-DATA_ENV_VAR = "CNN_COURSE_DATA"
-#: Limits per submission (nbgrader_config.py can change them).
+from .data import DATA_ENV_VAR, PROJECT_DIR, dataset_search_paths
+
 #: Limits per submission (nbgrader_config.py can change them).
 CELL_TIMEOUT = 120
 NOTEBOOK_TIMEOUT = 900
@@ -107,12 +106,10 @@ def course_binds(own_work=False, root=None, data_dir=None):
     /course, the datasets at /data, the sandbox's own code at /grader; from ``root`` (default: the
     course) and ``data_dir`` (default: where ``load_dataset`` finds them). ``own_work``: only the
     MNIST model, the MNIST test data and ``grading_ownwork.py`` as the one ``cnn_utils.py``."""
-    import cnn_utils
-
     root = Path(root or PROJECT_DIR)
 
     def dataset(name):
-        paths = [Path(data_dir) / f"{name}.npz"] if data_dir else cnn_utils.dataset_search_paths(name)
+        paths = [Path(data_dir) / f"{name}.npz"] if data_dir else dataset_search_paths(name)
         return next((p.resolve() for p in paths if p.is_file()), None)
 
     binds = [(str(root / "cnnlib" / "grading_sandbox.py"), f"{SANDBOX_GRADER}/grading_sandbox.py")]
