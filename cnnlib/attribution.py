@@ -193,6 +193,63 @@ def randomize_weights(model, layer_names=None, seed=0):
     return clone
 
 
+#: The course's one rule for the model-randomisation test (Adebayo et al., 2018): a method
+#: passes when its maps of the randomised model have a mean Spearman rank correlation with the
+#: trained model's maps of magnitude below this value (the map then depends on the weights).
+SANITY_THRESHOLD = 0.5
+
+
+def sanity_verdict(rho, threshold=None):
+    """``"passes"`` if ``|mean rho| < threshold`` (0.5, ``SANITY_THRESHOLD``), else ``"fails"``.
+
+    ``rho``: one rank correlation or an array of them (trained vs randomised maps, e.g. from
+    ``rank_correlation``); the mean is taken. Every notebook reads the test with this rule.
+    """
+    threshold = SANITY_THRESHOLD if threshold is None else threshold
+    try:
+        value = float(np.mean(np.asarray(rho, dtype=np.float64)))
+    except (TypeError, ValueError):
+        raise TypeError(f"rho must be a number or an array of rank correlations, got {type(rho).__name__}.") from None
+    if not np.isfinite(value) or not 0 < float(threshold) <= 1:
+        raise ValueError(f"rho must be finite and threshold in (0, 1]; got {value} and {threshold!r}.")
+    return "passes" if abs(value) < float(threshold) else "fails"
+
+
+def median_seconds(fn, repeats=5, warmup=1):
+    """Median wall-clock seconds of ``fn()`` over ``repeats`` calls, after ``warmup`` untimed calls
+    (the first call compiles). One timed call is not a measurement: the course compares costs only
+    with this. Returns ``(median, all times)``."""
+    import time
+
+    if not callable(fn):
+        raise TypeError(f"fn must be a function of no arguments, got {type(fn).__name__}.")
+    for name, value, low in (("repeats", repeats, 1), ("warmup", warmup, 0)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
+    for _ in range(int(warmup)):
+        fn()
+    times = []
+    for _ in range(int(repeats)):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)), np.asarray(times)
+
+
+def cost_words(seconds, tolerance=1.25):
+    """Rank methods by cost, saying "about the same" for those within ``tolerance`` (ratio) of the
+    cheapest: ``{"cheapest": [names], "dearest": name, "ratio": dearest / cheapest}``.
+    ``seconds``: ``{method: median seconds}`` from ``median_seconds``."""
+    if not isinstance(seconds, dict) or len(seconds) < 2:
+        raise ValueError("seconds must be a dict of at least two methods' median times.")
+    low = min(seconds.values())
+    if not low > 0:
+        raise ValueError(f"times must be positive, got {seconds}.")
+    cheapest = sorted((n for n, s in seconds.items() if s <= low * tolerance), key=seconds.get)
+    dearest = max(seconds, key=seconds.get)
+    return {"cheapest": cheapest, "dearest": dearest, "ratio": seconds[dearest] / low}
+
+
 def rank_correlation(maps_a, maps_b):
     """Spearman rank correlation of two batches of maps, one value per image (N,).
 
