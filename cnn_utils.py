@@ -633,9 +633,10 @@ def integrated_gradients(model, images, class_index=None, *, layer=None, score="
     return attributions, gap.astype(np.float32)
 
 
-def _cam(weights_fn, model, images, class_index, layer, score, normalize, return_weights):
-    """Grad-CAM-style maps: ``ReLU(sum_k w_k A^k)`` with ``w = weights_fn(A, dS_c/dA)``,
-    brought to the input grid with ``cam_upsampling_matrices``."""
+def _cam(weights_fn, model, images, class_index, layer, score, normalize, return_weights, cell_map=None):
+    """Grad-CAM-style maps: ``ReLU(sum_k w_k A^k)`` with ``w = weights_fn(A, dS_c/dA)`` (or, given
+    ``cell_map``, ``cell_map(A, dS_c/dA)`` cell by cell, as HiResCAM), brought to the input grid
+    with ``cam_upsampling_matrices``."""
     _check_flags(normalize=normalize, return_weights=return_weights)
     e = _Explained(model, images, class_index, score)
     name = e.engine.resolve_layer(layer, e.x)
@@ -644,14 +645,18 @@ def _cam(weights_fn, model, images, class_index, layer, score, normalize, return
     mats = {}
     for part in e.chunks():
         _, _, a, g = e.engine.layer_grad(e.x[part], e.cls[part], name)
-        w = weights_fn(a, g)
-        if weights is None:
-            weights = np.empty((len(e.x), a.shape[-1]), np.float32)
-        weights[part] = w
+        if cell_map is None:
+            w = weights_fn(a, g)
+            if weights is None:
+                weights = np.empty((len(e.x), a.shape[-1]), np.float32)
+            weights[part] = w
+            cam = class_activation_map(a, w)
+        else:
+            cam = cell_map(a, g)
         hw = a.shape[1:3]
         if hw not in mats:
             mats[hw] = cam_upsampling_matrices(e.engine.model, name, e.x.shape[1:3], map_hw=hw)
-        maps[part] = _upsample(class_activation_map(a, w), *mats[hw])
+        maps[part] = _upsample(cam, *mats[hw])
     if normalize:
         maps = normalize_maps(maps)
     return (maps, weights) if return_weights else maps
@@ -691,18 +696,7 @@ def hires_cam(model, images, class_index=None, *, layer=None, score="logits", no
     """HiResCAM (Draelos & Carin, 2020): ``hires_cam_map`` of ``layer``'s feature maps and their
     gradient (``None``: the layer ``grad_cam`` uses), brought to the input grid as in ``grad_cam``.
     Returns float32 (N, H, W), min-max scaled per image unless ``normalize=False``."""
-    _check_flags(normalize=normalize)
-    e = _Explained(model, images, class_index, score)
-    name = e.engine.resolve_layer(layer, e.x)
-    maps = np.empty(e.x.shape[:3], np.float32)
-    mats = {}
-    for part in e.chunks():
-        _, _, a, g = e.engine.layer_grad(e.x[part], e.cls[part], name)
-        hw = a.shape[1:3]
-        if hw not in mats:
-            mats[hw] = cam_upsampling_matrices(e.engine.model, name, e.x.shape[1:3], map_hw=hw)
-        maps[part] = _upsample(hires_cam_map(a, g), *mats[hw])
-    return normalize_maps(maps) if normalize else maps
+    return _cam(None, model, images, class_index, layer, score, normalize, False, cell_map=hires_cam_map)
 
 
 def guided_backprop(model, images, class_index=None, *, layer=None, score="logits", normalize=True):

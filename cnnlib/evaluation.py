@@ -28,7 +28,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .frameworks import _is_torch_module, _min_max_scaled
-from .checks import _is_int
+from .checks import _check_seed, _is_int
 from .models import as_image_batch, model_input_range
 from . import attribution
 from .attribution import class_scores
@@ -78,12 +78,6 @@ def _as_masks(masks, shape):
     if empty.any():
         raise ValueError(f"mask {int(np.argmax(empty))} is empty: every image needs a ground-truth region.")
     return g
-
-
-def _check_seed(seed):
-    if seed is None or isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int (it breaks ties between equal map values); got {seed!r}.")
-    return int(seed)
 
 
 def pixel_order(maps, seed=0, *, most_relevant_first=True):
