@@ -40,6 +40,14 @@ def _check(nb, min_accuracy):
     assert reference > 0.8  # 10 SmoothGrad samples in FAST mode: 0.97 on MNIST, 0.90 on Fashion-MNIST
     fully = values["sanity_table"]["down to conv1"]
     assert fully["Grad-CAM"] < 0.5 and fully["saliency"] < reference - 0.15, (fully, reference)
+    # one rule for every verdict the text and the summary table state: cnn_utils.sanity_verdict (|mean rho| < 0.5
+    # with every layer random) and cnn_utils.cost_words over median_seconds (ties within 1.25x)
+    assert set(values["sanity_verdicts"]) == set(fully)
+    for name, rho in fully.items():
+        assert values["sanity_verdicts"][name] == ("passes" if abs(rho) < 0.5 else "fails"), (name, rho)
+    seconds, cost = values["method_seconds"], values["method_cost_words"]
+    assert len(seconds) == 6 and min(seconds, key=seconds.get) in cost["cheapest"]
+    assert all(seconds[m] <= 1.25 * min(seconds.values()) for m in cost["cheapest"])
     # |IG|'s correlation over the inked pixels alone is lower than with the tied zeros
     assert values["ig_inked_rho"][-1] < fully["Integrated Gradients"]
     # two seeds: the same answers almost everywhere, shared mistakes a subset of each model's, and the maps of the
@@ -64,6 +72,9 @@ def test_notebook_is_stored_without_outputs():
     for method in ("Simonyan", "Smilkov", "Sundararajan", "Selvaraju", "Chattopadhay", "Wang", "Adebayo"):
         assert method in src
     assert "Strengths and weaknesses" in src
+    # no verdict or cost ranking in static text (they come from the run), no digit words in static text
+    assert not re.search(r"cheapest|fastest|slowest|passes the (sanity )?(check|test)|fails the", src, re.IGNORECASE)
+    assert not re.search(r"\b(inked|strokes?)\b", src, re.IGNORECASE)
     # the key computations are shown as readable code (tested equal to the fast functions in
     # test_references.py), not as printouts of the optimised helpers
     assert "getsource" not in code and "tf.GradientTape()" in code
