@@ -20,7 +20,8 @@ $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
 	$(BIN)/python -m pip install -r requirements-dev.txt
 	touch $@
 
-## The main job: execute every notebook, in order, into build/ (ipynb + html).
+## The main job: execute every notebook, in order, into build/ (ipynb + html): the handouts, the
+## exercises in their student version; the instructors' version (solutions) apart in build/instructors/.
 course: setup
 	$(BIN)/python -m course run
 

@@ -197,14 +197,20 @@ def install_missing(requirements=PROJECT_DIR / "requirements.txt"):
 # run: the notebook series (the tests run notebooks through the same function)
 # ---------------------------------------------------------------------------
 
+#: The instructors' executed exercise notebook goes into this folder of the output folder, under this
+#: name and behind ``INSTRUCTOR_BANNER``: never beside the handouts.
+INSTRUCTOR_DIR_NAME = "instructors"
+INSTRUCTOR_NOTEBOOK_NAME = f"{EXERCISE_ASSIGNMENT}_INSTRUCTOR.ipynb"
+INSTRUCTOR_BANNER = "INSTRUCTOR VERSION — contains the reference solutions; do not hand out"
+#: What an exercise left to the student raises (nbgrader's stub); the handout leaves those cells unrun.
+ANSWER_MISSING = "NotImplementedError"
+
+
 def notebook_paths(names=None):
-    """The course notebooks in teaching order; ``names`` keeps those whose file name
-    contains one of the given strings."""
+    """The course notebooks in teaching order, as they are handed out: the exercises in their student
+    version (``notebooks/11_exercises.ipynb``, no solutions). ``names`` keeps those whose file name
+    contains one of the given strings. ``run_notebooks`` adds the instructors' version apart."""
     paths = sorted(NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
-    # The exercise notebook runs in its instructors' version (the student version has no answers);
-    # a copy of the course without instructors/ leaves it to the student.
-    paths = [EXERCISE_SOURCE if p.name == EXERCISE_SOURCE.name else p for p in paths
-             if p.name != EXERCISE_SOURCE.name or EXERCISE_SOURCE.is_file()]
     if names:
         chosen = [p for p in paths if any(n in p.name for n in names)]
         if not chosen:
@@ -212,6 +218,11 @@ def notebook_paths(names=None):
                               f"{', '.join(p.name for p in paths)}.")
         paths = chosen
     return paths
+
+
+def instructor_output(out_dir):
+    """Where ``run`` writes the instructors' executed exercise notebook: ``out_dir/instructors/``."""
+    return Path(out_dir) / INSTRUCTOR_DIR_NAME / INSTRUCTOR_NOTEBOOK_NAME
 
 
 def execute_notebook(path, out_path, parameters=None, progress_bar=True, kernel_name=None):
@@ -233,27 +244,133 @@ def execute_notebook(path, out_path, parameters=None, progress_bar=True, kernel_
     return out_path
 
 
+def execute_student_version(path, out_path, parameters=None, kernel_name=None):
+    """Execute the student version of the exercises as a handout, in a fresh kernel (cwd ``notebooks/``).
+
+    Every cell that needs no answer runs: the setup, the given code, the worked ideas. A cell that
+    needs one raises ``NotImplementedError`` (the stubs, and the checks and figures that call them):
+    it is left as the student finds it, without output, rather than as a page of tracebacks. Any
+    other error stops the run and names the cell, as in every notebook. A note under the title says so.
+    """
+    import nbformat
+    import papermill as pm
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+
+    path, out_path = Path(path), Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    # the parameters go in as papermill injects them into every notebook (and mark the output as run's)
+    pm.execute_notebook(str(path), str(out_path), parameters=parameters or {}, prepare_only=True,
+                        kernel_name=kernel_name, progress_bar=False)
+    nb = nbformat.read(str(out_path), as_version=4)
+    client = NotebookClient(nb, kernel_name=kernel_name or "", allow_error_names=[ANSWER_MISSING],
+                            resources={"metadata": {"path": str(NOTEBOOKS_DIR)}})
+    try:
+        client.execute()
+    except CellExecutionError as err:
+        nbformat.write(nb, str(out_path))
+        failed = next((c.execution_count for c in nb.cells if c.cell_type == "code" and any(
+            o.get("output_type") == "error" and o.get("ename") != ANSWER_MISSING for o in c.get("outputs", []))), "?")
+        raise CourseError(f"{path.name} failed in cell {failed} ({err.ename}: {err.evalue}). The partly "
+                          f"executed notebook is at {out_path}.") from None
+    for cell in nb.cells:
+        if cell.cell_type == "code" and any(o.get("output_type") == "error" and o.get("ename") == ANSWER_MISSING
+                                            for o in cell.outputs):
+            cell.outputs, cell.execution_count = [], None
+            cell.metadata.pop("execution", None)
+    note = nbformat.v4.new_markdown_cell(
+        f"*Student version, as handed out. The cells that need your answers (the exercises, and the checks "
+        f"and figures that use them) have no output here: they run once you have written your code. Work in "
+        f"`notebooks/{path.name}`.*")
+    note.metadata["course"] = "handout-note"
+    nb.cells.insert(1, note)
+    nbformat.write(nb, str(out_path))
+    return out_path
+
+
+def mark_instructor_version(ipynb_path):
+    """Put ``INSTRUCTOR_BANNER`` at the top of an executed instructors' notebook (its first cell, and the
+    HTML page's title)."""
+    import nbformat
+
+    nb = nbformat.read(str(ipynb_path), as_version=4)
+    banner = nbformat.v4.new_markdown_cell(
+        '<div style="background:#b00020;color:#ffffff;padding:12px 18px;border-radius:6px">\n'
+        f'<h1 style="color:#ffffff;margin:0">{INSTRUCTOR_BANNER}</h1>\n'
+        '<p style="color:#ffffff;margin:6px 0 0 0">The exercises executed from <code>instructors/'
+        f'{EXERCISE_SOURCE.name}</code>, every exercise answered with its model solution. The handout for '
+        f'students is <code>{EXERCISE_SOURCE.name}</code> (and <code>.html</code>) one folder up: the student '
+        'version, without solutions.</p>\n</div>')
+    banner.metadata["course"] = "instructor-banner"
+    nb.cells.insert(0, banner)
+    nb.metadata["title"] = f"{INSTRUCTOR_BANNER} · {EXERCISE_ASSIGNMENT}"
+    nbformat.write(nb, str(ipynb_path))
+    return ipynb_path
+
+
 def run_notebooks(names=None, out_dir=BUILD_DIR, parameters=None, html=True, kernel_name=None):
     """Execute the notebook series in order, each in a fresh kernel, into ``out_dir``
-    (executed ``.ipynb`` and, with ``html``, an ``.html`` rendering of each).
-    Returns ``[(notebook name, seconds), ...]``."""
+    (executed ``.ipynb`` and, with ``html``, an ``.html`` rendering of each): only what can be
+    handed out. The exercises go there in their student version (``execute_student_version``).
+    Where ``instructors/`` exists, the instructors' version runs too, into its own folder
+    (``instructor_output``: ``out_dir/instructors/11_exercises_INSTRUCTOR.ipynb`` and ``.html``)
+    under a banner. Returns ``[(notebook name, seconds), ...]``."""
     paths = notebook_paths(names)
     out_dir = Path(out_dir)
     _check_out_dir(out_dir)
-    for path in paths:  # before anything runs: never write over a source or someone's own file
-        _check_output(path, out_dir / path.name)
+    jobs = []
+    for path in paths:
+        jobs.append((path, out_dir / path.name))
+        if path.name == EXERCISE_SOURCE.name and EXERCISE_SOURCE.is_file():
+            jobs.append((EXERCISE_SOURCE, instructor_output(out_dir)))
+    # before anything runs: never write over a source or someone's own file
+    for source, out_path in jobs:
+        if out_path.parent != out_dir and out_path.parent.exists() and not out_path.parent.is_dir():
+            raise CourseError(f"{out_path.parent} is a file; `run` puts the instructors' version of the exercises "
+                              "in a folder of that name. Nothing was written: move the file away, or choose "
+                              "another folder with --out.")
+        _check_output(source, out_path)
+    for stale in _stale_instructor_version(out_dir):
+        stale.unlink()
+        print(f"Removed {stale}: an earlier run's instructors' version (with the solutions) beside the handouts.",
+              flush=True)
     timings = []
-    for i, path in enumerate(paths, 1):
-        print(f"[{i}/{len(paths)}] {path.name}", flush=True)
+    for i, (path, out_path) in enumerate(jobs, 1):
+        instructors = out_path == instructor_output(out_dir)
+        label = f"{path.name} (the instructors' version, with the solutions)" if instructors else path.name
+        print(f"[{i}/{len(jobs)}] {label}", flush=True)
         start = time.perf_counter()
-        out_path = execute_notebook(path, out_dir / path.name, parameters, kernel_name=kernel_name)
+        if path.name == EXERCISE_SOURCE.name and not instructors:
+            execute_student_version(path, out_path, parameters, kernel_name=kernel_name)
+        else:
+            execute_notebook(path, out_path, parameters, kernel_name=kernel_name)
+        if instructors:
+            mark_instructor_version(out_path)
         seconds = time.perf_counter() - start
-        timings.append((path.name, seconds))
+        timings.append((out_path.relative_to(out_dir).as_posix(), seconds))
         if html:
             to_html(out_path)
         print(f"    done in {seconds:.0f} s -> {out_path}", flush=True)
     print(f"All {len(timings)} notebooks ran in {sum(s for _, s in timings):.0f} s. Output in {out_dir}/")
+    if any(out_path == instructor_output(out_dir) for _, out_path in jobs):
+        print(f"The handouts are the files in {out_dir}/; {instructor_output(out_dir).parent}/ holds the "
+              "instructors' version of the exercises, with the solutions: do not hand it out.")
     return timings
+
+
+def _stale_instructor_version(out_dir):
+    """An earlier run's instructors' exercise notebook (and its HTML) beside the handouts in ``out_dir``:
+    runs before the handout split executed ``instructors/11_exercises.ipynb`` into ``out_dir/11_exercises.*``."""
+    ipynb = Path(out_dir) / EXERCISE_SOURCE.name
+    if not _written_by_run(ipynb):
+        return []
+    try:
+        source = json.loads(ipynb.read_text(encoding="utf-8"))["metadata"]["papermill"]["input_path"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    if Path(str(source)).parent.name != EXERCISE_SOURCE.parent.name:
+        return []
+    return [p for p in (ipynb, ipynb.with_suffix(".html")) if p.exists()]
 
 
 def _written_by_run(ipynb_path):
@@ -309,7 +426,7 @@ def to_html(ipynb_path):
         meta = cell.get("metadata", {})
         if meta.get("jupyter", {}).get("source_hidden") or "hide-input" in meta.get("tags", []):
             cell.metadata["transient"] = {"remove_source": True}   # as nbconvert's TagRemovePreprocessor marks it
-    body, _ = HTMLExporter().from_notebook_node(nb)
+    body, _ = HTMLExporter().from_notebook_node(nb, resources={"metadata": {"name": Path(ipynb_path).stem}})
     out = Path(ipynb_path).with_suffix(".html")
     out.write_text(body, encoding="utf-8")
     return out
@@ -367,7 +484,9 @@ def build_parser():
     p_run = sub.add_parser("run", help="execute the notebook series into build/ (ipynb + html)")
     p_run.add_argument("names", nargs="*", help="only notebooks whose file name contains one of these")
     p_run.add_argument("--fast", action="store_true", help="FAST=True: fewer epochs and samples, as the tests run")
-    p_run.add_argument("--out", default=str(BUILD_DIR), help="output folder (default: build/)")
+    p_run.add_argument("--out", default=str(BUILD_DIR),
+                       help="output folder (default: build/); the instructors' version of the exercises, with "
+                            "the solutions, goes to its subfolder instructors/")
     p_pre = sub.add_parser("prefetch", help="download the datasets and VGG16 weights for offline use")
     p_pre.add_argument("--no-vgg16", action="store_true", help="skip the 528 MB VGG16 weights")
     p_train = sub.add_parser("train", help="retrain a course CNN (to build/models/ unless --replace)")

@@ -476,9 +476,9 @@ def test_student_version_has_no_solution_and_no_hidden_test():
     assert set(tests.CALLS) == set(tests.CHECKS) == set(POINTS) and set(tests.OWN_WORK) == {"ex4_own_work_test"}
 
 
-def test_make_course_runs_the_instructors_version():
-    paths = course.notebook_paths([ASSIGNMENT])
-    assert paths == [SOURCE]
+def test_make_course_hands_out_the_student_version():
+    # the instructors' version runs apart, into build/instructors/ (tests/test_handout.py)
+    assert course.notebook_paths([ASSIGNMENT]) == [course.STUDENT_NOTEBOOK]
 
 
 # ---------------------------------------------------------------------------
