@@ -70,6 +70,8 @@ def test_concepts_notebook(tmp_path, dataset):
     # NMF: reproducible, and the factors rebuild the activations better than nothing
     assert v["nmf_repeat_gap"] == 0 and 0 < v["nmf_error"] < 1
     assert np.shape(v["factor_concept_rho"]) == (6, n_concepts)
+    assert np.shape(v["factor_concept_p"]) == (6, n_concepts) and np.all((np.array(v["factor_concept_p"]) >= 0)
+                                                                          & (np.array(v["factor_concept_p"]) <= 1))
     # building blocks: the top channels carry a positive share
     assert len(v["blocks_top"]) == 4 and 0 < v["blocks_share"] <= 1
     assert v["blocks_values"] == sorted(v["blocks_values"], reverse=True) and v["blocks_values"][0] > 0

@@ -66,3 +66,23 @@ def test_a_random_map_is_near_chance_and_the_photo_part_says_random(executed):
     assert v["vgg_weights"] == "RANDOM"
     assert all(len(x) == 3 for x in v["photo"].values())
     assert set(v["sanity"]) >= {"Guided Backprop", "Saliency"} and 0 <= v["randomised_changed"] <= 1
+
+
+@pytest.mark.notebook
+def test_verdicts_follow_the_course_rules(executed):
+    """The sanity check is read with the course's one rule; a "best" method is reported with its ties."""
+    import cnn_utils
+    _, _, v = executed
+    for name, verdict in v["sanity_verdicts"].items():
+        rho = v["sanity_ig_not_black"] if name == "Integrated Gradients" else v["sanity"][name]
+        assert verdict == cnn_utils.sanity_verdict(rho)
+    for cue, best in v["best_rank"].items():
+        ranks = {n: v["localisation"][cue][n]["relevance rank"] for n in METHODS}
+        assert best and best[0] == v["winners_rank"][cue] and ranks[best[0]] == max(ranks.values())
+        assert all(ranks[best[0]] - ranks[n] <= 0.02 + 1e-12 for n in best)
+        assert all(ranks[best[0]] - ranks[n] > 0.02 for n in METHODS if n not in best)
+    for rep, best in v["deletion_best"].items():
+        areas = {n: v["areas"][f"{n} | {rep} | deletion MoRF"] for n in METHODS}
+        assert best[0] == v["deletion_winner"][rep] and areas[best[0]] == min(areas.values())
+        assert all(areas[n] - areas[best[0]] > 0.02 for n in METHODS if n not in best)
+    assert isinstance(v["hires_rank_gap"], float)
