@@ -55,6 +55,12 @@ def test_notebook_11_measures_the_table(tmp_path):
     assert all(-1 <= r <= 1 for r in v["sanity"].values())
     # Grad-CAM of a fully randomised model is unrelated to the trained one (notebook 04 finds the same)
     assert v["sanity"]["Grad-CAM"] < 0.5
+    # one rule for every verdict (issue 24): the table's sanity column is cnn_utils.sanity_verdict's, and the
+    # cheapest methods are cost_words' of the median times (ties within 1.25x), never one timed call
+    import cnn_utils
+    assert v["sanity_verdict"] == {m: cnn_utils.sanity_verdict(r) for m, r in v["sanity"].items()}
+    assert v["sanity_verdict"]["Grad-CAM"] == "passes"
+    assert v["cheapest"] == cnn_utils.cost_words({m: ms / 1000 for m, ms in v["cost_ms"].items()})["cheapest"]
     # t-SNE: the trained features keep classes together far better than random features
     assert v["tsne_agreement"]["trained"] > v["tsne_agreement"]["randomised"] + 0.1
     # LIME ran through the lime package; exact Shapley values are efficient

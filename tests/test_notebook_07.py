@@ -49,3 +49,24 @@ def test_notebook_07_runs_fast_with_random_weights(tmp_path, monkeypatch):
     code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
     assert "tensorflow" not in code.replace('"tensorflow" in sys.modules', "")
     assert "cnn_utils._" not in code   # only the public API
+
+
+@pytest.mark.parametrize("name, label", [("07_vgg16_feature_inversion.ipynb", "WEIGHTS"), ("08_vgg16_photos.ipynb", "TAG")])
+def test_every_vgg16_figure_says_which_weights(name, label):
+    """Issue 24: a figure of an untrained VGG16 must not pass for a trained one. Every code cell
+    that draws a figure puts the weights' label (RANDOM or ImageNet) into its title."""
+    import nbformat
+
+    from conftest import ROOT
+
+    nb = nbformat.read(str(ROOT / "notebooks" / name), as_version=4)
+    drawing = [c for c in nb.cells if c.cell_type == "code"
+               and ("cnn_utils.plot_" in c.source or "plt.subplots(" in c.source)]
+    assert drawing, name
+    unlabelled = [c.source.splitlines()[0] for c in drawing if label not in c.source]
+    assert not unlabelled, f"{name}: figures without the weights in their title: {unlabelled}"
+    # 07: the figures the first reader found unlabelled (feature maps by depth, two channel grids)
+    if name.startswith("07"):
+        code = "\n".join(c.source for c in drawing)
+        assert "plot_feature_maps_by_depth" in code and 'fig.suptitle(f"Feature maps' in code
+        assert code.count('layer_name=f"relu') == 2 and code.count("{WEIGHTS} weights)\")") >= 2

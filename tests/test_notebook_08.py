@@ -92,6 +92,11 @@ def test_occlusion_sanity_check_feature_visualization_and_explorer(executed):
     for row in values["sanity"].values():
         assert all(-1 <= r <= 1 for r in row.values())
     assert set(values["sanity_passes"]) == set(values["sanity"]["fc8"])
+    # one rule across the course (issue 24): the verdicts are cnn_utils.sanity_verdict's, |rho| < 0.5 passes
+    import cnn_utils
+    final = values["sanity"]["classifier + conv5"]
+    assert values["sanity_verdicts"] == {n: cnn_utils.sanity_verdict(r) for n, r in final.items()}
+    assert values["sanity_passes"] == {n: abs(r) < 0.5 for n, r in final.items()}
     assert set(values["fv_rise"]) == {"conv3_3", "conv4_3"}
     assert all(np.isfinite(v) for v in values["fv_rise"].values())
     assert len(values["class_rise"]) == 2
