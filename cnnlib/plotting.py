@@ -128,12 +128,14 @@ def plot_layer_sparsity(sparsity, spread=None, title=None, dead=None):
         raise ValueError("dead must be a dict {layer name: fraction} with layer names from sparsity.")
     err = None if spread is None else np.array([spread[n] for n in names]) * 100
     fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 3.6), layout="constrained")
-    bars = ax.bar(names, values, yerr=err, capsize=4, color="tab:blue",
+    bars = ax.bar(names, values, color="tab:blue",
                   label=None if dead is None else "off for some images (live channels)")
     if dead is not None:
         dead_values = np.array([min(100 * dead.get(n, 0.0), v) for n, v in zip(names, values)])
         ax.bar(names, dead_values, color="tab:gray", label="dead: zero on every image")
         ax.legend(loc="upper left", fontsize=8)
+    if err is not None:      # drawn last, so that no bar covers it
+        ax.errorbar(names, values, yerr=err, fmt="none", ecolor="black", capsize=4, zorder=3)
     tops = values if err is None else values + err
     for bar, v, top in zip(bars, values, tops):
         ax.annotate(f"{v:.1f} %", (bar.get_x() + bar.get_width() / 2, top), ha="center",
