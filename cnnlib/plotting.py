@@ -106,10 +106,13 @@ def plot_all_channels(maps, title=None, ncols=8, cmap="viridis", size=1.1, label
     return fig
 
 
-def plot_layer_sparsity(sparsity, spread=None, title=None):
+def plot_layer_sparsity(sparsity, spread=None, title=None, dead=None):
     """Bar chart of the fraction of all-zero channels per layer (a dict name -> fraction).
 
     ``spread`` (optional dict name -> standard deviation over images) adds error bars.
+    ``dead`` (optional dict name -> fraction of channels that are zero on every image, for some
+    or all layers) draws that part of each bar in grey, so dead channels and channels that are
+    off only for some images can be told apart. Each bar's value is written above its error bar.
     """
     import matplotlib.pyplot as plt
 
@@ -121,15 +124,25 @@ def plot_layer_sparsity(sparsity, spread=None, title=None):
         raise ValueError("sparsity values must be fractions in [0, 1].")
     if spread is not None and set(spread) != set(names):
         raise ValueError("spread must have the same layer names as sparsity.")
+    if dead is not None and (not isinstance(dead, dict) or not set(dead) <= set(names)):
+        raise ValueError("dead must be a dict {layer name: fraction} with layer names from sparsity.")
     err = None if spread is None else np.array([spread[n] for n in names]) * 100
     fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 3.6), layout="constrained")
-    bars = ax.bar(names, values, yerr=err, capsize=4, color="tab:blue")
-    for bar, v in zip(bars, values):
-        ax.annotate(f"{v:.1f} %", (bar.get_x() + bar.get_width() / 2, v), ha="center",
-                    va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
+    bars = ax.bar(names, values, color="tab:blue",
+                  label=None if dead is None else "off for some images (live channels)")
+    if dead is not None:
+        dead_values = np.array([min(100 * dead.get(n, 0.0), v) for n, v in zip(names, values)])
+        ax.bar(names, dead_values, color="tab:gray", label="dead: zero on every image")
+        ax.legend(loc="upper left", fontsize=8)
+    if err is not None:      # drawn last, so that no bar covers it
+        ax.errorbar(names, values, yerr=err, fmt="none", ecolor="black", capsize=4, zorder=3)
+    tops = values if err is None else values + err
+    for bar, v, top in zip(bars, values, tops):
+        ax.annotate(f"{v:.1f} %", (bar.get_x() + bar.get_width() / 2, top), ha="center",
+                    va="bottom", fontsize=8, xytext=(0, 3), textcoords="offset points")
     ax.set_xlabel("layer (input side -> output side)")
     ax.set_ylabel("channels all zero (%)")
-    ax.set_ylim(0, max(10.0, float(values.max() + (0 if err is None else err.max())) * 1.2))
+    ax.set_ylim(0, max(10.0, float(tops.max()) * 1.25))
     ax.set_title(title or "Sparsity: fraction of channels that are off for an image")
     return fig
 

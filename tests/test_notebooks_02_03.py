@@ -51,6 +51,16 @@ def _check_02(nb):
     # sparsity grows with depth; pooling never switches a channel on
     assert sp["conv1"] < sp["conv2"] < sp["conv3"] and sp["conv3"] > sp["conv1"] + 0.10
     assert sp["pool1"] >= sp["conv1"] and sp["pool2"] >= sp["conv2"]
+    # the sparsity splits into dead channels (off for every image) and live channels off for an image:
+    # sparsity = dead share + live sparsity x live share, per conv layer (in percent)
+    for name, n_dead in ((n, len(c)) for n, c in v["dead_channels"].items()):
+        width = 32 if name == "conv1" else 64
+        dead_pc, live_pc = v["dead_share"][name], v["live_sparsity"][name]
+        assert dead_pc == pytest.approx(100 * n_dead / width)
+        assert 100 * sp[name] == pytest.approx(dead_pc + live_pc * (1 - dead_pc / 100), abs=1e-6)
+        assert 0 <= live_pc <= 100
+    assert v["live_sparsity_grows"] == (v["live_sparsity"]["conv1"] < v["live_sparsity"]["conv2"]
+                                        < v["live_sparsity"]["conv3"])
     # the class-preference count leaves out dead channels (argmax of an all-zero row is 0)
     assert v["conv3_live"] == 64 - len(v["dead_channels"]["conv3"])
     assert sum(v["conv3_prefer_count"].values()) == v["conv3_live"]
@@ -82,6 +92,8 @@ def _check_03(nb):
     for layer, (n_off, n_woken) in v["off_woken_by_longer_ascent"].items():
         assert n_off == fv[layer]["off"] and 0 <= n_woken <= n_off
     assert v["dead_filters"]["conv3"] > v["dead_filters"]["conv2"]
+    assert v["dead_most_in_conv3"] == (v["dead_filters"]["conv3"] > v["dead_filters"]["conv2"])
+    assert v["conv1_patch_is_kernel"] and set(v["ascent_raised"]) <= {"conv2", "conv3"}
     for layer, ex in v["dataset_examples"].items():
         assert len(set(ex["filters"])) == 8 and 0 <= ex["synthetic_beats_best_real"] <= 8
     reg = v["regularizers"]
