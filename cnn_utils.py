@@ -15,6 +15,7 @@ and none imports ``cnn_utils``):
     data           ``load_dataset``, ``train_val_split``, ``CLASS_NAMES``
     keras_layers   ``get_layer``, default layers, cached sub-models, ``logits_model``
     models         ``build_mnist_cnn``, ``train_model``, ``load_model``, ``as_image_batch``
+    cache          ``cached``: a disk cache for the long cells of a live demo (``build/cache``)
     photos         ``load_photo``, ``sample_photos``, ``composite_photo``
     images         ImageNet normalisation, ``preprocess_image``, ``recreate_image``, ``deprocess_image``
     vgg16          ``load_vgg16``, ``vgg_layer_names``, feature maps, predictions, crops
@@ -71,6 +72,7 @@ from cnnlib.keras_layers import (LOGITS_LAYER, _cached, _layer_chain, _model_inp
 from cnnlib.models import (DEFAULT_INPUT_RANGE, MODELS_DIR, as_image_batch, build_mnist_cnn,
     load_model, model_info, model_input_range, model_path, most_confident_mistakes, predict_logits,
     set_input_range, set_seed, train_model)
+from cnnlib.cache import CACHE_ENV_VAR, cache_dir, cache_key, cached
 from cnnlib.photos import (MAX_PHOTO_PIXELS, SAMPLE_PHOTOS, composite_photo, load_photo,
     sample_photos)
 from cnnlib.images import (IMAGENET_MEAN, IMAGENET_STD, MAX_IMAGE_PIXELS, deprocess_image,

@@ -9,7 +9,7 @@ import cnn_utils
 
 ROOT = Path(__file__).resolve().parents[1]
 #: cnnlib's modules in the order data flows (cnn_utils' docstring and ARCHITECTURE.md give it).
-ORDER = ["frameworks", "checks", "data", "keras_layers", "models", "photos", "images", "vgg16",
+ORDER = ["frameworks", "checks", "data", "keras_layers", "models", "cache", "photos", "images", "vgg16",
          "keras_engine", "torch_engine", "activations", "geometry", "attribution", "guided", "evaluation", "concepts", "feature_visualization",
          "embeddings", "plotting", "plotting_vgg", "widgets", "exercise_checks"]
 

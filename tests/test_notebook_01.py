@@ -1,5 +1,6 @@
 """Notebook 01 runs top to bottom in a fresh kernel in fast mode, for both datasets; the
 tests read the values it records (``cnn_utils.record``), not its printed sentences."""
+import numpy as np
 import pytest
 
 import cnn_utils
@@ -33,7 +34,8 @@ def test_notebook_01_loads_shipped_model(dataset, tmp_path):
         assert set(v["worst_class_predicted_as"]) <= {"T-shirt/top", "Pullover", "Coat"}
     # confident predictions are right more often, yet some mistakes are confident
     assert v["accuracy_over_99"] > v["accuracy_under_99"] and v["mistakes_over_99"] > 0
-    assert count_images(nb) == 4  # samples, curves, confusion matrix, mistakes
+    check_contrasting_runs(v, info)
+    assert count_images(nb) == 5  # samples, curves, the three runs' curves, confusion matrix, mistakes
 
 
 def test_notebook_01_trains_a_new_model(tmp_path):
@@ -43,4 +45,30 @@ def test_notebook_01_trains_a_new_model(tmp_path):
     assert v["epochs"] == 1
     assert v["test_accuracy"] > 0.90  # one epoch on 6,000 images
     assert v["reloaded_same_scores"] is True
+    assert v["fit_verdicts"]["course"] == "one epoch"
     assert (tmp_path / "models" / "mnist_cnn.keras").is_file()
+
+
+def _expected_verdict(h, reference):
+    """The section's rule, re-applied to the recorded curves."""
+    loss, val_loss, acc = (np.array(h[k]) for k in ("loss", "val_loss", "accuracy"))
+    best = int(np.argmin(val_loss)) + 1
+    rise = val_loss[-1] / val_loss.min() - 1
+    if best < len(loss) and rise >= 0.10 and loss[-1] < loss[best - 1]:
+        return "over-fitting"
+    if acc[-1] <= reference - 0.10:
+        return "under-fitting"
+    return "starting to over-fit" if best < len(loss) else "neither"
+
+
+def check_contrasting_runs(v, info):
+    """Section 3's two contrasting runs: each verdict is the one its curves give, and the two runs
+    show what they are built to show (200 images over-fit, the tiny model under-fits)."""
+    ref = v["contrast_reference_accuracy"]
+    assert ref == pytest.approx(info["history"]["accuracy"][-1])
+    over, under = v["contrast_histories"]["over"], v["contrast_histories"]["under"]
+    assert len(over["loss"]) == 30 and len(under["loss"]) == 5
+    verdicts = v["fit_verdicts"]
+    assert verdicts["over"] == _expected_verdict(over, ref) == "over-fitting"
+    assert verdicts["under"] == _expected_verdict(under, ref) == "under-fitting"
+    assert verdicts["course"] == _expected_verdict(info["history"], ref) == "neither"
