@@ -24,6 +24,11 @@ except ImportError:  # pragma: no cover - the PyTorch tests skip themselves
 
 
 def pytest_configure(config):
+    # The notebooks' disk cache (cnn_utils.cached) goes to a fresh folder per test run: a test never
+    # reads what an earlier run (or `make course`) computed, and never fills the course's build/cache.
+    import tempfile
+
+    os.environ["CNN_COURSE_CACHE"] = tempfile.mkdtemp(prefix="cnn-course-test-cache-")
     config.addinivalue_line("markers", "notebook: executes a course notebook")
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
 
