@@ -58,6 +58,10 @@ def _expected_verdict(h, reference):
         return "over-fitting"
     if acc[-1] <= reference - 0.10:
         return "under-fitting"
+    start = len(loss) - 1 - len(loss) // 2      # levelled off: the last half of the epochs
+    if (best == len(loss) and len(loss) >= 4 and 1 - val_loss[-1] / val_loss[start] < 0.05
+            and 1 - loss[-1] / loss[start] > 0.20):
+        return "levelling off"
     return "starting to over-fit" if best < len(loss) else "neither"
 
 
@@ -71,4 +75,6 @@ def check_contrasting_runs(v, info):
     verdicts = v["fit_verdicts"]
     assert verdicts["over"] == _expected_verdict(over, ref) == "over-fitting"
     assert verdicts["under"] == _expected_verdict(under, ref) == "under-fitting"
-    assert verdicts["course"] == _expected_verdict(info["history"], ref) == "neither"
+    # MNIST's validation loss still falls; Fashion-MNIST's has levelled off since epoch 8 (0.232 -> 0.226)
+    expected_course = "neither" if info["dataset"] == "mnist" else "levelling off"
+    assert verdicts["course"] == _expected_verdict(info["history"], ref) == expected_course
