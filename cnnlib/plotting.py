@@ -433,11 +433,17 @@ def plot_confusion_matrix(cm, class_names, title="Confusion matrix", normalize=F
     integer = not normalize and np.all(cm == np.round(cm))
     data = data.astype(int) if integer else data
     fig, ax = plt.subplots(figsize=(7.5, 6.2))
+    # counts: a log colour scale (linear below 1), so that the few mistakes off the diagonal are not white
+    # beside the thousands on it; fractions keep the linear scale
+    norm = None
+    if integer and data.max() > 0:
+        from matplotlib.colors import SymLogNorm
+        norm = SymLogNorm(linthresh=1, vmin=0, vmax=data.max())
     sns.heatmap(
         data, annot=True, fmt="d" if integer else ".2f", cmap="Blues", square=True, ax=ax,
-        xticklabels=class_names, yticklabels=class_names,
+        xticklabels=class_names, yticklabels=class_names, norm=norm,
         cbar_kws={"label": "fraction of the true class" if normalize else "number of test images"},
-        annot_kws={"fontsize": 7},
+        annot_kws={"fontsize": 9},
     )
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
