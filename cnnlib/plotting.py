@@ -100,7 +100,7 @@ def plot_all_channels(maps, title=None, ncols=8, cmap="viridis", size=1.1, label
         im = ax.imshow(maps[..., c], cmap=colormap(cmap), vmin=vmin, vmax=vmax)
         zero = not np.any(maps[..., c])
         label = labels[c] if labels is not None else f"ch {c}"
-        ax.set_title(label + (" (0)" if zero else ""), fontsize=7, color="0.6" if zero else "black")
+        ax.set_title(label + (" (0)" if zero else ""), fontsize=8 if size >= 1.0 else 7, color="0.6" if zero else "black")
     fig.colorbar(im, ax=axes, shrink=0.8, label="activation")
     fig.suptitle(title or f"{n} feature maps ({maps.shape[0]}x{maps.shape[1]})")
     return fig
