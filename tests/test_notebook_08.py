@@ -98,8 +98,8 @@ def test_occlusion_sanity_check_feature_visualization_and_explorer(executed):
     final = values["sanity"]["classifier + conv5"]
     assert values["sanity_changes"] == {n: cnn_utils.sanity_verdict(r) == "passes" for n, r in final.items()}
     real = values["weights"] != "RANDOM"
-    assert values["sanity_partial"] == {n: ("changes" if abs(r) < 0.5 else "stays similar") if real else "no verdict"
-                                        for n, r in final.items()}
+    assert values["sanity_partial"] == {n: ("changes" if abs(r) < 0.5 else "keeps its ranking" if r > 0 else
+                                            "inverts its ranking") if real else "no verdict" for n, r in final.items()}
     text = notebook_text(nb)
     assert "pass the sanity check" not in text and "passes the sanity check" not in text
     assert set(values["fv_rise"]) == {"conv3_3", "conv4_3"}
