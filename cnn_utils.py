@@ -25,7 +25,7 @@ and none imports ``cnn_utils``):
     geometry       ``receptive_fields``, ``cam_upsampling_matrices`` (a cell at its receptive-field centre)
     attribution    validated, memory-bounded calls (``ATTRIBUTION_MEMORY_BUDGET``), ``class_scores``,
                    ``randomize_weights``, ``rank_correlation``; the course's one reading of the
-                   sanity check (``sanity_verdict``) and of cost (``median_seconds``, ``cost_words``)
+                   sanity check (``sanity_verdict``, ``sanity_borderline``) and of cost (``median_seconds``, ``cost_words``)
     guided         the guided-ReLU model behind ``guided_backprop`` / ``guided_grad_cam``
     evaluation     is a map right? pointing game, relevance mass / rank, deletion, insertion, ROAD
     concepts       what a layer encodes: CAVs and TCAV (with its t-test), NMF concepts, channel
@@ -86,8 +86,8 @@ from cnnlib.activations import (channel_sparsity, dead_channels, dead_filters, g
 from cnnlib.geometry import (AxisGeometry, ReceptiveFields, _upsample, cam_upsampling_matrices,
     naive_upsampling_matrices, receptive_fields)
 from cnnlib.attribution import (ATTRIBUTION_MEMORY_BUDGET, MEMORY_BUDGET_ENV_VAR, _Explained,
-    _as_model_images, _baseline_value, _chunks, _first_copies, _no_layer, SANITY_THRESHOLD, class_scores,
-    cost_words, median_seconds, randomize_weights, rank_correlation, sanity_verdict)
+    _as_model_images, _baseline_value, _chunks, _first_copies, _no_layer, SANITY_MARGIN, SANITY_THRESHOLD,
+    class_scores, cost_words, median_seconds, randomize_weights, rank_correlation, sanity_borderline, sanity_verdict)
 from cnnlib.feature_visualization import (FeatureVisualization, _layer_units,
     vgg_feature_visualization)
 from cnnlib.embeddings import (FEATURE_LAYER, TSNE_METHODS, extract_features,

@@ -225,6 +225,12 @@ def instructor_output(out_dir):
     return Path(out_dir) / INSTRUCTOR_DIR_NAME / INSTRUCTOR_NOTEBOOK_NAME
 
 
+def _failed(path, cell, ename, evalue, out_path):
+    """The one message for a notebook that stopped on an error: which notebook, which cell, where it is."""
+    return CourseError(f"{path.name} failed in cell {cell} ({ename}: {evalue}). The partly executed notebook "
+                       f"is at {out_path}.")
+
+
 def execute_notebook(path, out_path, parameters=None, progress_bar=True, kernel_name=None):
     """Execute one notebook headless in a fresh kernel (papermill), cwd ``notebooks/``.
 
@@ -239,8 +245,7 @@ def execute_notebook(path, out_path, parameters=None, progress_bar=True, kernel_
                             cwd=str(NOTEBOOKS_DIR), progress_bar=progress_bar,
                             kernel_name=kernel_name)
     except pm.PapermillExecutionError as err:
-        raise CourseError(f"{path.name} failed in cell {err.exec_count} ({err.ename}: "
-                          f"{err.evalue}). The partly executed notebook is at {out_path}.") from None
+        raise _failed(path, err.exec_count, err.ename, err.evalue, out_path) from None
     return out_path
 
 
@@ -271,8 +276,7 @@ def execute_student_version(path, out_path, parameters=None, kernel_name=None):
         nbformat.write(nb, str(out_path))
         failed = next((c.execution_count for c in nb.cells if c.cell_type == "code" and any(
             o.get("output_type") == "error" and o.get("ename") != ANSWER_MISSING for o in c.get("outputs", []))), "?")
-        raise CourseError(f"{path.name} failed in cell {failed} ({err.ename}: {err.evalue}). The partly "
-                          f"executed notebook is at {out_path}.") from None
+        raise _failed(path, failed, err.ename, err.evalue, out_path) from None
     for cell in nb.cells:
         if cell.cell_type == "code" and any(o.get("output_type") == "error" and o.get("ename") == ANSWER_MISSING
                                             for o in cell.outputs):
@@ -318,11 +322,12 @@ def run_notebooks(names=None, out_dir=BUILD_DIR, parameters=None, html=True, ker
     paths = notebook_paths(names)
     out_dir = Path(out_dir)
     _check_out_dir(out_dir)
+    instructor_path = instructor_output(out_dir)
     jobs = []
     for path in paths:
         jobs.append((path, out_dir / path.name))
         if path.name == EXERCISE_SOURCE.name and EXERCISE_SOURCE.is_file():
-            jobs.append((EXERCISE_SOURCE, instructor_output(out_dir)))
+            jobs.append((EXERCISE_SOURCE, instructor_path))
     # before anything runs: never write over a source or someone's own file
     for source, out_path in jobs:
         if out_path.parent != out_dir and out_path.parent.exists() and not out_path.parent.is_dir():
@@ -336,7 +341,7 @@ def run_notebooks(names=None, out_dir=BUILD_DIR, parameters=None, html=True, ker
               flush=True)
     timings = []
     for i, (path, out_path) in enumerate(jobs, 1):
-        instructors = out_path == instructor_output(out_dir)
+        instructors = out_path == instructor_path
         label = f"{path.name} (the instructors' version, with the solutions)" if instructors else path.name
         print(f"[{i}/{len(jobs)}] {label}", flush=True)
         start = time.perf_counter()
@@ -352,8 +357,8 @@ def run_notebooks(names=None, out_dir=BUILD_DIR, parameters=None, html=True, ker
             to_html(out_path)
         print(f"    done in {seconds:.0f} s -> {out_path}", flush=True)
     print(f"All {len(timings)} notebooks ran in {sum(s for _, s in timings):.0f} s. Output in {out_dir}/")
-    if any(out_path == instructor_output(out_dir) for _, out_path in jobs):
-        print(f"The handouts are the files in {out_dir}/; {instructor_output(out_dir).parent}/ holds the "
+    if any(out_path == instructor_path for _, out_path in jobs):
+        print(f"The handouts are the files in {out_dir}/; {instructor_path.parent}/ holds the "
               "instructors' version of the exercises, with the solutions: do not hand it out.")
     return timings
 

@@ -214,7 +214,11 @@ def _torch_activations(model, images, layer_names, batch_size):
     layer_names = _as_name_list(layer_names)
     if not layer_names or len(set(layer_names)) != len(layer_names):
         raise ValueError(f"layer_names must name each layer once (or be None), got {layer_names}.")
+    if len(x) == 0:
+        raise ValueError("images is empty: pass at least one image (N >= 1).")
+    from . import attribution   # batches also bounded by ATTRIBUTION_MEMORY_BUDGET (VGG16's maps are large)
+    step = int(max(1, min(batch_size, attribution.ATTRIBUTION_MEMORY_BUDGET // max(1, engine.bytes_per_image(x)))))
     resolved = [engine.resolve_layer(name, x) for name in layer_names]
-    return {name: np.concatenate([engine.features(x[i:i + batch_size], layer)[0]
-                                  for i in range(0, len(x), batch_size)]).astype(np.float32)
+    return {name: np.concatenate([engine.features(x[i:i + step], layer)[0]
+                                  for i in range(0, len(x), step)]).astype(np.float32)
             for name, layer in zip(layer_names, resolved)}

@@ -215,6 +215,22 @@ def sanity_verdict(rho, threshold=None):
     return "passes" if abs(value) < float(threshold) else "fails"
 
 
+#: Within this distance of the threshold a verdict is **borderline**: ``|mean rho|`` in (0.4, 0.6)
+#: is neither a clear pass nor a clear fail; another seed or set of images may land on either side.
+SANITY_MARGIN = 0.1
+
+
+def sanity_borderline(rho, threshold=None, margin=None):
+    """True if ``| |mean rho| - threshold | < margin`` (0.5 and 0.1, ``SANITY_THRESHOLD`` and
+    ``SANITY_MARGIN``): the course then says "borderline" instead of ``sanity_verdict``'s word."""
+    threshold = SANITY_THRESHOLD if threshold is None else threshold
+    margin = SANITY_MARGIN if margin is None else margin
+    sanity_verdict(rho, threshold)                       # the same checks of rho and threshold
+    if not 0 <= float(margin) < 1:
+        raise ValueError(f"margin must be in [0, 1); got {margin!r}.")
+    return bool(abs(abs(float(np.mean(np.asarray(rho, dtype=np.float64)))) - float(threshold)) < float(margin))
+
+
 def median_seconds(fn, repeats=5, warmup=1):
     """Median wall-clock seconds of ``fn()`` over ``repeats`` calls, after ``warmup`` untimed calls
     (the first call compiles). One timed call is not a measurement: the course compares costs only

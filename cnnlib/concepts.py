@@ -75,15 +75,7 @@ def layer_activations(model, images, layer, *, batch_size=256):
     layer: ``(N, d)``), float32. Keras: ``cnn_utils.get_activations``; PyTorch: a forward hook
     on the module named ``layer`` (``model.named_modules()``), in eval mode, memory-bounded."""
     _check_layer(layer)
-    if not _is_torch_module(model):
-        return get_activations(model, images, [layer], batch_size=batch_size)[layer]
-    engine = _engine(model, "logits")
-    x = engine.images(images)
-    if len(x) == 0:
-        raise ValueError("images is empty: pass at least one image (N >= 1).")
-    name = engine.resolve_layer(layer, x)
-    parts = [engine.features(x[part], name)[0] for part in _chunks(len(x), engine.bytes_per_image(x))]
-    return np.concatenate(parts).astype(np.float32)
+    return get_activations(model, images, [layer], batch_size=batch_size)[layer]
 
 
 def layer_gradients(model, images, class_index=None, *, layer, score="logits"):

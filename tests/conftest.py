@@ -34,6 +34,12 @@ def pytest_configure(config):
 
 
 @pytest.fixture(scope="session")
+def notebook_04_mnist(tmp_path_factory):
+    """Notebook 04 executed once per test run (FAST, MNIST): its own test and notebook 13's share it."""
+    return run_notebook("04_saliency_and_cam.ipynb", tmp_path_factory.mktemp("nb04"))
+
+
+@pytest.fixture(scope="session")
 def mnist():
     import cnn_utils
 

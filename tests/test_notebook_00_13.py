@@ -46,7 +46,7 @@ def test_notebook_00_shortcut_is_learned_and_caught(tmp_path, dataset):
 
 
 @pytest.mark.notebook
-def test_notebook_11_measures_the_table(tmp_path):
+def test_notebook_11_measures_the_table(tmp_path, notebook_04_mnist):
     nb = run_notebook(NB11, tmp_path)
     v = notebook_values(nb)
     methods = {"saliency", "SmoothGrad", "Integrated Gradients", "Grad-CAM", "Grad-CAM++", "Score-CAM", "occlusion"}
@@ -66,6 +66,14 @@ def test_notebook_11_measures_the_table(tmp_path):
     assert v["cheapest"] == cnn_utils.cost_words({m: t / 1000 for m, t in ms.items()})["cheapest"]
     # the course's borderline rule (as in notebook 04): within 0.1 of the threshold
     assert v["sanity_borderline"] == {m: abs(abs(r) - 0.5) < 0.1 for m, r in v["sanity"].items()}
+    # one measurement behind each verdict: for the four methods notebook 04 tests, its last cascade row (every
+    # layer random, MNIST, same SEED) and this table are the same computation, so the same numbers and verdicts
+    v04 = notebook_values(notebook_04_mnist)
+    assert set(v04["sanity_verdict_rho"]) < set(v["sanity"])
+    for name, rho in v04["sanity_verdict_rho"].items():
+        assert abs(rho - v["sanity"][name]) < 1e-6, (name, rho, v["sanity"][name])
+        assert v04["sanity_verdicts"][name] == v["sanity_verdict"][name]
+        assert v04["sanity_borderline"][name] == v["sanity_borderline"][name]
     # t-SNE: the trained features keep classes together far better than random features
     assert v["tsne_agreement"]["trained"] > v["tsne_agreement"]["randomised"] + 0.1
     # LIME ran through the lime package; exact Shapley values are efficient

@@ -48,6 +48,7 @@ def _check(nb, min_accuracy):
     assert values["sanity_verdict_rho"] == read
     for name, rho in read.items():
         assert values["sanity_verdicts"][name] == ("passes" if abs(rho) < 0.5 else "fails"), (name, rho)
+        assert values["sanity_borderline"][name] == (abs(abs(rho) - 0.5) < 0.1), (name, rho)
     seconds, cost = values["method_seconds"], values["method_cost_words"]
     assert len(seconds) == 6 and min(seconds, key=seconds.get) in cost["cheapest"]
     assert all(seconds[m] <= 1.25 * min(seconds.values()) for m in cost["cheapest"])
@@ -86,9 +87,8 @@ def test_notebook_is_stored_without_outputs():
 
 
 @pytest.mark.notebook
-def test_notebook_04_mnist(tmp_path):
-    nb = run_notebook(NAME, tmp_path)
-    _check(nb, min_accuracy=97)
+def test_notebook_04_mnist(notebook_04_mnist):
+    _check(notebook_04_mnist, min_accuracy=97)
 
 
 @pytest.mark.notebook

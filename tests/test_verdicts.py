@@ -20,6 +20,17 @@ def test_sanity_verdict_refuses_bad_input(rho, threshold):
         cu.sanity_verdict(rho, threshold)
 
 
+def test_sanity_borderline_is_within_the_margin_of_the_threshold():
+    assert cu.SANITY_MARGIN == 0.1
+    assert [cu.sanity_borderline(r) for r in (0.39, 0.41, 0.5, 0.59, 0.61)] == [False, True, True, True, False]
+    assert cu.sanity_borderline(-0.45) and not cu.sanity_borderline(-0.35)          # magnitude, as the verdict
+    assert cu.sanity_borderline(np.array([0.9, 0.1])) and not cu.sanity_borderline(np.array([0.9, 0.9]))
+    assert cu.sanity_borderline(0.25, threshold=0.3, margin=0.06) and not cu.sanity_borderline(0.25, 0.3, 0.04)
+    for bad in ((np.nan,), (0.5, None, -0.1), (0.5, None, 1.0), (0.5, 2.0)):
+        with pytest.raises((TypeError, ValueError)):
+            cu.sanity_borderline(*bad)
+
+
 def test_median_seconds_counts_calls_and_returns_median():
     calls = []
     median, times = cu.median_seconds(lambda: calls.append(1), repeats=3, warmup=2)
