@@ -296,23 +296,21 @@ def plot_dataset_examples(synthetic, examples, values, labels, synthetic_values=
                          f"{values.shape} and labels ({len(labels)}) must describe the same rows.")
     shown = deprocess_image(synthetic, crop=crop)
     fig, axes = plt.subplots(n, k + 1, squeeze=False, layout="constrained",
-                             figsize=(size * (k + 1) + 1.6, size * n + 0.8))
-    im_syn = im_real = None
+                             figsize=(size * (k + 1) + 1.2, size * n + 0.9))
+    im_real = None
     for r in range(n):
-        ax = axes[r, 0]
-        im_syn = ax.imshow(shown[r, ..., 0], cmap="gray", vmin=0, vmax=255)
+        ax = axes[r, 0]     # deprocessed: each synthetic image rescaled on its own (no shared scale to show)
+        ax.imshow(shown[r, ..., 0], cmap="gray", vmin=0, vmax=255)
         extra = "" if synthetic_values is None else f"\nresponse {synthetic_values[r]:.2f}"
-        ax.set_title(f"synthetic{extra}", fontsize=7, color="tab:blue")
-        ax.set_ylabel(str(labels[r]), fontsize=8)
+        ax.set_title(f"synthetic{extra}", fontsize=9, color="tab:blue")
+        ax.set_ylabel(str(labels[r]), fontsize=10)
         for c in range(k):
             im_real = axes[r, c + 1].imshow(examples[r, c, ..., 0], cmap="gray", vmin=0, vmax=1)
-            axes[r, c + 1].set_title(f"{values[r, c]:.2f}", fontsize=7)
+            axes[r, c + 1].set_title(f"{values[r, c]:.2f}", fontsize=9)
         for ax in axes[r]:
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.colorbar(im_syn, ax=axes[:, 0], shrink=0.6, location="left", pad=0.08,
-                 label="synthetic, deprocessed")
-    fig.colorbar(im_real, ax=axes[:, 1:], shrink=0.6, label="pixel value (test images)")
+    fig.colorbar(im_real, ax=axes[:, 1:], shrink=0.5, label="pixel value (test images)")
     fig.suptitle(title or f"Synthetic image and the {k} test images with the largest response")
     return fig
 

@@ -76,7 +76,7 @@ def test_plot_dataset_examples_and_raw_plot_draw():
     examples = rng.uniform(size=(2, 3, 8, 8, 1))
     fig = cnn_utils.plot_dataset_examples(synthetic, examples, np.ones((2, 3)), ["a", "b"],
                                           synthetic_values=[1.0, 2.0], title="t")
-    assert len(fig.axes) == 2 * 4 + 2 and fig.axes[0].get_title().startswith("synthetic")
+    assert len(fig.axes) == 2 * 4 + 1 and fig.axes[0].get_title().startswith("synthetic")   # one colour bar
     plt.close(fig)
     with pytest.raises(ValueError, match="same rows"):
         cnn_utils.plot_dataset_examples(synthetic, examples, np.ones((2, 2)), ["a", "b"])
