@@ -254,16 +254,18 @@ def median_seconds(fn, repeats=5, warmup=1):
 
 def cost_words(seconds, tolerance=1.25):
     """Rank methods by cost, saying "about the same" for those within ``tolerance`` (ratio) of the
-    cheapest: ``{"cheapest": [names], "dearest": name, "ratio": dearest / cheapest}``.
-    ``seconds``: ``{method: median seconds}`` from ``median_seconds``."""
+    cheapest, and of the dearest: ``{"cheapest": [names], "dearest": [names], "ratio": dearest /
+    cheapest}`` (each list in order, the extreme first). ``seconds``: ``{method: median seconds}``
+    from ``median_seconds``."""
     if not isinstance(seconds, dict) or len(seconds) < 2:
         raise ValueError("seconds must be a dict of at least two methods' median times.")
     low = min(seconds.values())
     if not low > 0:
         raise ValueError(f"times must be positive, got {seconds}.")
     cheapest = sorted((n for n, s in seconds.items() if s <= low * tolerance), key=seconds.get)
-    dearest = max(seconds, key=seconds.get)
-    return {"cheapest": cheapest, "dearest": dearest, "ratio": seconds[dearest] / low}
+    high = max(seconds.values())
+    dearest = sorted((n for n, s in seconds.items() if s * tolerance >= high), key=seconds.get, reverse=True)
+    return {"cheapest": cheapest, "dearest": dearest, "ratio": high / low}
 
 
 def rank_correlation(maps_a, maps_b):

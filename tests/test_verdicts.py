@@ -43,7 +43,9 @@ def test_median_seconds_counts_calls_and_returns_median():
 
 def test_cost_words_ties_within_tolerance():
     words = cu.cost_words({"a": 1.0, "b": 1.2, "c": 3.0})
-    assert words == {"cheapest": ["a", "b"], "dearest": "c", "ratio": 3.0}
+    assert words == {"cheapest": ["a", "b"], "dearest": ["c"], "ratio": 3.0}
+    # ties at the dear end too: within 1.25x of the dearest is "about as dear"
+    assert cu.cost_words({"a": 1.0, "b": 4.0, "c": 3.5, "d": 3.0})["dearest"] == ["b", "c"]
     assert cu.cost_words({"a": 1.0, "b": 1.3})["cheapest"] == ["a"]
     with pytest.raises(ValueError):
         cu.cost_words({"a": 1.0})
