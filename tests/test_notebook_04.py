@@ -41,7 +41,7 @@ def _check(nb, min_accuracy):
     fully = values["sanity_table"]["down to conv1"]
     assert fully["Grad-CAM"] < 0.5 and fully["saliency"] < reference - 0.15, (fully, reference)
     # one rule for every verdict the text and the summary table state: cnn_utils.sanity_verdict (|mean rho| < 0.5
-    # with every layer random) and cnn_utils.cost_words over median_seconds (ties within 1.25x)
+    # with every layer random)
     assert set(values["sanity_verdicts"]) == set(fully)
     # |IG|'s verdict is read over the pixels that are not black (its tied zeros fix the whole-map rho near 1)
     read = dict(fully, **{"Integrated Gradients": values["ig_inked_rho"][-1]})
@@ -49,11 +49,19 @@ def _check(nb, min_accuracy):
     for name, rho in read.items():
         assert values["sanity_verdicts"][name] == ("passes" if abs(rho) < 0.5 else "fails"), (name, rho)
         assert values["sanity_borderline"][name] == (abs(abs(rho) - 0.5) < 0.1), (name, rho)
-    seconds, cost = values["method_seconds"], values["method_cost_words"]
-    assert len(seconds) == 6 and min(seconds, key=seconds.get) in cost["cheapest"]
-    assert all(seconds[m] <= 1.25 * min(seconds.values()) for m in cost["cheapest"])
+    # cost: 04 only shows the times for one image (the explorer's case); the course's cost verdict is notebook 13's
+    # (per image in a batch), so 04 states no ranking, in its text or its summary table
+    seconds = values["method_seconds"]
+    assert len(seconds) == 6 and all(s > 0 for s in seconds.values())
+    assert "method_cost_words" not in values
+    said = text + "".join(o.get("data", {}).get("text/markdown", "") for c in nb.cells for o in c.get("outputs", []))
+    assert not re.search(r"cheapest|dearest|cost about the same|fastest|slowest", said, re.IGNORECASE)
+    assert "notebook 13 compares their cost" in said.lower()
     # |IG|'s correlation over the inked pixels alone is lower than with the tied zeros
     assert values["ig_inked_rho"][-1] < fully["Integrated Gradients"]
+    assert set(values["ig_brightness_rho"]) == {"trained", "random"}
+    # the sanity figure plots the correlation the verdict reads for |IG| (the pixels that are not black)
+    assert "|IG|, pixels not black" in "".join(c.source for c in nb.cells)
     # two seeds: the same answers almost everywhere, shared mistakes a subset of each model's, and the maps of the
     # same image closer across seeds than one model's maps of two different images
     assert values["seed_agreement"] > 0.9
