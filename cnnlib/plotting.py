@@ -796,7 +796,7 @@ def plot_embedding(embeddings, labels, class_names=None, images=None, n_thumbnai
         ax.set_ylabel("dimension 2")
     handles = [Line2D([], [], marker="o", linestyle="", color=cmap(c % 10), label=names[c])
                for c in range(num_classes)]
-    fig.legend(handles=handles, loc="center right", title="class", fontsize=8, markerscale=1.2)
+    fig.legend(handles=handles, loc="center right", title="class", fontsize=10, title_fontsize=10, markerscale=1.2)
     if title:
         fig.suptitle(title)
     fig.tight_layout(rect=(0, 0, 0.9 if n > 1 else 0.82, 1))

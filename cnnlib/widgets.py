@@ -408,7 +408,8 @@ def explorer_snapshot(app, views=None):
     An exported notebook (HTML) holds the widgets' state, but drawing live widgets needs
     the widget library from the internet; this copy needs nothing. ``views``: a list of
     dicts of control values (e.g. ``{"index": 3, "method": "Saliency"}``) shown in turn,
-    one row each (default: the current view). The controls are restored afterwards.
+    one row each (default: the current view); a mosaic of feature maps (*Layer activations*)
+    is shown twice as wide as in the explorer, to be readable. The controls are restored afterwards.
     Returns an ``IPython.display.HTML``.
     """
     import base64
@@ -423,9 +424,14 @@ def explorer_snapshot(app, views=None):
                         "{'method': 'Saliency'}].")
     saved = {k: app.controls[k].value for k in order if k in app.controls}
 
-    def img(key):
+    def img(key, width=None):
         data = base64.b64encode(app.images[key].value).decode("ascii")
-        return f"<img src='data:image/png;base64,{data}' style='width:{app.images[key].layout.width}'>"
+        return (f"<img src='data:image/png;base64,{data}' style='width:{width or app.images[key].layout.width};"
+                "image-rendering:pixelated'>")
+
+    def wide(width):
+        """Twice the explorer's width: a mosaic of feature maps is readable on paper only that large."""
+        return f"{2 * float(str(width).removesuffix('px')):g}px" if str(width).endswith("px") else width
 
     rows = []
     try:
@@ -445,12 +451,14 @@ def explorer_snapshot(app, views=None):
                     raise ValueError(f"views: {k}={view[k]!r} is outside {low}..{high}.")
                 control.value = view[k]
             t = app.texts
+            mosaic = app.controls["method"].value == ACTIVATIONS_METHOD
+            heat_width = (wide if mosaic else str)(app.images["heatmap"].layout.width)
             rows.append(
                 f"<div style='margin:6px 0'>{t['caption'].value} — {app.status.value}</div>"
                 "<div style='display:flex;gap:12px;align-items:flex-start'>"
                 f"<div><b>input image</b><br>{img('image')}</div>"
-                f"<div>{t['heatmap_title'].value}<br>{img('heatmap')}"
-                f"{_colorbar_css('viridis' if app.controls['method'].value == ACTIVATIONS_METHOD else 'jet', app.images['heatmap'].layout.width)}</div>"
+                f"<div>{t['heatmap_title'].value}<br>{img('heatmap', heat_width)}"
+                f"{_colorbar_css('viridis' if mosaic else 'jet', heat_width)}</div>"
                 f"<div><b>overlay</b><br>{img('overlay')}</div><div>{t['probabilities'].value}</div></div>")
     finally:
         for k, v in saved.items():

@@ -219,5 +219,9 @@ def test_snapshot_is_static_html_of_the_views(app_and_data):
     assert "Saliency for class" in html and "Grad-CAM for class" in html
     assert "test image #1" in html and "test image #2" in html
     assert {k: c.value for k, c in app.controls.items()} == before  # restored
+    width = float(app.images["heatmap"].layout.width.removesuffix("px"))
+    mosaic = cnn_utils.explorer_snapshot(app, [{"index": 1, "method": cnn_utils.ACTIVATIONS_METHOD}]).data
+    assert f"width:{2 * width:g}px" in mosaic and "feature maps of" in mosaic   # feature maps twice as wide
+    assert {k: c.value for k, c in app.controls.items()} == before
     with pytest.raises(ValueError, match="unknown control"):
         cnn_utils.explorer_snapshot(app, [{"colour": 1}])
