@@ -98,8 +98,11 @@ def test_occlusion_sanity_check_feature_visualization_and_explorer(executed):
     final = values["sanity"]["classifier + conv5"]
     assert values["sanity_changes"] == {n: cnn_utils.sanity_verdict(r) == "passes" for n, r in final.items()}
     real = values["weights"] != "RANDOM"
-    assert values["sanity_partial"] == {n: ("changes" if abs(r) < 0.5 else "keeps its ranking" if r > 0 else
-                                            "inverts its ranking") if real else "no verdict" for n, r in final.items()}
+    gone = values["sanity_empty"]     # a constant map has no ranking: its rho of 0.0 is not read
+    word = {n: "empty (no ranking)" if gone[n] else "borderline" if cnn_utils.sanity_borderline(r) else
+            "changes" if abs(r) < 0.5 else "keeps its ranking" if r > 0 else "inverts its ranking" for n, r in final.items()}
+    assert values["sanity_partial"] == {n: w if real or gone[n] else "no verdict" for n, w in word.items()}
+    assert values["sanity_borderline"] == {n: cnn_utils.sanity_borderline(r) and not gone[n] for n, r in final.items()}
     text = notebook_text(nb)
     assert "pass the sanity check" not in text and "passes the sanity check" not in text
     assert set(values["fv_rise"]) == {"conv3_3", "conv4_3"}
