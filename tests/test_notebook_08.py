@@ -105,6 +105,10 @@ def test_occlusion_sanity_check_feature_visualization_and_explorer(executed):
     assert values["sanity_borderline"] == {n: cnn_utils.sanity_borderline(r) and not gone[n] for n, r in final.items()}
     text = notebook_text(nb)
     assert "pass the sanity check" not in text and "passes the sanity check" not in text
+    # the reason for "no verdict" on random weights, and a constant map never reported as a measured rho
+    assert "the 'original' network is itself untrained" in text
+    if any(gone.values()):
+        assert "empty (no ranking)" in text
     assert set(values["fv_rise"]) == {"conv3_3", "conv4_3"}
     assert all(np.isfinite(v) for v in values["fv_rise"].values())
     assert len(values["class_rise"]) == 2
@@ -158,6 +162,7 @@ def test_the_imagenet_weights_branches_run(executed_with_cached_weights):
     assert "With the ImageNet weights the top classes are" in markdown
     assert "of the 9 classes ranked 2nd to 10th are animals" in markdown
     assert "random weights" not in markdown.lower() and "RANDOM WEIGHTS" not in text
+    assert "itself untrained" not in markdown and "partial test" in markdown
     assert values["animals_ranked_2_to_10"] in range(10)
     snapshot = [o["data"]["text/html"] for c in nb.cells for o in c.get("outputs", [])
                 if "cnn-explorer-snapshot" in o.get("data", {}).get("text/html", "")]
