@@ -106,9 +106,11 @@ def test_occlusion_sanity_check_feature_visualization_and_explorer(executed):
     text = notebook_text(nb)
     assert "pass the sanity check" not in text and "passes the sanity check" not in text
     # the reason for "no verdict" on random weights, and a constant map never reported as a measured rho
-    assert "the 'original' network is itself untrained" in text
+    markdown = "\n".join(o["data"]["text/markdown"] for c in nb.cells for o in c.get("outputs", [])
+                         if "text/markdown" in o.get("data", {}))
+    assert "the 'original' network is itself untrained" in markdown and "pass the sanity check" not in markdown
     if any(gone.values()):
-        assert "empty (no ranking)" in text
+        assert "empty (no ranking)" in text and "empty (no ranking)" in markdown   # the table and the sentences
     assert set(values["fv_rise"]) == {"conv3_3", "conv4_3"}
     assert all(np.isfinite(v) for v in values["fv_rise"].values())
     assert len(values["class_rise"]) == 2
