@@ -43,12 +43,12 @@ def plot_top_predictions(images, predictions, titles=None, title="Top-5 predicti
         names = [name for name, _ in preds][::-1]
         probs = [100 * p for _, p in preds][::-1]
         axes[i, 1].barh(range(len(names)), probs, color="tab:blue")
-        axes[i, 1].set_yticks(range(len(names)), names, fontsize=8)
+        axes[i, 1].set_yticks(range(len(names)), names, fontsize=9)
         axes[i, 1].set_xlim(0, xmax)
         axes[i, 1].set_xlabel("probability (%)" if xmax == 100 else "probability (%; axis scaled to the largest)")
         for y, (_, p) in enumerate(preds[::-1]):
             axes[i, 1].text(min(100 * p + 0.01 * xmax, 0.88 * xmax), y, format_probability(p, decimals),
-                            va="center", fontsize=7)
+                            va="center", fontsize=9)
     fig.suptitle(title)
     fig.tight_layout()
     return fig
@@ -127,44 +127,51 @@ def plot_feature_maps_by_depth(maps_by_layer, n=6, cmap="viridis", size=1.4):
             ax.set_yticks([])
             if col < len(channels):
                 im = ax.imshow(maps[channels[col]], cmap=colormap(cmap), vmin=0, vmax=vmax)
-                ax.set_title(f"ch {channels[col]}", fontsize=7)
-        axes[row, 0].set_ylabel(f"{name}\n{maps.shape[1]}x{maps.shape[2]}x{maps.shape[0]}", fontsize=8)
+                ax.set_title(f"ch {channels[col]}", fontsize=9)
+        axes[row, 0].set_ylabel(f"{name}\n{maps.shape[1]}x{maps.shape[2]}x{maps.shape[0]}", fontsize=9)
         zero = 100 * float(np.mean(maps <= 0))
-        axes[row, -1].text(1.05, 0.5, f"{zero:.0f}% zero", transform=axes[row, -1].transAxes,
-                           fontsize=7, va="center")
+        axes[row, -1].text(1.05, 0.5, f"{zero:.0f} %\nzero", transform=axes[row, -1].transAxes,
+                           fontsize=9, va="center")
         fig.colorbar(im, ax=axes[row].tolist(), shrink=0.9, pad=0.08)
     fig.suptitle("Feature maps by depth (strongest channels; rows: H x W x C)")
     return fig
 
 
-def plot_inversion(result, original=None, title=None):
-    """A feature inversion's progress: snapshots at regular steps and the loss curves."""
+def plot_inversion(result, original=None, title=None, n_snapshots=4):
+    """A feature inversion's progress: ``n_snapshots`` of its snapshots (the first, the last and
+    evenly spaced ones between) and the loss curves."""
     import matplotlib.pyplot as plt
 
     needed = {"snapshots", "snapshot_steps", "loss", "feature_loss", "layer_name", "layer_index"}
     if not isinstance(result, dict) or not needed <= set(result):
         raise ValueError("result must be what feature_inversion returns (a dict with "
                          f"{', '.join(sorted(needed))}).")
-    snaps = result["snapshots"]
+    if not isinstance(n_snapshots, int) or n_snapshots < 1:
+        raise ValueError(f"n_snapshots must be a positive integer, got {n_snapshots!r}.")
+    keep = sorted(set(np.linspace(0, len(result["snapshots"]) - 1, min(n_snapshots, len(result["snapshots"])))
+                      .round().astype(int).tolist()))
+    snaps = [result["snapshots"][k] for k in keep]
+    snap_steps = [result["snapshot_steps"][k] for k in keep]
     extra = 1 if original is not None else 0
     ncols = len(snaps) + extra + 1
-    fig, axes = plt.subplots(1, ncols, figsize=(1.6 * ncols + 1.5, 2.4),
-                             gridspec_kw={"width_ratios": [1] * (ncols - 1) + [1.8]})
+    fig, axes = plt.subplots(1, ncols, figsize=(2.2 * ncols + 1.8, 3.4),
+                             gridspec_kw={"width_ratios": [1] * (ncols - 1) + [1.6]})
     if original is not None:
         axes[0].imshow(original)
-        axes[0].set_title("original", fontsize=8)
-    for ax, img, step in zip(axes[extra:], snaps, result["snapshot_steps"]):
+        axes[0].set_title("original", fontsize=10)
+    for ax, img, step in zip(axes[extra:], snaps, snap_steps):
         ax.imshow(img)
-        ax.set_title(f"step {step}", fontsize=8)
+        ax.set_title(f"step {step}", fontsize=10)
     for ax in axes[:-1]:
         ax.axis("off")
     ax = axes[-1]
     steps = np.arange(1, len(result["loss"]) + 1)
     ax.semilogy(steps, result["loss"], label="total")
     ax.semilogy(steps, result["feature_loss"], label="feature (relative)")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("loss (log scale)")
-    ax.legend(fontsize=7)
+    ax.set_xlabel("iteration", fontsize=9)
+    ax.set_ylabel("loss (log scale)", fontsize=9)
+    ax.tick_params(labelsize=9)
+    ax.legend(fontsize=9)
     fig.suptitle(title or f"Inverting {result['layer_name']} (features[{result['layer_index']}])")
     fig.tight_layout()
     return fig
@@ -261,17 +268,17 @@ def plot_units_with_crops(images, crops, titles, title="Feature visualization", 
                              squeeze=False)
     for i, (img, row) in enumerate(zip(images, crops)):
         axes[i, 0].imshow(np.clip(img, 0, 1))
-        axes[i, 0].set_ylabel(str(titles[i]), fontsize=8)
+        axes[i, 0].set_ylabel(str(titles[i]), fontsize=9)
         for j in range(1, ncols):
             if j - 1 < len(row):
                 axes[i, j].imshow(np.clip(row[j - 1]["crop"], 0, 1))
-                axes[i, j].set_title(f"{row[j - 1]['photo']}: {row[j - 1]['value']:.3g}", fontsize=7)
+                axes[i, j].set_title(f"{row[j - 1]['photo']}: {row[j - 1]['value']:.3g}", fontsize=9)
             else:
                 axes[i, j].axis("off")
         for ax in axes[i]:
             ax.set_xticks([])
             ax.set_yticks([])
-    axes[0, 0].set_title("synthesised", fontsize=8)
+    axes[0, 0].set_title("synthesised", fontsize=9)
     fig.suptitle(title)
     fig.tight_layout()
     return fig

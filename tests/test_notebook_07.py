@@ -42,6 +42,10 @@ def test_notebook_07_runs_fast_with_random_weights(tmp_path, monkeypatch):
     # both inversions of section 5 lower the feature loss, and the deep one keeps less of the photo
     assert v["feature_loss_drop"]["relu2_2"] > 2 and v["feature_loss_drop"]["relu5_3"] > 2
     assert v["ssim_late"] < v["ssim_early"]
+    # section 8's interpretation leads with the weights it describes
+    depth_text = [o["data"]["text/markdown"] for c in nb.cells if c.get("id") == "1f4712d2"
+                  for o in c.get("outputs", []) if "text/markdown" in o.get("data", {})]
+    assert len(depth_text) == 1 and depth_text[0].startswith("**Interpretation.** With these RANDOM weights, ")
     # predictions, filters, 2 feature-map figures + depth, 2 inversions, 5 depths, SSIM/PSNR, saliency
     assert count_images(nb) == 10
     # PyTorch only: the notebook and cnn_utils' PyTorch code never import TensorFlow

@@ -98,10 +98,19 @@ def test_occlusion_sanity_check_feature_visualization_and_explorer(executed):
     final = values["sanity"]["classifier + conv5"]
     assert values["sanity_changes"] == {n: cnn_utils.sanity_verdict(r) == "passes" for n, r in final.items()}
     real = values["weights"] != "RANDOM"
-    assert values["sanity_partial"] == {n: ("changes" if abs(r) < 0.5 else "keeps its ranking" if r > 0 else
-                                            "inverts its ranking") if real else "no verdict" for n, r in final.items()}
+    gone = values["sanity_empty"]     # a constant map has no ranking: its rho of 0.0 is not read
+    word = {n: "empty (no ranking)" if gone[n] else "borderline" if cnn_utils.sanity_borderline(r) else
+            "changes" if abs(r) < 0.5 else "keeps its ranking" if r > 0 else "inverts its ranking" for n, r in final.items()}
+    assert values["sanity_partial"] == {n: w if real or gone[n] else "no verdict" for n, w in word.items()}
+    assert values["sanity_borderline"] == {n: cnn_utils.sanity_borderline(r) and not gone[n] for n, r in final.items()}
     text = notebook_text(nb)
     assert "pass the sanity check" not in text and "passes the sanity check" not in text
+    # the reason for "no verdict" on random weights, and a constant map never reported as a measured rho
+    markdown = "\n".join(o["data"]["text/markdown"] for c in nb.cells for o in c.get("outputs", [])
+                         if "text/markdown" in o.get("data", {}))
+    assert "the 'original' network is itself untrained" in markdown and "pass the sanity check" not in markdown
+    if any(gone.values()):
+        assert "empty (no ranking)" in text and "empty (no ranking)" in markdown   # the table and the sentences
     assert set(values["fv_rise"]) == {"conv3_3", "conv4_3"}
     assert all(np.isfinite(v) for v in values["fv_rise"].values())
     assert len(values["class_rise"]) == 2
@@ -155,6 +164,7 @@ def test_the_imagenet_weights_branches_run(executed_with_cached_weights):
     assert "With the ImageNet weights the top classes are" in markdown
     assert "of the 9 classes ranked 2nd to 10th are animals" in markdown
     assert "random weights" not in markdown.lower() and "RANDOM WEIGHTS" not in text
+    assert "itself untrained" not in markdown and "partial test" in markdown
     assert values["animals_ranked_2_to_10"] in range(10)
     snapshot = [o["data"]["text/html"] for c in nb.cells for o in c.get("outputs", [])
                 if "cnn-explorer-snapshot" in o.get("data", {}).get("text/html", "")]
