@@ -65,6 +65,11 @@ def test_concepts_notebook(tmp_path, dataset):
     np.testing.assert_array_equal(flags, corrected < 0.05)
     assert v["n_significant"] == flags.sum() <= v["n_uncorrected"] == (ps < 0.05).sum()
     assert all(0 <= t["mean"] <= 1 and 0 <= t["random_mean"] <= 1 for t in v["tcav"].values())
+    # the lead counts only tests that can be read: CAVs at 60 % held-out accuracy, scores not all 0 or 1
+    readable = [k for k, a in v["cav_accuracy"].items() if a >= 0.6 and k.split("|")[1] not in v["tcav_binary_layers"]]
+    assert v["tcav_read_tests"] == 10 * len(readable)
+    assert v["tcav_read_significant"] == sum(t["significant"] for k, t in v["tcav"].items()
+                                             if "|".join(k.split("|")[:2]) in readable)
     # concept CAVs separate their concept better than random-vs-random CAVs separate anything
     assert np.mean(list(v["cav_accuracy"].values())) > np.mean(list(v["random_cav_accuracy"].values())) + 0.1
     # NMF: reproducible, and the factors rebuild the activations better than nothing
@@ -79,6 +84,8 @@ def test_concepts_notebook(tmp_path, dataset):
     assert len(v["importance"]) == len(v["selectivity"]) == 64
     assert all(0 <= s <= 1 for s in v["selectivity"])
     assert v["ablation_base"] > 0.8
+    # the "most selective channel" fires on enough images to be called selective
+    assert v["selective_channel_fires"] >= min(20, v["max_fires"])
     if v["rho_selectivity_importance"] is not None:
         assert -1 <= v["rho_selectivity_importance"] <= 1 and 0 <= v["p_selectivity_importance"] <= 1
     # VGG16 labelled by its weights

@@ -86,3 +86,6 @@ def test_verdicts_follow_the_course_rules(executed):
         assert best[0] == v["deletion_winner"][rep] and areas[best[0]] == min(areas.values())
         assert all(areas[n] - areas[best[0]] > 0.02 for n in METHODS if n not in best)
     assert isinstance(v["hires_rank_gap"], float)
+    # the lead names the methods that fall short of the random map, and reads Sobel metric by metric
+    assert set(v["short_of_random"]) == set(METHODS) - set(v["beat_random"])
+    assert all(set(v["beat_sobel"]) <= set(ns) for ns in v["beat_sobel_by_metric"].values())
