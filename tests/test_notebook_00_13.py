@@ -49,7 +49,9 @@ def test_notebook_00_shortcut_is_learned_and_caught(tmp_path, dataset):
 def test_notebook_11_measures_the_table(tmp_path, notebook_04_mnist):
     nb = run_notebook(NB11, tmp_path)
     v = notebook_values(nb)
-    methods = {"saliency", "SmoothGrad", "Integrated Gradients", "Grad-CAM", "Grad-CAM++", "Score-CAM", "occlusion"}
+    # nine methods, Guided Backpropagation and Guided Grad-CAM included: the course's only every-layer verdict on them
+    methods = {"saliency", "SmoothGrad", "Integrated Gradients", "Guided Backprop", "Grad-CAM", "Grad-CAM++",
+               "Guided Grad-CAM", "Score-CAM", "occlusion"}
     assert set(v["cost_ms"]) == methods and set(v["sanity"]) == methods
     assert all(ms > 0 for ms in v["cost_ms"].values())
     assert all(-1 <= r <= 1 for r in v["sanity"].values())
