@@ -27,7 +27,9 @@ def test_notebook_01_loads_shipped_model(dataset, tmp_path):
     assert all(true != pred for true, pred, _ in v["top_confusions"])
     assert counts[0] <= v["most_class_errors"] <= v["test_errors"]
     assert 0 < v["worst_class_errors"] <= v["most_class_errors"] and 0 < v["worst_class_error_rate"] < 1
-    assert counts[-1] / v["test_errors"] <= v["top5_confusion_share"] <= 1
+    assert 1 <= v["pairs_for_half_of_mistakes"] <= 90
+    if dataset == "fashion_mnist":     # a few look-alike pairs (shirts, tops, pullovers, coats) hold half the mistakes
+        assert v["pairs_for_half_of_mistakes"] <= 10
     a, b, ab, ba = v["asymmetric_pair"]
     assert a != b and ab > ba
     if dataset == "fashion_mnist":
