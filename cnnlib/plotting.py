@@ -132,7 +132,7 @@ def plot_layer_sparsity(sparsity, spread=None, title=None, dead=None):
                   label=None if dead is None else "off for some images (live channels)")
     if dead is not None:
         dead_values = np.array([min(100 * dead.get(n, 0.0), v) for n, v in zip(names, values)])
-        ax.bar(names, dead_values, color="tab:gray", label="dead: zero on every image")
+        ax.bar(names, dead_values, color="tab:gray", label="dead on the data: zero on every image")
         ax.legend(loc="upper left", fontsize=8)
     if err is not None:      # drawn last, so that no bar covers it
         ax.errorbar(names, values, yerr=err, fmt="none", ecolor="black", capsize=4, zorder=3)
@@ -258,6 +258,7 @@ def plot_feature_visualizations(images, labels=None, dead=None, ncols=8, size=1.
         else:
             raise ValueError(f"dead must be a boolean mask of {n} entries or positions 0..{n - 1}; got {dead!r}.")
     fig, axes = _grid(n, ncols, size)
+    font = 9 if size >= 1.0 else 7            # titles readable on a projector; tiny panels get smaller ones
     gray = matplotlib.colormaps["gray"]
     im = None
     for i, ax in enumerate(axes.flat[:n]):
@@ -266,14 +267,13 @@ def plot_feature_visualizations(images, labels=None, dead=None, ncols=8, size=1.
             ax.imshow(np.full(imgs.shape[1:3], 128, np.uint8), cmap=gray, vmin=0, vmax=255)
             ax.text(0.5, 0.5, "dead", color="red", ha="center", va="center",
                     transform=ax.transAxes, fontsize=9, fontweight="bold")
-            ax.set_title(str(label), fontsize=7, color="red")
+            ax.set_title(str(label), fontsize=font, color="red")
             continue
         img = imgs[i, ..., 0] if imgs.shape[-1] == 1 else imgs[i]
         im = ax.imshow(img, cmap=gray, vmin=0, vmax=255)
-        ax.set_title(str(label), fontsize=7)
+        ax.set_title(str(label), fontsize=font)
     if im is not None:
-        fig.colorbar(im, ax=axes, shrink=0.8,
-                     label="deprocessed (128 = mean, +-1 std = +-38)")
+        fig.colorbar(im, ax=axes, shrink=0.8, label="deprocessed, 128 = mean")
     fig.suptitle(title or "Activation maximization")
     return fig
 
@@ -289,14 +289,14 @@ def plot_objective_history(history, labels=None, title=None, max_lines=12):
     if h.ndim != 2 or len(h) == 0:
         raise ValueError(f"history must be (steps, K), as FeatureVisualization.history; got shape {h.shape}.")
     _check_titles(labels, h.shape[1], "labels")
-    fig, ax = plt.subplots(figsize=(6, 3.5), layout="constrained")
+    fig, ax = plt.subplots(figsize=(7.5, 3.5), layout="constrained")
     steps = np.arange(len(h))
     for k in range(min(h.shape[1], max_lines)):
         ax.plot(steps, h[:, k], lw=1, label=None if labels is None else str(labels[k]))
     if h.shape[1] > max_lines:
         ax.plot(steps, h.mean(axis=1), color="black", lw=2, label=f"mean of all {h.shape[1]}")
     if labels is not None or h.shape[1] > max_lines:
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=9, loc="center left", bbox_to_anchor=(1.01, 0.5))   # beside the plot, not over the lines
     ax.set_xlabel("step")
     ax.set_ylabel("objective")
     ax.set_title(title or "Gradient ascent: objective per step")

@@ -36,6 +36,8 @@ def test_notebook_00_shortcut_is_learned_and_caught(tmp_path, dataset):
     assert v["hijacked"] < 0.95 and 0 < v["kept_own_label"] <= 1 - v["hijacked"] + 1e-9, v
     # the clean (shipped) model is not fooled by the cue on the test set
     assert v["clean_acc_cued"] > 0.85
+    # in training, the cue marks the cue class alone: no other training image has a bright square there
+    assert v["cue_look_alikes"] == 0 and 0 <= v["corner_not_black"] < 0.1, v
     # saliency: GradientTape by hand equals cnn_utils, and the mass sits on the cue
     assert v["tape_gap"] < 1e-4
     assert v["saliency_on_cue"] >= 3 * v["cue_area"] and v["saliency_on_cue_clean"] < v["cue_area"], v

@@ -97,6 +97,9 @@ def _check_03(nb):
     assert v["conv1_patch_is_kernel"] and set(v["ascent_raised"]) <= {"conv2", "conv3"}
     for layer, ex in v["dataset_examples"].items():
         assert len(set(ex["filters"])) == 8 and 0 <= ex["synthetic_beats_best_real"] <= 8
+        # only filters that fire on the data and that the ascent switched on (an "(off)" image is blank grey)
+        assert not set(ex["filters"]) & set(ex["left_out"])
+        assert len(ex["left_out"]) == fv[layer]["silent"] + fv[layer]["off"]
     reg = v["regularizers"]
     assert reg["L2"]["norm"] < reg["none"]["norm"]      # L2 shrinks the image
     assert reg["TV"]["tv"] < reg["none"]["tv"]          # TV smooths it
@@ -106,6 +109,8 @@ def _check_03(nb):
     m = v["conv1_match_other"]
     assert m["median"] > m["untrained_median"] and m["above_09"] > m["untrained_above_09"]
     assert m["same_position_median"] > m["untrained_median"]
+    # the same data from another start (the shipped seed-1 model, as in notebook 04, section 12)
+    assert -1 <= m["seed1_median"] <= 1
     # receptive fields by hand: 3; pool 3 + 1 = 4; 4 + 2 * 2 = 8; 8 + 1 * 2 = 10; 10 + 2 * 4 = 18; conv4 18 + 2 * 4
     rf = v["receptive_fields"]
     assert [rf[n]["size"] for n in ("conv1", "pool1", "conv2", "pool2", "conv3", "conv4")] == [3, 4, 8, 10, 18, 26]
