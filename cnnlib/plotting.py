@@ -154,7 +154,7 @@ def _symmetric_norm(values):
     return matplotlib.colors.TwoSlopeNorm(vcenter=0.0, vmin=-vmax, vmax=vmax)
 
 
-def plot_kernels(kernel, in_channel=0, annotate=True, ncols=8, size=1.25, title=None,
+def plot_kernels(kernel, in_channel=0, annotate=True, ncols=8, size=1.6, title=None,
                  bias=None):
     """Each output filter's kernel slice as a red/blue heatmap centred on 0.
 
@@ -183,11 +183,12 @@ def plot_kernels(kernel, in_channel=0, annotate=True, ncols=8, size=1.25, title=
     for f, ax in enumerate(axes.flat[:n]):
         im = ax.imshow(k[..., f], cmap=cmap, norm=norm)
         label = f"filter {f}" + (f"\nbias {bias[f]:+.2f}" if bias is not None else "")
-        ax.set_title(label, fontsize=7)
-        if annotate:
+        ax.set_title(label, fontsize=9)
+        if annotate:       # 9 pt in a 3x3 kernel of the default size (readable on a projector); smaller cells, smaller text
+            value_size = min(9.0, 17.0 * size / max(k.shape[:2]))
             for (i, j), w in np.ndenumerate(k[..., f]):
                 strong = abs(w) > 0.6 * norm.vmax
-                ax.text(j, i, f"{w:.2f}", ha="center", va="center", fontsize=6,
+                ax.text(j, i, f"{w:.2f}", ha="center", va="center", fontsize=value_size,
                         color="white" if strong else "black")
     fig.colorbar(im, ax=axes, shrink=0.8, label="weight")
     fig.suptitle(title or f"{n} kernels {k.shape[0]}x{k.shape[1]} (input channel {in_channel})")
@@ -226,9 +227,9 @@ def plot_kernel_matrix(kernel, out_channels=None, in_channels=None, size=0.6, ti
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
-                ax.set_title(f"in {i}", fontsize=6)
+                ax.set_title(f"in {i}", fontsize=8)
             if c == 0:
-                ax.set_ylabel(f"out {o}", fontsize=6)
+                ax.set_ylabel(f"out {o}", fontsize=8)
     fig.colorbar(im, ax=axes, shrink=0.8, label="weight")
     fig.suptitle(title or "Kernels: rows = output filters, columns = input channels")
     return fig
