@@ -154,7 +154,7 @@ def _symmetric_norm(values):
     return matplotlib.colors.TwoSlopeNorm(vcenter=0.0, vmin=-vmax, vmax=vmax)
 
 
-def plot_kernels(kernel, in_channel=0, annotate=True, ncols=8, size=1.25, title=None,
+def plot_kernels(kernel, in_channel=0, annotate=True, ncols=8, size=1.6, title=None,
                  bias=None):
     """Each output filter's kernel slice as a red/blue heatmap centred on 0.
 
@@ -183,11 +183,12 @@ def plot_kernels(kernel, in_channel=0, annotate=True, ncols=8, size=1.25, title=
     for f, ax in enumerate(axes.flat[:n]):
         im = ax.imshow(k[..., f], cmap=cmap, norm=norm)
         label = f"filter {f}" + (f"\nbias {bias[f]:+.2f}" if bias is not None else "")
-        ax.set_title(label, fontsize=7)
-        if annotate:
+        ax.set_title(label, fontsize=9)
+        if annotate:       # 9 pt in a 3x3 kernel of the default size (readable on a projector); smaller cells, smaller text
+            value_size = min(9.0, 17.0 * size / max(k.shape[:2]))
             for (i, j), w in np.ndenumerate(k[..., f]):
                 strong = abs(w) > 0.6 * norm.vmax
-                ax.text(j, i, f"{w:.2f}", ha="center", va="center", fontsize=6,
+                ax.text(j, i, f"{w:.2f}", ha="center", va="center", fontsize=value_size,
                         color="white" if strong else "black")
     fig.colorbar(im, ax=axes, shrink=0.8, label="weight")
     fig.suptitle(title or f"{n} kernels {k.shape[0]}x{k.shape[1]} (input channel {in_channel})")
@@ -226,9 +227,9 @@ def plot_kernel_matrix(kernel, out_channels=None, in_channels=None, size=0.6, ti
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
-                ax.set_title(f"in {i}", fontsize=6)
+                ax.set_title(f"in {i}", fontsize=8)
             if c == 0:
-                ax.set_ylabel(f"out {o}", fontsize=6)
+                ax.set_ylabel(f"out {o}", fontsize=8)
     fig.colorbar(im, ax=axes, shrink=0.8, label="weight")
     fig.suptitle(title or "Kernels: rows = output filters, columns = input channels")
     return fig
@@ -484,12 +485,14 @@ def overlay_heatmap(image, heatmap, alpha=0.4, cmap="jet"):
 
 
 def plot_attribution_maps(images, maps, image_titles=None, overlay=True, alpha=0.5, cmap="jet",
-                          title=None, size=1.6, transpose=False):
+                          title=None, size=1.6, transpose=False, label_size=None):
     """Each image beside its maps: ``maps`` is a dict method name -> (N, H, W).
 
     One row per image and one column per method (``transpose=True``: one column
     per image, one row per method). Maps are shown in [0, 1], overlaid on the
-    image when ``overlay``, with one shared colour bar. Returns the Figure.
+    image when ``overlay``, with one shared colour bar. ``label_size`` sets the font
+    size of the image titles and the method labels (default 8, column names 9), with
+    more room for them. Returns the Figure.
     """
     import matplotlib
     import matplotlib.pyplot as plt
@@ -506,6 +509,10 @@ def plot_attribution_maps(images, maps, image_titles=None, overlay=True, alpha=0
         if np.shape(m) != images.shape[:3]:
             raise ValueError(f"maps[{name!r}] has shape {np.shape(m)}; expected {images.shape[:3]}.")
         _check_unit_maps(m, f"maps[{name!r}]")
+    if label_size is not None and (not _is_number(label_size) or not 4 <= label_size <= 24):
+        raise ValueError(f"label_size must be a font size in points from 4 to 24 (or None), got {label_size!r}.")
+    small = 8 if label_size is None else label_size          # image titles, row labels
+    pad = 4.0 if label_size is None else 0.8 * label_size    # the gap between a label and its panel
     names = list(maps)
     shape = (n, len(names) + 1) if not transpose else (len(names) + 1, n)
     fig, axes = plt.subplots(*shape, figsize=(size * shape[1] + 0.9, size * shape[0] + 0.5), squeeze=False)
@@ -527,17 +534,19 @@ def plot_attribution_maps(images, maps, image_titles=None, overlay=True, alpha=0
             ax_at(i, j).set_yticks([])
         if image_titles is not None:
             if transpose:
-                ax_at(i, 0).set_title(str(image_titles[i]), fontsize=8)
+                ax_at(i, 0).set_title(str(image_titles[i]), fontsize=small)
             else:
-                ax_at(i, 0).set_ylabel(str(image_titles[i]), fontsize=8)
+                ax_at(i, 0).set_ylabel(str(image_titles[i]), fontsize=small, labelpad=pad)
     for j, name in enumerate(["input"] + names):
         if transpose:
-            ax_at(0, j).set_ylabel(name, fontsize=8)
+            ax_at(0, j).set_ylabel(name, fontsize=small, labelpad=pad)
         else:
-            ax_at(0, j).set_title(name, fontsize=9)
+            ax_at(0, j).set_title(name, fontsize=9 if label_size is None else label_size)
     sm = matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0, 1), cmap=colormap(cmap))
     height = fig.get_size_inches()[1]
-    top_space = (0.55 if title else 0.1) + (0.3 if image_titles is not None and transpose else 0.25)
+    lines = max(str(t).count("\n") + 1 for t in image_titles) if image_titles is not None and transpose else 1
+    top_space = ((0.55 if title else 0.1) + (0.3 if image_titles is not None and transpose else 0.25)
+                 + lines * (small - 8) * 1.3 / 72)               # larger titles: more room above the panels
     fig.subplots_adjust(left=0.06, right=0.86, bottom=0.02, top=1 - top_space / height,
                         wspace=0.08, hspace=0.45 if transpose and image_titles is not None else 0.15)
     cbar = fig.colorbar(sm, ax=axes, fraction=0.025, pad=0.02)
