@@ -137,9 +137,10 @@ def plot_feature_maps_by_depth(maps_by_layer, n=6, cmap="viridis", size=1.4):
     return fig
 
 
-def plot_inversion(result, original=None, title=None, n_snapshots=4):
-    """A feature inversion's progress: ``n_snapshots`` of its snapshots (the first, the last and
-    evenly spaced ones between) and the loss curves."""
+def plot_inversion(result, original=None, title=None, n_snapshots=3, start=None):
+    """A feature inversion's progress: ``n_snapshots`` of its snapshots, the ones nearest to
+    evenly spaced steps counted from step 0 (the last always among them), and the loss curves.
+    ``start``: the starting image (step 0, before any update), shown first when given."""
     import matplotlib.pyplot as plt
 
     needed = {"snapshots", "snapshot_steps", "loss", "feature_loss", "layer_name", "layer_index"}
@@ -148,10 +149,15 @@ def plot_inversion(result, original=None, title=None, n_snapshots=4):
                          f"{', '.join(sorted(needed))}).")
     if not isinstance(n_snapshots, int) or n_snapshots < 1:
         raise ValueError(f"n_snapshots must be a positive integer, got {n_snapshots!r}.")
-    keep = sorted(set(np.linspace(0, len(result["snapshots"]) - 1, min(n_snapshots, len(result["snapshots"])))
-                      .round().astype(int).tolist()))
+    if not len(result["snapshot_steps"]) or len(result["snapshot_steps"]) != len(result["snapshots"]):
+        raise ValueError("result['snapshots'] and result['snapshot_steps'] must be non-empty and of equal length.")
+    steps_taken = np.asarray(result["snapshot_steps"], dtype=float)
+    wanted = np.linspace(0, steps_taken[-1], min(n_snapshots, len(steps_taken)) + 1)[1:]   # evenly from step 0
+    keep = sorted({int(np.argmin(np.abs(steps_taken - w))) for w in wanted})
     snaps = [result["snapshots"][k] for k in keep]
     snap_steps = [result["snapshot_steps"][k] for k in keep]
+    if start is not None:
+        snaps, snap_steps = [start] + snaps, ["0 (start)"] + snap_steps   # the noise the optimisation starts from
     extra = 1 if original is not None else 0
     ncols = len(snaps) + extra + 1
     fig, axes = plt.subplots(1, ncols, figsize=(2.2 * ncols + 1.8, 3.4),

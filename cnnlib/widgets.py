@@ -126,6 +126,7 @@ def _probability_bars_html(probs, class_names, predicted, true_label=None, top_k
     order = (np.arange(len(probs)) if top_k is None or top_k >= len(probs)
              else np.argsort(probs)[::-1][:top_k])
     rows = []
+    decimals = 3 if float(np.max(probs)) < 0.01 else 1   # a flat distribution (random weights): enough digits to rank
     for k in order:
         p = float(probs[k])
         colour = "#2a7ab9" if k != predicted else (
@@ -135,7 +136,7 @@ def _probability_bars_html(probs, class_names, predicted, true_label=None, top_k
             f"<tr><td style='text-align:right;padding-right:6px'>{class_names[k]}</td>"
             f"<td style='width:180px'><div style='background:{colour};height:12px;"
             f"width:{max(p, 0.004) * 100:.1f}%'></div></td>"
-            f"<td style='padding-left:6px'>{format_probability(p)}{mark}</td></tr>"
+            f"<td style='padding-left:6px'>{format_probability(p, decimals)}{mark}</td></tr>"
         )
     what = "softmax of the logits" if source == "logits" else "the model's softmax output"
     head = f"top {len(order)} of {len(probs)}" if len(order) < len(probs) else "all classes"
@@ -316,7 +317,8 @@ def explorer(model, images, labels=None, class_names=None, *, methods, scale=Non
         if c_class.value not in (-1, *shown):
             shown.append(int(c_class.value))  # keep the chosen class on the list
         rank = {int(k): r for r, k in enumerate(ranked)}
-        return [("predicted", -1)] + [(f"#{rank[int(k)] + 1} {class_names[k]} ({format_probability(probs_all[idx, k])})",
+        decimals = 3 if probs_all[idx].max() < 0.01 else 1   # a flat distribution (random weights)
+        return [("predicted", -1)] + [(f"#{rank[int(k)] + 1} {class_names[k]} ({format_probability(probs_all[idx, k], decimals)})",
                                        int(k)) for k in shown]
 
     def draw():
@@ -340,12 +342,13 @@ def explorer(model, images, labels=None, class_names=None, *, methods, scale=Non
         probs_html.value = _probability_bars_html(probs_all[idx], class_names, pred_all[idx], true,
                                                   top_k=top_k, source=source)
         p = probs_all[idx, pred_all[idx]]
+        decimals = 3 if probs_all[idx].max() < 0.01 else 1   # a flat distribution (random weights)
         if labels is None:
-            caption.value = f"image #{idx}: predicted <b>{class_names[pred_all[idx]]}</b> ({format_probability(p)})"
+            caption.value = f"image #{idx}: predicted <b>{class_names[pred_all[idx]]}</b> ({format_probability(p, decimals)})"
         else:
             ok = "✔ correct" if pred_all[idx] == labels[idx] else "✘ wrong"
             caption.value = (f"test image #{idx}: true <b>{class_names[labels[idx]]}</b>, predicted "
-                             f"<b>{class_names[pred_all[idx]]}</b> ({format_probability(p)}) {ok}")
+                             f"<b>{class_names[pred_all[idx]]}</b> ({format_probability(p, decimals)}) {ok}")
         if random_weights:
             caption.value += " <b style='color:#c0392b'>RANDOM weights: predictions are meaningless</b>"
         heat_title.value = f"<b>{method}: not shown (see the status line)</b>"
@@ -459,7 +462,9 @@ def explorer_snapshot(app, views=None):
                 f"<div><b>input image</b><br>{img('image')}</div>"
                 f"<div>{t['heatmap_title'].value}<br>{img('heatmap', heat_width)}"
                 f"{_colorbar_css('viridis' if mosaic else 'jet', heat_width)}</div>"
-                f"<div><b>overlay</b><br>{img('overlay')}</div><div>{t['probabilities'].value}</div></div>")
+                # feature maps have no overlay: the explorer shows the plain input in that panel
+                f"<div><b>{'input (no overlay for feature maps)' if mosaic else 'overlay'}</b><br>{img('overlay')}</div>"
+                f"<div>{t['probabilities'].value}</div></div>")
     finally:
         for k, v in saved.items():
             app.controls[k].value = v

@@ -222,6 +222,22 @@ def test_snapshot_is_static_html_of_the_views(app_and_data):
     width = float(app.images["heatmap"].layout.width.removesuffix("px"))
     mosaic = cnn_utils.explorer_snapshot(app, [{"index": 1, "method": cnn_utils.ACTIVATIONS_METHOD}]).data
     assert f"width:{2 * width:g}px" in mosaic and "feature maps of" in mosaic   # feature maps twice as wide
+    # feature maps have no overlay: that panel shows the plain input and says so
+    assert "<b>input (no overlay for feature maps)</b>" in mosaic and "<b>overlay</b>" not in mosaic
+    assert html.count("<b>overlay</b>") == 2
     assert {k: c.value for k, c in app.controls.items()} == before
     with pytest.raises(ValueError, match="unknown control"):
         cnn_utils.explorer_snapshot(app, [{"colour": 1}])
+
+
+def test_flat_probabilities_get_enough_digits_to_rank():
+    """Random weights give ~0.1 % to each of 1000 classes: three decimals, not "0.1 %" on every row."""
+    from cnnlib.widgets import _probability_bars_html
+
+    flat = np.full(1000, 1.0 / 1000)
+    flat[:3] += [3e-5, 2e-5, 1e-5]
+    flat /= flat.sum()
+    rows = _probability_bars_html(flat, [f"c{k}" for k in range(1000)], 0, top_k=3)
+    assert ">0.103 %</td>" in rows and ">0.1 %</td>" not in rows
+    peaked = np.array([0.9, 0.06, 0.04])
+    assert ">90.0 %</td>" in _probability_bars_html(peaked, ["a", "b", "c"], 0)

@@ -46,6 +46,12 @@ def test_notebook_07_runs_fast_with_random_weights(tmp_path, monkeypatch):
     depth_text = [o["data"]["text/markdown"] for c in nb.cells if c.get("id") == "1f4712d2"
                   for o in c.get("outputs", []) if "text/markdown" in o.get("data", {})]
     assert len(depth_text) == 1 and depth_text[0].startswith("**Interpretation.** With these RANDOM weights, ")
+    # so does section 6's; "a lot" only when both feature losses fell by more than a factor of 10
+    early_text = [o["data"]["text/markdown"] for c in nb.cells if c.get("id") == "d445e908"
+                  for o in c.get("outputs", []) if "text/markdown" in o.get("data", {})]
+    assert len(early_text) == 1 and early_text[0].startswith("**Interpretation.** With these RANDOM weights, ")
+    fell_far = min(v["feature_loss_drop"].values()) > 10
+    assert ("relative feature loss a lot" in early_text[0]) == fell_far
     # predictions, filters, 2 feature-map figures + depth, 2 inversions, 5 depths, SSIM/PSNR, saliency
     assert count_images(nb) == 10
     # PyTorch only: the notebook and cnn_utils' PyTorch code never import TensorFlow

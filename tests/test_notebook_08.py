@@ -125,6 +125,19 @@ def test_occlusion_sanity_check_feature_visualization_and_explorer(executed):
                 "_dom_classes", [])]
     assert len(apps) == 1 and len(snapshot) == 1  # (the other widget views are progress bars)
     assert snapshot[0].count("RANDOM weights") >= 2
+    # flat random-weight probabilities are printed with enough digits to rank them, never "0.1 %" for all
+    assert ">0.1 %</td>" not in snapshot[0] and "(0.1 %)" not in snapshot[0]
+    # a rank correlation is never printed as "-0.00"
+    import re
+    assert not re.search(r"[-−]0\.00(?!\d)", markdown)
+    # the summary names the highest discrimination, and whether any method separates the two objects
+    assert "Highest two-object discrimination (section 6)" in markdown
+    on_own = [n for n, v in values["left_share"].items() if v[0] > 0.5 > v[1]]
+    assert ("no method put each class's map mostly on its own object" in markdown) == (not on_own)
+    # a map that turns empty is reported with its rho at the stages before
+    for n, is_gone in gone.items():
+        if is_gone and not values["sanity_empty_by_stage"]["fc8"][n]:
+            assert f"{n}: ρ = " in markdown and "then empty" in markdown
     # predictions, side by side, ranks, two objects, channels of conv3_3 and of conv4_3, classes
     assert count_images(nb) == 7
 
