@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 
+import textwrap
+
 import numpy as np
 
 from .checks import _as_labels, _as_probs, _check_titles, _check_unit_maps, _is_int, _is_number
@@ -513,6 +515,11 @@ def plot_attribution_maps(images, maps, image_titles=None, overlay=True, alpha=0
     def ax_at(i, j):  # image i, column j (0 = the input)
         return axes[j, i] if transpose else axes[i, j]
 
+    # a 10-pt label longer than its panel (about 11 characters per inch) is wrapped at spaces
+    # (never before a "%": "12.3 %" stays on one line)
+    fit = lambda text: (text if len(text) <= size * 11 or "\n" in text
+                        else textwrap.fill(text.replace(" %", "\u00a0%"), width=max(int(size * 11), 6))
+                        .replace("\u00a0", " "))
     gray = images[..., 0] if images.shape[-1] == 1 else images
     for i in range(n):
         ax_at(i, 0).imshow(gray[i], cmap="gray", vmin=0, vmax=1)
@@ -527,17 +534,22 @@ def plot_attribution_maps(images, maps, image_titles=None, overlay=True, alpha=0
             ax_at(i, j).set_yticks([])
         if image_titles is not None:
             if transpose:
-                ax_at(i, 0).set_title(str(image_titles[i]), fontsize=8)
+                ax_at(i, 0).set_title(fit(str(image_titles[i])), fontsize=10)
             else:
-                ax_at(i, 0).set_ylabel(str(image_titles[i]), fontsize=8)
+                ax_at(i, 0).set_ylabel(fit(str(image_titles[i])), fontsize=10)
+    # lines of text above the top row: the column titles, or (transposed) the image titles
+    above = ([fit(str(t)) for t in image_titles] if transpose and image_titles is not None else
+             [] if transpose else [fit(name) for name in ["input"] + names])
+    lines = max([label.count("\n") + 1 for label in above] + [1])
     for j, name in enumerate(["input"] + names):
+        label = fit(name)
         if transpose:
-            ax_at(0, j).set_ylabel(name, fontsize=8)
+            ax_at(0, j).set_ylabel(label, fontsize=10)
         else:
-            ax_at(0, j).set_title(name, fontsize=9)
+            ax_at(0, j).set_title(label, fontsize=10)
     sm = matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0, 1), cmap=colormap(cmap))
     height = fig.get_size_inches()[1]
-    top_space = (0.55 if title else 0.1) + (0.3 if image_titles is not None and transpose else 0.25)
+    top_space = (0.55 if title else 0.1) + 0.08 + 0.17 * lines
     fig.subplots_adjust(left=0.06, right=0.86, bottom=0.02, top=1 - top_space / height,
                         wspace=0.08, hspace=0.45 if transpose and image_titles is not None else 0.15)
     cbar = fig.colorbar(sm, ax=axes, fraction=0.025, pad=0.02)
