@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 
+import textwrap
+
 import numpy as np
 
 from .checks import _as_labels, _as_probs, _check_titles, _check_unit_maps, _is_int, _is_number
@@ -491,8 +493,8 @@ def plot_attribution_maps(images, maps, image_titles=None, overlay=True, alpha=0
     One row per image and one column per method (``transpose=True``: one column
     per image, one row per method). Maps are shown in [0, 1], overlaid on the
     image when ``overlay``, with one shared colour bar. ``label_size`` sets the font
-    size of the image titles and the method labels (default 8, column names 9), with
-    more room for them. Returns the Figure.
+    size of the image titles and the method labels (default 10, readable on a projector);
+    a label longer than its panel is wrapped. Returns the Figure.
     """
     import matplotlib
     import matplotlib.pyplot as plt
@@ -511,7 +513,7 @@ def plot_attribution_maps(images, maps, image_titles=None, overlay=True, alpha=0
         _check_unit_maps(m, f"maps[{name!r}]")
     if label_size is not None and (not _is_number(label_size) or not 4 <= label_size <= 24):
         raise ValueError(f"label_size must be a font size in points from 4 to 24 (or None), got {label_size!r}.")
-    small = 8 if label_size is None else label_size          # image titles, row labels
+    small = 10 if label_size is None else label_size         # image titles, row labels, column names
     pad = 4.0 if label_size is None else 0.8 * label_size    # the gap between a label and its panel
     names = list(maps)
     shape = (n, len(names) + 1) if not transpose else (len(names) + 1, n)
@@ -520,6 +522,11 @@ def plot_attribution_maps(images, maps, image_titles=None, overlay=True, alpha=0
     def ax_at(i, j):  # image i, column j (0 = the input)
         return axes[j, i] if transpose else axes[i, j]
 
+    # a 10-pt label longer than its panel (about 11 characters per inch) is wrapped at spaces
+    # (never before a "%": "12.3 %" stays on one line)
+    fit = lambda text: (text if len(text) <= size * 11 or "\n" in text
+                        else textwrap.fill(text.replace(" %", "\u00a0%"), width=max(int(size * 11), 6))
+                        .replace("\u00a0", " "))
     gray = images[..., 0] if images.shape[-1] == 1 else images
     for i in range(n):
         ax_at(i, 0).imshow(gray[i], cmap="gray", vmin=0, vmax=1)
@@ -534,19 +541,22 @@ def plot_attribution_maps(images, maps, image_titles=None, overlay=True, alpha=0
             ax_at(i, j).set_yticks([])
         if image_titles is not None:
             if transpose:
-                ax_at(i, 0).set_title(str(image_titles[i]), fontsize=small)
+                ax_at(i, 0).set_title(fit(str(image_titles[i])), fontsize=small)
             else:
-                ax_at(i, 0).set_ylabel(str(image_titles[i]), fontsize=small, labelpad=pad)
+                ax_at(i, 0).set_ylabel(fit(str(image_titles[i])), fontsize=small, labelpad=pad)
+    # lines of text above the top row: the column titles, or (transposed) the image titles
+    above = ([fit(str(t)) for t in image_titles] if transpose and image_titles is not None else
+             [] if transpose else [fit(name) for name in ["input"] + names])
+    lines = max([label.count("\n") + 1 for label in above] + [1])
     for j, name in enumerate(["input"] + names):
+        label = fit(name)
         if transpose:
-            ax_at(0, j).set_ylabel(name, fontsize=small, labelpad=pad)
+            ax_at(0, j).set_ylabel(label, fontsize=small, labelpad=pad)
         else:
-            ax_at(0, j).set_title(name, fontsize=9 if label_size is None else label_size)
+            ax_at(0, j).set_title(label, fontsize=small)
     sm = matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0, 1), cmap=colormap(cmap))
     height = fig.get_size_inches()[1]
-    lines = max(str(t).count("\n") + 1 for t in image_titles) if image_titles is not None and transpose else 1
-    top_space = ((0.55 if title else 0.1) + (0.3 if image_titles is not None and transpose else 0.25)
-                 + lines * (small - 8) * 1.3 / 72)               # larger titles: more room above the panels
+    top_space = (0.55 if title else 0.1) + 0.08 + 0.17 * lines * small / 10   # more lines, more room
     fig.subplots_adjust(left=0.06, right=0.86, bottom=0.02, top=1 - top_space / height,
                         wspace=0.08, hspace=0.45 if transpose and image_titles is not None else 0.15)
     cbar = fig.colorbar(sm, ax=axes, fraction=0.025, pad=0.02)
