@@ -82,7 +82,7 @@ from cnnlib.vgg16 import (OFFLINE_ENV_VAR, VGG_LOGITS, _as_model_input, _check_l
     top_activating_crops, top_k_predictions, torch_device, vgg16_weights_path, vgg_feature_maps,
     vgg_layer_activations, vgg_layer_names, vgg_module_name, vgg_receptive_field)
 from cnnlib.activations import (channel_sparsity, dead_channels, dead_filters, get_activations,
-    get_filter_weights, layer_sparsity, match_filters, top_activating_images)
+    get_filter_weights, layer_sparsity, likeness_above_chance, match_filters, top_activating_images)
 from cnnlib.geometry import (AxisGeometry, ReceptiveFields, _upsample, cam_upsampling_matrices,
     naive_upsampling_matrices, receptive_fields)
 from cnnlib.attribution import (ATTRIBUTION_MEMORY_BUDGET, MEMORY_BUDGET_ENV_VAR, _Explained,
@@ -92,11 +92,12 @@ from cnnlib.feature_visualization import (FeatureVisualization, _layer_units,
     vgg_feature_visualization)
 from cnnlib.embeddings import (FEATURE_LAYER, TSNE_METHODS, extract_features,
     knn_label_disagreement, trustworthiness, tsne_embedding, umap_embedding)
-from cnnlib.plotting import (colormap, format_probability, overlay_heatmap, plot_all_channels,
+from cnnlib.plotting import (colormap, format_correlation, format_probability, overlay_heatmap, plot_all_channels,
     plot_attribution_maps, plot_confusion_matrix, plot_embedding, plot_feature_visualizations,
     plot_histograms, plot_image_grid, plot_kernel_matrix, plot_kernels, plot_layer_sparsity,
     plot_maps_across_images, plot_objective_history, plot_probability_bars,
-    plot_reliability_diagram, plot_signed_attributions, plot_training_curves, spread_out_indices)
+    plot_reliability_diagram, plot_signed_attributions, plot_training_curves, probability_decimals,
+    spread_out_indices)
 from cnnlib.plotting_vgg import (plot_dataset_examples, plot_feature_maps_by_depth, plot_inversion,
     plot_quality_vs_depth, plot_raw_and_deprocessed, plot_reconstructions, plot_rgb_filters,
     plot_saliency, plot_strongest_channels, plot_top_predictions, plot_units_with_crops)

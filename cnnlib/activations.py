@@ -176,6 +176,20 @@ def match_filters(kernel_a, kernel_b):
     return index, corr[np.arange(len(corr)), index]
 
 
+def likeness_above_chance(gap):
+    """How much more alike two layers' filters are than chance, in the course's words.
+
+    ``gap`` is a median best-match correlation (``match_filters``) minus the same median
+    against untrained filters; it is read as printed, rounded to two decimals:
+    > 0.15 ``"clearly"``, >= 0.05 ``"somewhat"``, > 0 ``"hardly"``, else ``"no"`` (more alike
+    than chance). Notebooks 03 and 04 read every filter gap with this one rule.
+    """
+    if isinstance(gap, (bool, np.bool_)) or not np.isscalar(gap) or not np.isfinite(gap):
+        raise ValueError(f"gap must be one finite number (a difference of two median correlations), got {gap!r}.")
+    gap = round(float(gap), 2)
+    return "clearly" if gap > 0.15 else "somewhat" if gap >= 0.05 else "hardly" if gap > 0 else "no"
+
+
 def top_activating_images(model, layer_name, images, index=None, k=5, batch_size=256):
     """The ``k`` images that excite each filter (or class score) of ``layer_name`` most.
 

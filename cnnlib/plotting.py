@@ -34,6 +34,31 @@ def format_probability(p, decimals=1):
     return f"{100 * p:.17g} %"
 
 
+def probability_decimals(probs):
+    """Decimals for ``format_probability``: 3 when the largest probability is below 1 % (a flat
+    distribution, e.g. random weights: enough digits to tell the classes apart), else 1."""
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.size == 0 or not np.all(np.isfinite(probs)):
+        raise ValueError(f"probs must be a non-empty array of finite probabilities, got {probs!r}.")
+    return 3 if float(np.max(probs)) < 0.01 else 1
+
+
+def format_correlation(r, signed=False, near=None):
+    """A correlation with two decimals, never ``"-0.00"``; three where two would hide which side
+    of ``near`` (e.g. the sanity threshold 0.5) ``|r|`` lies on.
+
+    0.4962 -> ``"0.50"``, with ``near=0.5`` -> ``"0.496"``; -0.001 -> ``"0.00"``;
+    ``signed=True`` writes the sign of non-zero values: 0.42 -> ``"+0.42"``.
+    """
+    if isinstance(r, (bool, np.bool_)) or not np.isscalar(r) or not np.isreal(r) or not np.isfinite(r):
+        raise ValueError(f"r must be one finite number, got {r!r}.")
+    r = float(r)
+    decimals = 3 if near is not None and abs(abs(r) - float(near)) < 0.005 else 2
+    if abs(r) < 0.5 * 10.0 ** -decimals:
+        return f"{0.0:.{decimals}f}"
+    return f"{r:+.{decimals}f}" if signed else f"{r:.{decimals}f}"
+
+
 def _display_images(images, name="images"):
     """Images for display on the [0, 1] scale: uint8 / 255; floats must lie in [0, 1]
     (so that nothing is silently clipped to white or black)."""

@@ -193,15 +193,15 @@ def plot_reconstructions(original, results, scores=None, title="What each depth 
     if scores is not None and len(scores) != len(results):
         raise ValueError(f"scores needs one (SSIM, PSNR) pair per result: {len(results)}, got {len(scores)}.")
     n = len(results) + 1
-    fig, axes = plt.subplots(1, n, figsize=(2.2 * n, 2.9), layout="constrained")  # room for the suptitle
+    fig, axes = plt.subplots(1, n, figsize=(2.2 * n, 3.3), layout="constrained")  # room for the suptitle
     axes[0].imshow(original)
-    axes[0].set_title("original", fontsize=9)
+    axes[0].set_title("original", fontsize=10)
     for i, res in enumerate(results):
         axes[i + 1].imshow(res["image"])
         label = res["layer_name"]
         if scores is not None:
-            label += f"\nSSIM {scores[i][0]:.2f}, PSNR {scores[i][1]:.1f} dB"
-        axes[i + 1].set_title(label, fontsize=8)
+            label += f"\nSSIM {scores[i][0]:.2f}\nPSNR {scores[i][1]:.1f} dB"
+        axes[i + 1].set_title(label, fontsize=10)
     for ax in axes:
         ax.axis("off")
     fig.suptitle(title)

@@ -18,7 +18,7 @@ from .photos import load_photo
 from .vgg16 import _vgg_alias_names, vgg_layer_activations, vgg_layer_names
 from .torch_engine import _TorchEngine
 from .activations import get_activations
-from .plotting import format_probability, overlay_heatmap
+from .plotting import format_probability, overlay_heatmap, probability_decimals
 from .plotting_vgg import _strongest_channels
 
 
@@ -121,18 +121,12 @@ def class_probabilities(model, images, batch_size=None):
     return softmax(scores, axis=1), "logits"
 
 
-def _probability_decimals(probs):
-    """Decimals for ``format_probability``: 3 when the largest probability is below 1 % (a flat
-    distribution, e.g. random weights: enough digits to tell the classes apart), else 1."""
-    return 3 if float(np.max(probs)) < 0.01 else 1
-
-
 def _probability_bars_html(probs, class_names, predicted, true_label=None, top_k=None, source="logits"):
     """Bars for the ``top_k`` most probable classes (all, in class order, when they fit)."""
     order = (np.arange(len(probs)) if top_k is None or top_k >= len(probs)
              else np.argsort(probs)[::-1][:top_k])
     rows = []
-    decimals = _probability_decimals(probs)
+    decimals = probability_decimals(probs)
     for k in order:
         p = float(probs[k])
         colour = "#2a7ab9" if k != predicted else (
@@ -323,7 +317,7 @@ def explorer(model, images, labels=None, class_names=None, *, methods, scale=Non
         if c_class.value not in (-1, *shown):
             shown.append(int(c_class.value))  # keep the chosen class on the list
         rank = {int(k): r for r, k in enumerate(ranked)}
-        decimals = _probability_decimals(probs_all[idx])
+        decimals = probability_decimals(probs_all[idx])
         return [("predicted", -1)] + [(f"#{rank[int(k)] + 1} {class_names[k]} ({format_probability(probs_all[idx, k], decimals)})",
                                        int(k)) for k in shown]
 
@@ -348,7 +342,7 @@ def explorer(model, images, labels=None, class_names=None, *, methods, scale=Non
         probs_html.value = _probability_bars_html(probs_all[idx], class_names, pred_all[idx], true,
                                                   top_k=top_k, source=source)
         p = probs_all[idx, pred_all[idx]]
-        decimals = _probability_decimals(probs_all[idx])
+        decimals = probability_decimals(probs_all[idx])
         if labels is None:
             caption.value = f"image #{idx}: predicted <b>{class_names[pred_all[idx]]}</b> ({format_probability(p, decimals)})"
         else:

@@ -155,6 +155,15 @@ def test_match_filters_by_hand():
         cnn_utils.match_filters(np.ones((3, 3, 1, 2)), a)
 
 
+def test_likeness_above_chance_reads_the_gap_as_printed():
+    words = [cnn_utils.likeness_above_chance(g) for g in (0.16, 0.151, 0.15, 0.05, 0.046, 0.044, 0.004, 0.0, -0.2)]
+    # 0.151 prints as 0.15 (not above 0.15); 0.046 prints as 0.05; 0.004 prints as 0.00
+    assert words == ["clearly", "somewhat", "somewhat", "somewhat", "somewhat", "hardly", "no", "no", "no"]
+    for bad in (float("nan"), [0.1], None):
+        with pytest.raises(ValueError, match="gap must be"):
+            cnn_utils.likeness_above_chance(bad)
+
+
 def test_get_activations_for_a_torch_module_matches_its_forward_hooks():
     """One function for both frameworks: a PyTorch module's layer outputs, channels last."""
     torch = pytest.importorskip("torch")

@@ -171,6 +171,28 @@ def test_format_probability_keeps_enough_digits():
             cu.format_probability(bad)
 
 
+def test_probability_decimals_three_for_a_flat_distribution():
+    assert cu.probability_decimals(np.full(1000, 1e-3)) == 3          # random weights: every class near 0.1 %
+    assert cu.probability_decimals([0.0099, 0.0098]) == 3
+    assert cu.probability_decimals([0.01, 0.5]) == 1 and cu.probability_decimals([0.999]) == 1
+    for bad in ([], [float("nan")]):
+        with pytest.raises(ValueError, match="probs"):
+            cu.probability_decimals(bad)
+
+
+def test_format_correlation_never_minus_zero_and_shows_the_side_of_a_threshold():
+    assert cu.format_correlation(0.4962) == "0.50"
+    assert cu.format_correlation(0.4962, near=0.5) == "0.496"          # two decimals would hide "below 0.5"
+    assert cu.format_correlation(-0.5049, near=0.5) == "-0.505"
+    assert cu.format_correlation(0.47, near=0.5) == "0.47"             # clear of the threshold: two decimals
+    assert cu.format_correlation(-0.004) == "0.00" and cu.format_correlation(-0.004, signed=True) == "0.00"
+    assert cu.format_correlation(np.float32(0.42), signed=True) == "+0.42"
+    assert cu.format_correlation(-0.76, signed=True) == "-0.76" and cu.format_correlation(-0.006) == "-0.01"
+    for bad in (float("nan"), [0.3], "0.3", True):
+        with pytest.raises(ValueError, match="r must be"):
+            cu.format_correlation(bad)
+
+
 def test_probability_bars_titles_keep_enough_digits():
     import matplotlib
     matplotlib.use("Agg")

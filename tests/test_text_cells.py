@@ -18,7 +18,8 @@ def shows_only_text(source):
     computation (recording, claims and formatting are allowed)."""
     shows_text = "Markdown(" in source or re.search(r"^\s*(\+\s*)?say\(", source, re.M)
     draws = re.search(r"plt\.|plot_|\bfig\b|imshow|explorer\(|\bimport\b|^\s*def ", source, re.M)
-    computes = re.search(r"cnn_utils\.(?!record|claim|format_probability|model_info|normalize_maps)[a-z_]+\(", source)
+    computes = re.search(r"cnn_utils\.(?!record|claim|format_probability|format_correlation|probability_decimals"
+                         r"|likeness_above_chance|model_info|normalize_maps)[a-z_]+\(", source)
     return bool(shows_text) and not draws and not computes
 
 
