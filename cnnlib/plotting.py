@@ -127,7 +127,7 @@ def plot_all_channels(maps, title=None, ncols=8, cmap="viridis", size=1.1, label
         im = ax.imshow(maps[..., c], cmap=colormap(cmap), vmin=vmin, vmax=vmax)
         zero = not np.any(maps[..., c])
         label = labels[c] if labels is not None else f"ch {c}"
-        ax.set_title(label + (" (0)" if zero else ""), fontsize=8 if size >= 1.0 else 7, color="0.6" if zero else "black")
+        ax.set_title(label + (" (0)" if zero else ""), fontsize=9 if size >= 1.2 else 8 if size >= 1.0 else 7, color="0.6" if zero else "black")
     fig.colorbar(im, ax=axes, shrink=0.8, label="activation")
     fig.suptitle(title or f"{n} feature maps ({maps.shape[0]}x{maps.shape[1]})")
     return fig
@@ -397,7 +397,7 @@ def plot_image_grid(images, titles=None, ncols=10, cmap="gray", title=None, size
     ncols = min(ncols, n)
     nrows = int(np.ceil(n / ncols))
     title_lines = max((str(t).count("\n") + 1 for t in titles), default=0) if titles is not None else 0
-    row_height = size + 0.17 * title_lines
+    row_height = size + 0.19 * title_lines
     fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, row_height * nrows + 0.5),
                              squeeze=False)
     for i, ax in enumerate(axes.flat):
@@ -407,7 +407,7 @@ def plot_image_grid(images, titles=None, ncols=10, cmap="gray", title=None, size
         ax.imshow(images[i], cmap=cmap, vmin=vmin, vmax=vmax)
         if titles is not None:
             color = title_colors[i] if title_colors is not None else "black"
-            ax.set_title(str(titles[i]), fontsize=8, color=color)
+            ax.set_title(str(titles[i]), fontsize=9, color=color)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -611,14 +611,15 @@ def plot_signed_attributions(images, attributions, image_titles=None, title=None
         raise ValueError(f"attributions have shape {attr.shape}; expected {images.shape[:3]} (one per image).")
     n = len(images)
     _check_titles(image_titles, n, "image_titles")
-    fig, axes = plt.subplots(2, n, figsize=(size * n + 0.6, 2 * size + 0.6), squeeze=False)
+    # a column holds the map and its colour bar: the rows are as tall as a map is wide (about size - 0.4)
+    fig, axes = plt.subplots(2, n, figsize=(size * n + 0.6, 2 * (size - 0.4) + 0.8), squeeze=False, layout="constrained")
     for i in range(n):
         axes[0, i].imshow(images[i], cmap="gray", vmin=0, vmax=1)
         lim = float(np.abs(attr[i]).max()) or 1.0
         im = axes[1, i].imshow(attr[i], cmap="RdBu_r", vmin=-lim, vmax=lim)
         fig.colorbar(im, ax=axes[1, i], fraction=0.046, pad=0.04)
         if image_titles is not None:
-            axes[0, i].set_title(str(image_titles[i]), fontsize=8)
+            axes[0, i].set_title(str(image_titles[i]), fontsize=9)
         for ax in axes[:, i]:
             ax.set_xticks([])
             ax.set_yticks([])

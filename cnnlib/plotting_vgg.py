@@ -54,7 +54,7 @@ def plot_top_predictions(images, predictions, titles=None, title="Top-5 predicti
     return fig
 
 
-def plot_rgb_filters(weights, ncols=16, title="First-layer filters as RGB images", size=0.7):
+def plot_rgb_filters(weights, ncols=16, title="First-layer filters as RGB images", size=0.85):
     """First-layer conv filters (F, 3, k, k) as small RGB images.
 
     Each filter is scaled to its own min..max, so the colours show the pattern a
@@ -74,7 +74,7 @@ def plot_rgb_filters(weights, ncols=16, title="First-layer filters as RGB images
         ax.axis("off")
         if i < n:
             ax.imshow(rgb[i], interpolation="nearest")
-            ax.set_title(str(i), fontsize=6)
+            ax.set_title(str(i), fontsize=8)
     fig.suptitle(f"{title}\n(each filter scaled to its own range)", fontsize=10)
     fig.tight_layout()
     return fig
@@ -272,13 +272,16 @@ def plot_units_with_crops(images, crops, titles, title="Feature visualization", 
     ncols = 1 + max((len(c) for c in crops), default=0)
     fig, axes = plt.subplots(len(images), ncols, figsize=(size * ncols + 0.4, size * len(images) + 0.6),
                              squeeze=False)
+    # one number of decimals for every patch value of the figure, so that they compare at a glance
+    largest = max((abs(float(c["value"])) for row in crops for c in row), default=0.0)
+    decimals = 2 if largest < 10 else 1 if largest < 100 else 0
     for i, (img, row) in enumerate(zip(images, crops)):
         axes[i, 0].imshow(np.clip(img, 0, 1))
         axes[i, 0].set_ylabel(str(titles[i]), fontsize=9)
         for j in range(1, ncols):
             if j - 1 < len(row):
                 axes[i, j].imshow(np.clip(row[j - 1]["crop"], 0, 1))
-                axes[i, j].set_title(f"{row[j - 1]['photo']}: {row[j - 1]['value']:.3g}", fontsize=9)
+                axes[i, j].set_title(f"{row[j - 1]['photo']}: {row[j - 1]['value']:.{decimals}f}", fontsize=9)
             else:
                 axes[i, j].axis("off")
         for ax in axes[i]:

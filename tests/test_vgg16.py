@@ -689,6 +689,20 @@ def test_reconstructions_suptitle_clears_the_two_line_panel_titles():
     plt.close(fig)
 
 
+def test_units_with_crops_writes_every_patch_value_with_the_same_decimals():
+    import matplotlib.pyplot as plt
+
+    img = np.zeros((8, 8, 3), np.float32)
+    crops = [[{"crop": img, "photo": "cat", "value": 1.08}, {"crop": img, "photo": "cup", "value": 0.891}]]
+    fig = cnn_utils.plot_units_with_crops([img], crops, ["conv3_3 #7"])
+    titles = [ax.get_title() for ax in fig.axes[1:]]
+    assert titles == ["cat: 1.08", "cup: 0.89"]        # not "1.08" beside "0.891"
+    crops[0][0]["value"] = 57.3
+    fig2 = cnn_utils.plot_units_with_crops([img], crops, ["conv3_3 #7"])
+    assert [ax.get_title() for ax in fig2.axes[1:]] == ["cat: 57.3", "cup: 0.9"]
+    plt.close("all")
+
+
 @pytest.mark.parametrize("eps,beta", [(-1e-8, 2), (0.0, 1), ("1e-8", 2)])
 def test_tv_eps_must_be_a_small_non_negative_number(eps, beta):
     with pytest.raises(ValueError, match="eps must be a small number >= 0"):
