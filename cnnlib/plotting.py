@@ -13,12 +13,13 @@ from .images import deprocess_image
 from .embeddings import _as_points
 
 
-def format_probability(p, decimals=1):
+def format_probability(p, decimals=1, max_decimals=None):
     """A probability as a percentage with enough decimals not to round to 0 % or 100 %.
 
     ``decimals`` is the least number of decimals; more are added while the rounded
     value would read 100 (or 0) for ``0 < p < 1``: 0.9997 -> ``"99.97 %"``,
-    0.488 -> ``"48.8 %"``, 1.0 -> ``"100.0 %"``.
+    0.488 -> ``"48.8 %"``, 1.0 -> ``"100.0 %"``. With ``max_decimals``, a value that
+    would need more reads as a bound: 0.9999999996 -> ``"over 99.9999 %"`` (4).
     """
     if isinstance(p, (bool, np.bool_)) or not np.isscalar(p) or not np.isreal(p):
         raise TypeError(f"p must be one probability (a real number), got {p!r}.")
@@ -27,10 +28,15 @@ def format_probability(p, decimals=1):
         raise ValueError(f"p must be a probability in [0, 1], got {p!r}.")
     if not _is_int(decimals) or decimals < 0:
         raise ValueError(f"decimals must be a non-negative integer, got {decimals!r}.")
-    for d in range(int(decimals), 17):
+    if max_decimals is not None and (not _is_int(max_decimals) or max_decimals < decimals):
+        raise ValueError(f"max_decimals must be an integer >= decimals ({decimals}), got {max_decimals!r}.")
+    for d in range(int(decimals), 17 if max_decimals is None else int(max_decimals) + 1):
         text = f"{100 * p:.{d}f}"
         if (p in (0.0, 1.0)) or 0.0 < float(text) < 100.0:
             return f"{text} %"
+    if max_decimals is not None:      # closer to 1 (or 0) than max_decimals can show: a bound, never "100 %"
+        step = 10.0 ** -int(max_decimals)
+        return f"over {100 - step:.{max_decimals}f} %" if p > 0.5 else f"under {step:.{max_decimals}f} %"
     return f"{100 * p:.17g} %"
 
 
@@ -127,7 +133,7 @@ def plot_all_channels(maps, title=None, ncols=8, cmap="viridis", size=1.1, label
         im = ax.imshow(maps[..., c], cmap=colormap(cmap), vmin=vmin, vmax=vmax)
         zero = not np.any(maps[..., c])
         label = labels[c] if labels is not None else f"ch {c}"
-        ax.set_title(label + (" (0)" if zero else ""), fontsize=9 if size >= 1.2 else 8 if size >= 1.0 else 7, color="0.6" if zero else "black")
+        ax.set_title(label + (" (0)" if zero else ""), fontsize=9 if size >= 1.2 else 8 if size >= 1.0 else 7, color="tab:red" if zero else "black")
     fig.colorbar(im, ax=axes, shrink=0.8, label="activation")
     fig.suptitle(title or f"{n} feature maps ({maps.shape[0]}x{maps.shape[1]})")
     return fig
@@ -160,13 +166,13 @@ def plot_layer_sparsity(sparsity, spread=None, title=None, dead=None):
     if dead is not None:
         dead_values = np.array([min(100 * dead.get(n, 0.0), v) for n, v in zip(names, values)])
         ax.bar(names, dead_values, color="tab:gray", label="dead on the data: zero on every image")
-        ax.legend(loc="upper left", fontsize=8)
+        ax.legend(loc="upper left", fontsize=9)
     if err is not None:      # drawn last, so that no bar covers it
         ax.errorbar(names, values, yerr=err, fmt="none", ecolor="black", capsize=4, zorder=3)
     tops = values if err is None else values + err
     for bar, v, top in zip(bars, values, tops):
         ax.annotate(f"{v:.1f} %", (bar.get_x() + bar.get_width() / 2, top), ha="center",
-                    va="bottom", fontsize=8, xytext=(0, 3), textcoords="offset points")
+                    va="bottom", fontsize=9, xytext=(0, 3), textcoords="offset points")
     ax.set_xlabel("layer (input side -> output side)")
     ax.set_ylabel("channels all zero (%)")
     ax.set_ylim(0, max(10.0, float(tops.max()) * 1.25))
@@ -254,9 +260,9 @@ def plot_kernel_matrix(kernel, out_channels=None, in_channels=None, size=0.6, ti
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
-                ax.set_title(f"in {i}", fontsize=8)
+                ax.set_title(f"in {i}", fontsize=9)
             if c == 0:
-                ax.set_ylabel(f"out {o}", fontsize=8)
+                ax.set_ylabel(f"out {o}", fontsize=9)
     fig.colorbar(im, ax=axes, shrink=0.8, label="weight")
     fig.suptitle(title or "Kernels: rows = output filters, columns = input channels")
     return fig
@@ -362,10 +368,10 @@ def plot_maps_across_images(images, maps, labels=None, title=None, cmap="viridis
         axes[0, i].imshow(images[i], cmap="gray", vmin=0, vmax=1)
         im = axes[1, i].imshow(maps[i], cmap=colormap(cmap), vmin=0, vmax=vmax)
         if labels is not None:
-            axes[0, i].set_title(str(labels[i]), fontsize=8)
-    axes[0, 0].set_ylabel("input", fontsize=8)
-    axes[1, 0].set_ylabel("feature map", fontsize=8)
-    fig.colorbar(im, ax=axes[1, :], shrink=0.9, label="activation")
+            axes[0, i].set_title(str(labels[i]), fontsize=9)
+    axes[0, 0].set_ylabel("input", fontsize=9)
+    axes[1, 0].set_ylabel("feature map", fontsize=9)
+    fig.colorbar(im, ax=axes[1, :], shrink=0.9, aspect=12, label="activation")
     fig.suptitle(title or "One filter on several inputs")
     return fig
 
@@ -650,7 +656,7 @@ def plot_probability_bars(images, probs, labels, class_names=None, title=None):
     if len(names) != k:
         raise ValueError(f"class_names has {len(names)} names; probs has {k} classes.")
     n = len(p)
-    fig, axes = plt.subplots(2, n, figsize=(2.1 * n, 4.4), squeeze=False,
+    fig, axes = plt.subplots(2, n, figsize=(2.2 * n, 4.8), squeeze=False,
                              gridspec_kw={"height_ratios": [1, 1.15]})
     for i in range(n):
         pred = int(p[i].argmax())
@@ -658,7 +664,7 @@ def plot_probability_bars(images, probs, labels, class_names=None, title=None):
         axes[0, i].imshow(imgs[i], cmap="gray", vmin=0, vmax=1)
         axes[0, i].axis("off")
         axes[0, i].set_title(f"true {names[y[i]]}\npred {names[pred]} {'(right)' if ok else '(WRONG)'}",
-                             fontsize=8, color="green" if ok else "red")
+                             fontsize=9, color="green" if ok else "red")
         colors = ["lightgray"] * k
         colors[pred] = "tab:green" if ok else "tab:red"
         bars = axes[1, i].bar(np.arange(k), p[i], color=colors)
@@ -666,13 +672,13 @@ def plot_probability_bars(images, probs, labels, class_names=None, title=None):
         bars[y[i]].set_linewidth(1.5)
         axes[1, i].set_ylim(0, 1)
         axes[1, i].set_xticks(np.arange(k))
-        axes[1, i].set_xticklabels(names, rotation=90, fontsize=7)
-        axes[1, i].set_xlabel("class", fontsize=8)
+        axes[1, i].set_xticklabels(names, rotation=90, fontsize=9)
+        axes[1, i].set_xlabel("class", fontsize=9)
         if i == 0:
             axes[1, i].set_ylabel("probability")
         else:
             axes[1, i].set_yticklabels([])
-        axes[1, i].set_title(f"max p = {format_probability(p[i].max())}", fontsize=8)
+        axes[1, i].set_title(f"max p = {format_probability(p[i].max())}", fontsize=9)
     fig.suptitle(title or "Predicted class probabilities (black outline: true class)")
     fig.tight_layout()
     return fig

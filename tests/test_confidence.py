@@ -171,6 +171,15 @@ def test_format_probability_keeps_enough_digits():
             cu.format_probability(bad)
 
 
+def test_format_probability_reads_as_a_bound_beyond_max_decimals():
+    assert cu.format_probability(0.9999999996, max_decimals=4) == "over 99.9999 %"
+    assert cu.format_probability(4e-10, max_decimals=4) == "under 0.0001 %"
+    assert cu.format_probability(0.99997, max_decimals=4) == "99.997 %"          # fits: written out
+    assert cu.format_probability(1.0, max_decimals=4) == "100.0 %"               # exactly 1 stays 1
+    with pytest.raises(ValueError, match="max_decimals"):
+        cu.format_probability(0.5, decimals=2, max_decimals=1)
+
+
 def test_probability_decimals_three_for_a_flat_distribution():
     assert cu.probability_decimals(np.full(1000, 1e-3)) == 3          # random weights: every class near 0.1 %
     assert cu.probability_decimals([0.0099, 0.0098]) == 3
