@@ -64,7 +64,7 @@ from cnnlib.frameworks import (FrameworkOrderError, _check_tensor, _keras, _min_
     _tf, _torch)
 from cnnlib.checks import (_as_labels, _as_logits, _as_probs, _check_flags, _check_positive,
     _check_seed, _check_temperature, _check_unit_indices, _converted, _is_int, _is_number)
-from cnnlib.data import (BUILD_DIR, CLASS_NAMES, DATASETS, DATA_DIR, DATA_ENV_VAR, DEFAULT_SEED,
+from cnnlib.data import (BUILD_DIR, CLASS_NAMES, DATASETS, DATASET_TITLES, DATA_DIR, DATA_ENV_VAR, DEFAULT_SEED,
     DataError, NOTEBOOKS_DIR, PROJECT_DIR, dataset_search_paths, load_dataset, train_val_split)
 from cnnlib.keras_layers import (LOGITS_LAYER, _cached, _layer_chain, _model_input_shape,
     _pre_activation, _single_input, _symbolic, activation_model, conv_and_pool_layer_names,

@@ -31,6 +31,9 @@ DEFAULT_SEED = 42
 
 DATASETS = ("mnist", "fashion_mnist")
 
+#: How a dataset is named in text and figure titles (``DATASET`` holds the parameter value).
+DATASET_TITLES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}
+
 CLASS_NAMES = {
     "mnist": [str(i) for i in range(10)],
     "fashion_mnist": [
