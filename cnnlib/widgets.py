@@ -136,7 +136,7 @@ def _probability_bars_html(probs, class_names, predicted, true_label=None, top_k
             f"<tr><td style='text-align:right;padding-right:6px'>{class_names[k]}</td>"
             f"<td style='width:180px'><div style='background:{colour};height:12px;"
             f"width:{max(p, 0.004) * 100:.1f}%'></div></td>"
-            f"<td style='padding-left:6px'>{format_probability(p, decimals)}{mark}</td></tr>"
+            f"<td style='padding-left:6px'>{format_probability(p, decimals, max_decimals=6)}{mark}</td></tr>"
         )
     what = "softmax of the logits" if source == "logits" else "the model's softmax output"
     head = f"top {len(order)} of {len(probs)}" if len(order) < len(probs) else "all classes"
@@ -318,7 +318,7 @@ def explorer(model, images, labels=None, class_names=None, *, methods, scale=Non
             shown.append(int(c_class.value))  # keep the chosen class on the list
         rank = {int(k): r for r, k in enumerate(ranked)}
         decimals = probability_decimals(probs_all[idx])
-        return [("predicted", -1)] + [(f"#{rank[int(k)] + 1} {class_names[k]} ({format_probability(probs_all[idx, k], decimals)})",
+        return [("predicted", -1)] + [(f"#{rank[int(k)] + 1} {class_names[k]} ({format_probability(probs_all[idx, k], decimals, max_decimals=6)})",
                                        int(k)) for k in shown]
 
     def draw():
@@ -344,11 +344,11 @@ def explorer(model, images, labels=None, class_names=None, *, methods, scale=Non
         p = probs_all[idx, pred_all[idx]]
         decimals = probability_decimals(probs_all[idx])
         if labels is None:
-            caption.value = f"image #{idx}: predicted <b>{class_names[pred_all[idx]]}</b> ({format_probability(p, decimals)})"
+            caption.value = f"image #{idx}: predicted <b>{class_names[pred_all[idx]]}</b> ({format_probability(p, decimals, max_decimals=6)})"
         else:
             ok = "✔ correct" if pred_all[idx] == labels[idx] else "✘ wrong"
             caption.value = (f"test image #{idx}: true <b>{class_names[labels[idx]]}</b>, predicted "
-                             f"<b>{class_names[pred_all[idx]]}</b> ({format_probability(p, decimals)}) {ok}")
+                             f"<b>{class_names[pred_all[idx]]}</b> ({format_probability(p, decimals, max_decimals=6)}) {ok}")
         if random_weights:
             caption.value += " <b style='color:#c0392b'>RANDOM weights: predictions are meaningless</b>"
         heat_title.value = f"<b>{method}: not shown (see the status line)</b>"
