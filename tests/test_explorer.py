@@ -138,11 +138,11 @@ def test_bad_input(mnist_model):
 
 @pytest.mark.notebook
 @pytest.mark.parametrize("dataset", ["mnist", "fashion_mnist"])
-def test_notebook_09_runs_for_both_datasets(dataset, tmp_path):
+def test_notebook_12_runs_for_both_datasets(dataset, tmp_path):
     from conftest import notebook_text, notebook_values, run_notebook
 
     nb = run_notebook("12_live_explorer.ipynb", tmp_path, DATASET=dataset)
-    assert f"{dataset}: shipped model, 500 test images" in notebook_text(nb)
+    assert f"{cnn_utils.DATASET_TITLES[dataset]}: shipped model, 500 test images" in notebook_text(nb)
     views = [out for cell in nb.cells for out in cell.get("outputs", [])
              if "application/vnd.jupyter.widget-view+json" in out.get("data", {})]
     assert len(views) == 1
