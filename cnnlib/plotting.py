@@ -107,7 +107,7 @@ def plot_all_channels(maps, title=None, ncols=8, cmap="viridis", size=1.1, label
     """Every channel of one image's feature maps (H, W, C), Keras' layout, one panel each.
 
     One colour scale for all channels (0 .. the largest value), so panels compare
-    honestly; channels that are zero everywhere are titled in grey with "(0)".
+    honestly; channels that are zero everywhere are titled in red with "(0)".
     """
     import matplotlib
 
@@ -133,7 +133,7 @@ def plot_all_channels(maps, title=None, ncols=8, cmap="viridis", size=1.1, label
         im = ax.imshow(maps[..., c], cmap=colormap(cmap), vmin=vmin, vmax=vmax)
         zero = not np.any(maps[..., c])
         label = labels[c] if labels is not None else f"ch {c}"
-        ax.set_title(label + (" (0)" if zero else ""), fontsize=9 if size >= 1.2 else 8 if size >= 1.0 else 7, color="tab:red" if zero else "black")
+        ax.set_title(label + (" (0)" if zero else ""), fontsize=9 if size >= 1.0 else 8, color="tab:red" if zero else "black")
     fig.colorbar(im, ax=axes, shrink=0.8, label="activation")
     fig.suptitle(title or f"{n} feature maps ({maps.shape[0]}x{maps.shape[1]})")
     return fig
