@@ -678,7 +678,8 @@ def plot_probability_bars(images, probs, labels, class_names=None, title=None):
             axes[1, i].set_ylabel("probability")
         else:
             axes[1, i].set_yticklabels([])
-        axes[1, i].set_title(f"max p = {format_probability(p[i].max())}", fontsize=9)
+        top = format_probability(p[i].max(), max_decimals=4)       # "over 99.9999 %" beyond four decimals
+        axes[1, i].set_title(f"max p > {top[5:]}" if top.startswith("over") else f"max p = {top}", fontsize=9)
     fig.suptitle(title or "Predicted class probabilities (black outline: true class)")
     fig.tight_layout()
     return fig
